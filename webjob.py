@@ -1,0 +1,1738 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""webjob.py -- download and execute a program over HTTP/HTTPS.
+
+A single-file, standard-library-only re-implementation of WebJob, the incident
+response tool: GET a known-good program from a WebJob server, RUN it under a
+timer, PUT its stdout, stderr and an environment record back to the server.
+Runs unchanged on Python 3.6 to 3.13; copy this one file to the suspect host.
+
+    python3 webjob.py -e -f webjob.cfg program [options]
+    python3 webjob.py -h -t sha256 file
+    python3 webjob.py -v
+
+The man page of the original is the specification; README.md lists where this
+file had to choose because the original is not documented.
+"""
+
+import os
+import sys
+
+__version__ = '1.0.0'
+__license__ = 'BSD-3-Clause'
+
+# INFO: only os and sys are imported at module level.  Every other module is
+# imported inside the function that needs it, because start-up time is paid
+# on every run from cron or across a fleet, and -v must stay near the floor.
+
+
+###############################################################################
+# Constants and errors ########################################################
+###############################################################################
+
+XER_OK = 0                      # XER_OK
+XER_ABORT = 1                   # XER_Abort
+XER_USAGE = 2                   # XER_Usage
+XER_BOOTSTRAP = 3               # XER_BootStrap
+XER_PROCESS_ARGUMENTS = 4       # XER_ProcessArguments
+XER_READ_PROPERTIES = 5         # XER_ReadProperties
+XER_CHECK_DEPENDENCIES = 6      # XER_CheckDependencies
+XER_CONFIGURE = 7               # XER_Configure
+XER_GET_STAGE = 8               # XER_GetStage
+XER_RUN_STAGE = 9               # XER_RunStage
+XER_PUT_STAGE = 10              # XER_PutStage
+XER_MULTI_STAGE = 11            # XER_MultiStage
+
+PROGRAM = 'webjob'
+BLOCK_SIZE = 1 << 20            # 1 MiB: below this, PUT and hashing slow down
+MAX_HEADER_SIZE = 16383         # the original's response header limit
+MAX_FIELD_SIZE = 255            # Job-Id and WebJob-Payload-Signature values
+MAX_IMPORT_DEPTH = 3            # "recursion is permitted up to three levels"
+MAX_CONFIG_SIZE = 1 << 20       # a config file is small; refuse a huge one
+MAX_ENV_PATH = 4095             # longest TMPDIR/TMP value accepted
+KILL_GRACE = 2.0                # seconds between TimeoutSignal and SIGKILL
+NA = 'NA'
+
+USAGE = """\
+Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
+       webjob {-g|--get-url} [{-f|--file} config[,config...]] url
+       webjob {-h|--hashsum} {-t|--type} {md5|sha1|sha256} {file|-}
+       webjob {-v|--version}
+       webjob --dsvtool ARGS...
+       webjob --pad-make-script file [-o file.pad]
+"""
+
+
+class WebJobError(Exception):
+    """Root of every error this program reports; carries the exit code."""
+    exit_code = XER_ABORT
+
+
+class UsageError(WebJobError):
+    exit_code = XER_USAGE
+
+
+class BootStrapError(WebJobError):
+    exit_code = XER_BOOTSTRAP
+
+
+class ArgumentError(WebJobError):
+    exit_code = XER_PROCESS_ARGUMENTS
+
+
+class PropertiesError(WebJobError):
+    """A config file is unreadable or holds a bad line, control or value."""
+    exit_code = XER_READ_PROPERTIES
+
+
+class DependencyError(WebJobError):
+    """A control needs a part this interpreter or build does not have."""
+    exit_code = XER_CHECK_DEPENDENCIES
+
+
+class ConfigureError(WebJobError):
+    """The config is well formed but the host cannot honour it."""
+    exit_code = XER_CONFIGURE
+
+
+class StageError(WebJobError):
+    """A GET, RUN or PUT stage failed; .stage names it for the message."""
+    stage = 'Stage'
+
+
+class GetStageError(StageError):
+    exit_code = XER_GET_STAGE
+    stage = 'GetStage'
+
+
+class RunStageError(StageError):
+    exit_code = XER_RUN_STAGE
+    stage = 'RunStage'
+
+
+class PutStageError(StageError):
+    exit_code = XER_PUT_STAGE
+    stage = 'PutStage'
+
+
+class TransportError(WebJobError):
+    """An HTTP exchange failed; the stage that called it re-raises."""
+
+
+def write_stderr(message):
+    """Print one line on stderr, never failing (the host may be damaged)."""
+    try:
+        sys.stderr.write('%s: %s\n' % (PROGRAM, one_line(message)))
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def one_line(text):
+    """Fold a message to one printable ASCII line, so logs stay parseable."""
+    text = str(text)
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '\r\n\t':
+            out.append(' ')
+        elif 32 <= code < 127:
+            out.append(ch)
+        else:
+            out.append('\\x%02x' % code if code < 256 else '\\u%04x' % code)
+    return ''.join(out).strip()
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+# Control kinds: how a value is checked and what it becomes.
+#   yn      'Y'/'y'/'N'/'n' -> bool
+#   uint    non-negative decimal integer -> int
+#   text    any string (may be empty)
+#   name    a client id: letters, digits, '_', '-', '.'; no leading '.'
+#   url     the man page's URL grammar, scheme http or https
+#   hash    MD5, SHA1 or SHA256 (any case) -> upper case
+#   runtype snapshot or linktest (any case) -> lower case
+#   signal  a valid signal number -> int
+#   auth    basic or none (any case) -> lower case
+#   path    a file or folder name (may be relative)
+
+#: The client's controls, as the man page spells them: (name, kind, default).
+CLIENT_CONTROLS = (
+    ('ClientId', 'name', None),
+    ('DsvAllowSHA1', 'yn', False),
+    ('DsvCertificateTree', 'path', None),
+    ('DsvVerifySignature', 'yn', False),
+    ('GetHookCommandLine', 'text', None),
+    ('GetHookEnable', 'yn', False),
+    ('GetHookStatus', 'uint', None),
+    ('GetHookSuffix', 'text', ''),
+    ('GetTimeLimit', 'uint', 0),
+    ('HashType', 'hash', 'MD5'),
+    ('OverwriteExecutable', 'yn', False),
+    ('PutTimeLimit', 'uint', 0),
+    ('RunTimeLimit', 'uint', 0),
+    ('RunType', 'runtype', 'snapshot'),
+    ('SSLBundledCAsFile', 'path', None),
+    ('SSLExpectedPeerCN', 'text', None),
+    ('SSLMaxChainLength', 'uint', 1),
+    ('SSLPassPhrase', 'text', None),
+    ('SSLPrivateKeyFile', 'path', None),
+    ('SSLPublicCertFile', 'path', None),
+    ('SSLUseCertificate', 'yn', False),
+    ('SSLVerifyPeerCert', 'yn', False),
+    ('TempDirectory', 'path', None),
+    ('TimeoutSignal', 'signal', 9),
+    ('URLAuthType', 'auth', 'none'),
+    ('URLDownloadLimit', 'uint', 0),
+    ('URLGetURL', 'url', None),
+    ('URLPassword', 'text', None),
+    ('URLPutURL', 'url', None),
+    ('URLUsername', 'text', None),
+    ('UnlinkExecutable', 'yn', False),
+    ('UnlinkOutput', 'yn', False),
+    ('UploadOnGetFailure', 'yn', False),
+)
+
+#: Controls that must be present, and those a Y/N switch makes required.
+CLIENT_REQUIRED = ('ClientId', 'URLGetURL')
+CLIENT_REQUIRED_WHEN = (
+    ('GetHookEnable', ('GetHookCommandLine', 'GetHookStatus')),
+    ('SSLVerifyPeerCert', ('SSLBundledCAsFile', 'SSLExpectedPeerCN')),
+    ('SSLUseCertificate', ('SSLPublicCertFile', 'SSLPrivateKeyFile')),
+    ('DsvVerifySignature', ('DsvCertificateTree',)),
+)
+
+MAX_UINT = (1 << 63) - 1
+HASH_TYPES = ('MD5', 'SHA1', 'SHA256')
+RUN_TYPES = ('snapshot', 'linktest')
+AUTH_TYPES = ('basic', 'none')
+DIGITS = '0123456789'
+NAME_CHARS = frozenset('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+                       '0123456789_-.')
+
+
+def parse_url(url):
+    """Split a URL by the man page's grammar; None when it does not match.
+
+    scheme://(user(:pass)?@)?host(:port)?/(path(\\?query)?)? with scheme http
+    or https.  Returns (scheme, user, password, host, port, path_and_query)
+    where user/password are None when absent and port is an int.
+    """
+    import re  # late import: start-up time
+    match = re.match(
+        r'(https?)://'
+        r'(?:([^:@/?#\s]*)(?::([^@/?#\s]*))?@)?'
+        r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)'
+        r'(?::([0-9]{1,5}))?'
+        r'(/[^\s#]*)?\Z', url)
+    if match is None:
+        return None
+    scheme, user, password, host, port, path = match.groups()
+    if path is None:
+        return None
+    if port is None:
+        port = 443 if scheme == 'https' else 80
+    else:
+        port = int(port)
+        if not 0 < port < 65536:
+            return None
+    return scheme, user, password, host, port, path
+
+
+def check_value(kind, value):
+    """Validate one control value of a kind; return the converted value.
+
+    :raises ValueError: with the reason, when the value is not allowed.
+    """
+    if kind == 'text':
+        return value
+    if kind == 'path':
+        if not value or '\0' in value:
+            raise ValueError('expected a file or folder name')
+        return value
+    if kind == 'yn':
+        if value not in ('Y', 'y', 'N', 'n'):
+            raise ValueError("expected 'Y' or 'N'")
+        return value in ('Y', 'y')
+    if kind == 'uint':
+        if not value or not all(c in DIGITS for c in value):
+            raise ValueError('expected a non-negative integer')
+        number = int(value)
+        if number > MAX_UINT:
+            raise ValueError('number too large')
+        return number
+    if kind == 'name':
+        if not is_client_id(value):
+            raise ValueError('expected 1-64 letters, digits, "_", "-" or "."'
+                             ' not starting with "."')
+        return value
+    if kind == 'url':
+        if parse_url(value) is None:
+            raise ValueError('expected scheme://(user(:pass)?@)?host(:port)?/'
+                             '(path(?query)?)? with scheme http or https')
+        return value
+    if kind == 'hash':
+        if value.upper() not in HASH_TYPES:
+            raise ValueError('expected MD5, SHA1 or SHA256')
+        return value.upper()
+    if kind == 'runtype':
+        if value.lower() not in RUN_TYPES:
+            raise ValueError('expected snapshot or linktest')
+        return value.lower()
+    if kind == 'auth':
+        if value.lower() not in AUTH_TYPES:
+            raise ValueError('expected basic or none')
+        return value.lower()
+    if kind == 'signal':
+        number = check_value('uint', value)
+        if number not in valid_signals():
+            raise ValueError('expected a valid signal number (see kill -l)')
+        return number
+    raise ValueError('unknown kind %r' % kind)
+
+
+def valid_signals():
+    """Signal numbers this host accepts, on every supported Python."""
+    import signal  # late import: start-up time
+    if hasattr(signal, 'valid_signals'):
+        return set(int(s) for s in signal.valid_signals())
+    return set(range(1, signal.NSIG))  # COMPAT(3.6, 3.7)
+
+
+def is_client_id(value):
+    """True for a safe client id: it becomes part of server path names."""
+    if not 0 < len(value) <= 64 or value[0] == '.':
+        return False
+    return all(c in NAME_CHARS for c in value)
+
+
+def is_program_name(value):
+    """True for a plain file name that is safe on a command line and a URL.
+
+    Letters, digits and '_', '-', '.', '+'; 1-255 characters; no leading
+    '.' or '-'.  These names reach GetHook's shell through %tp and %vp, so
+    nothing that a shell would interpret may pass.
+    """
+    if not 0 < len(value) <= 255 or value[0] in '.-':
+        return False
+    return all(c in NAME_CHARS or c == '+' for c in value)
+
+
+def build_control_table(controls):
+    """Index a (name, kind, default) list by lower-case name."""
+    return dict((name.lower(), (name, kind, default))
+                for name, kind, default in controls)
+
+
+def read_config(spec, controls, stdin=None):
+    """Read a comma-separated list of config files; later controls win.
+
+    '-' names standard input.  Returns {ControlName: value} with every
+    control of the table present (its default when unset) and the special
+    key '_where' mapping each control that was set to 'file:line'.
+
+    :raises PropertiesError: naming file, line and control.
+    """
+    table = build_control_table(controls)
+    values = dict((name, default) for name, kind, default in controls)
+    where = {}
+    for path in spec.split(','):
+        if not path:
+            raise PropertiesError('config list %r: empty file name' % spec)
+        read_config_file(path, table, values, where, stdin, ())
+    values['_where'] = where
+    return values
+
+
+def read_config_file(path, table, values, where, stdin, chain):
+    """Read one config file into values, following Import controls."""
+    if len(chain) > MAX_IMPORT_DEPTH:
+        raise PropertiesError('%s: Import: more than %d levels deep'
+                              % (chain[-1], MAX_IMPORT_DEPTH))
+    if path == '-':
+        label = '-'
+        stream = stdin if stdin is not None else sys.stdin.buffer
+        data = stream.read(MAX_CONFIG_SIZE + 1)
+        base = os.getcwd()
+    else:
+        label = path
+        real = os.path.realpath(path)
+        if real in chain:
+            raise PropertiesError('%s: Import: loop back to %s'
+                                  % (chain[-1], path))
+        try:
+            with open(path, 'rb') as handle:
+                data = handle.read(MAX_CONFIG_SIZE + 1)
+        except OSError as exc:
+            raise PropertiesError('%s: cannot read config file: %s'
+                                  % (path, exc.strerror or exc))
+        base = os.path.dirname(os.path.abspath(path))
+        chain = chain + (real,)
+    if len(data) > MAX_CONFIG_SIZE:
+        raise PropertiesError('%s: config file larger than %d bytes'
+                              % (label, MAX_CONFIG_SIZE))
+    text = data.decode('utf-8', 'surrogateescape')
+    for number, line in enumerate(text.splitlines(), 1):
+        control, value = parse_config_line(line, label, number)
+        if control is None:
+            continue
+        here = '%s:%d' % (label, number)
+        if control.lower() == 'import':
+            if not value:
+                raise PropertiesError('%s: Import: expected a file name' % here)
+            target = os.path.join(base, value)
+            read_config_file(target, table, values, where, stdin,
+                             chain if chain else (os.path.realpath(label),))
+            continue
+        entry = table.get(control.lower())
+        if entry is None:
+            raise PropertiesError('%s: %s: unknown control' % (here, control))
+        name, kind, default = entry
+        try:
+            values[name] = check_value(kind, value)
+        except ValueError as exc:
+            shown = value if 'pass' not in name.lower() else '********'
+            raise PropertiesError('%s: %s = [%s]: %s'
+                                  % (here, name, shown, exc))
+        where[name] = here
+
+
+def parse_config_line(line, label, number):
+    """Split 'control = value # comment'; (None, None) for a blank line."""
+    line = line.split('#', 1)[0].strip()
+    if not line:
+        return None, None
+    if '=' not in line:
+        raise PropertiesError('%s:%d: expected "control = value", got [%s]'
+                              % (label, number, line))
+    control, value = line.split('=', 1)
+    control = control.strip()
+    if not control:
+        raise PropertiesError('%s:%d: missing control name' % (label, number))
+    return control, value.strip()
+
+
+def check_required(values, required, required_when):
+    """Refuse a config that lacks a control the man page says is required.
+
+    :raises PropertiesError: naming the missing control.
+    """
+    for name in required:
+        if values.get(name) in (None, ''):
+            raise PropertiesError('%s: required control is missing' % name)
+    for switch, names in required_when:
+        if not values.get(switch):
+            continue
+        for name in names:
+            if values.get(name) in (None, ''):
+                raise PropertiesError('%s: required when %s=Y, but missing'
+                                      % (name, switch))
+
+
+###############################################################################
+# Transport ###################################################################
+###############################################################################
+
+# INFO: a small HTTP/1.1 client on a raw socket rather than http.client: the
+# request must be the original's byte for byte (http.client adds headers),
+# the response parser must apply the original's rules (16383-byte header
+# block, Content-Length required, no chunking), and importing http.client
+# costs about 20 ms of start-up on every run.
+
+ESCAPE_SAFE = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+                        b'0123456789_./\\-')
+
+
+def http_escape(text):
+    """Escape a query value as the original's HttpEscape does.
+
+    [A-Za-z0-9_./\\-] pass unchanged, a space becomes '+', every other byte
+    becomes '%' and two lower-case hex digits.
+    """
+    out = []
+    for byte in text.encode('utf-8', 'surrogateescape'):
+        if byte in ESCAPE_SAFE:
+            out.append(chr(byte))
+        elif byte == 0x20:
+            out.append('+')
+        else:
+            out.append('%%%02x' % byte)
+    return ''.join(out)
+
+
+def build_query(pairs):
+    """Join (name, value) pairs into a query string in the given order."""
+    return '&'.join('%s=%s' % (name, http_escape(str(value)))
+                    for name, value in pairs)
+
+
+class Target(object):
+    """One parsed URL with the credentials that apply to it."""
+
+    def __init__(self, url, username=None, password=None):
+        parts = parse_url(url)
+        if parts is None:
+            raise TransportError('invalid URL: %s' % redact_url(url))
+        self.scheme, user, pw, self.host, self.port, self.path = parts
+        # Credentials in the URL beat URLUsername/URLPassword (man page);
+        # %user and %pass are place holders for the controls' values.
+        self.username = substitute_tokens(user, username, password) \
+            if user is not None else username
+        self.password = substitute_tokens(pw, username, password) \
+            if pw is not None else (password if user is None else '')
+        self.path = substitute_tokens(self.path, username, password)
+        self.display = redact_url(url)
+
+    def host_header(self):
+        """The Host value: always host:port, as the original writes it."""
+        return '%s:%d' % (self.host, self.port)
+
+
+def substitute_tokens(text, username, password):
+    """Replace %user and %pass with the URLUsername/URLPassword values."""
+    if text is None:
+        return None
+    return text.replace('%user', username or '').replace('%pass', password or '')
+
+
+def redact_url(url):
+    """Remove any password from a URL before it is printed or logged."""
+    scheme, sep, rest = str(url).partition('://')
+    if not sep:
+        return url
+    userinfo, at, hostpart = rest.rpartition('@')
+    if not at or '/' in userinfo:
+        return url
+    user = userinfo.split(':', 1)[0]
+    return '%s://%s:********@%s' % (scheme, user, hostpart) \
+        if ':' in userinfo else url
+
+
+class Deadline(object):
+    """A stage timer: 0 seconds means no limit (man page *TimeLimit)."""
+
+    def __init__(self, seconds, what):
+        import time  # late import: start-up time
+        self._clock = time.monotonic
+        self.seconds = seconds
+        self.what = what
+        self.end = self._clock() + seconds if seconds else None
+
+    def remaining(self):
+        """Seconds left (None when unlimited); raise once time is up."""
+        if self.end is None:
+            return None
+        left = self.end - self._clock()
+        if left <= 0:
+            raise TransportError('%s (%d s) expired' % (self.what, self.seconds))
+        return left
+
+
+class Response(object):
+    """Status, reason, the fields the original parses, and the open socket."""
+
+    def __init__(self, sock, status, reason, fields, body_start):
+        self.sock = sock
+        self.status = status
+        self.reason = reason
+        self.fields = fields
+        self.body_start = body_start
+
+    @property
+    def ok(self):
+        return 200 <= self.status <= 299
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def open_connection(target, deadline, tls_context=None):
+    """Connect (and shake hands) within the stage's time limit."""
+    import socket  # late import: start-up time
+    try:
+        sock = socket.create_connection((target.host.strip('[]'), target.port),
+                                        timeout=deadline.remaining())
+    except socket.timeout:
+        raise TransportError('%s: connect: %s expired'
+                             % (target.display, deadline.what))
+    except OSError as exc:
+        raise TransportError('%s: connect: %s' % (target.display,
+                                                  exc.strerror or exc))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if target.scheme == 'https':
+            sock.settimeout(deadline.remaining())
+            sock = tls_context.wrap(sock, target)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def build_request(method, target, query, content_length, job_id=None,
+                  auth=False):
+    """The request head exactly as the original sends it (protocol.md 1.2)."""
+    lines = ['%s %s%s%s HTTP/1.1' % (method, target.path,
+                                     '&' if '?' in target.path else '?', query),
+             'Host: %s' % target.host_header(),
+             'Content-Type: application/octet-stream',
+             'Content-Length: %d' % content_length]
+    if auth:
+        import base64  # late import: start-up time
+        pair = '%s:%s' % (target.username or '', target.password or '')
+        lines.append('Authorization: Basic %s' % base64.b64encode(
+            pair.encode('utf-8')).decode('ascii'))
+    if job_id:
+        lines.append('Job-Id: %s' % job_id)
+    lines.append('Connection: close')
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+def send_all(sock, data, deadline):
+    """Send bytes with the stage's remaining time as the socket timeout."""
+    import socket  # late import: start-up time
+    view = memoryview(data)
+    try:
+        while view:
+            sock.settimeout(deadline.remaining())
+            sent = sock.send(view)
+            view = view[sent:]
+    except socket.timeout:
+        raise TransportError('send: %s (%d s) expired'
+                             % (deadline.what, deadline.seconds))
+    except OSError as exc:
+        raise TransportError('send: %s' % (exc.strerror or exc))
+
+
+def send_file(sock, path, size, deadline):
+    """Stream exactly size bytes of a file, in 1 MiB blocks, no copy held."""
+    import socket  # late import: start-up time
+    sent = 0
+    with open(path, 'rb') as handle:
+        try:
+            while sent < size:
+                sock.settimeout(deadline.remaining())
+                count = sock.sendfile(handle, sent, min(BLOCK_SIZE, size - sent))
+                if not count:
+                    raise TransportError('%s: file shrank during upload' % path)
+                sent += count
+        except socket.timeout:
+            raise TransportError('send: %s (%d s) expired'
+                                 % (deadline.what, deadline.seconds))
+        except OSError as exc:
+            raise TransportError('send: %s' % (exc.strerror or exc))
+
+
+def read_response_head(sock, deadline):
+    """Read and parse the status line and header block (the original's rules).
+
+    The block must end within 16383 bytes; '\\n\\n' and '\\r\\n\\r\\n' both end
+    it.  Content-Length must be all digits, Job-Id and
+    WebJob-Payload-Signature 1-255 characters, none of them twice.
+    """
+    import socket  # late import: start-up time
+    data = b''
+    while True:
+        end, skip = find_head_end(data)
+        if end >= 0:
+            break
+        if len(data) > MAX_HEADER_SIZE:
+            raise TransportError('response header larger than %d bytes'
+                                 % MAX_HEADER_SIZE)
+        try:
+            sock.settimeout(deadline.remaining())
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise TransportError('receive: %s (%d s) expired'
+                                 % (deadline.what, deadline.seconds))
+        except OSError as exc:
+            raise TransportError('receive: %s' % (exc.strerror or exc))
+        if not chunk:
+            raise TransportError('connection closed before a complete '
+                                 'response header')
+        data += chunk
+    if end > MAX_HEADER_SIZE:
+        raise TransportError('response header larger than %d bytes'
+                             % MAX_HEADER_SIZE)
+    head = data[:end].decode('latin-1')
+    lines = head.replace('\r\n', '\n').split('\n')
+    status, reason = parse_status_line(lines[0])
+    fields = parse_fields(lines[1:])
+    return Response(sock, status, reason, fields, data[end + skip:])
+
+
+def find_head_end(data):
+    """Offset of the blank line ending the header block and its length."""
+    best = (-1, 0)
+    for marker in (b'\r\n\r\n', b'\n\r\n', b'\n\n'):
+        pos = data.find(marker)
+        if pos >= 0 and (best[0] < 0 or pos < best[0]):
+            best = (pos, len(marker))
+    return best
+
+
+def parse_status_line(line):
+    """HTTP/<digits>.<digits> <3 digits> <reason>; any code 000-999."""
+    import re  # late import: start-up time
+    match = re.match(r'HTTP/[0-9]+\.[0-9]+ ([0-9]{3})(?: (.*))?\Z', line)
+    if match is None:
+        raise TransportError('malformed status line [%s]' % one_line(line)[:80])
+    return int(match.group(1)), one_line(match.group(2) or '')
+
+
+def parse_fields(lines):
+    """Collect the three fields the original recognises; ignore the rest."""
+    fields = {}
+    for line in lines:
+        if not line:
+            continue
+        name, colon, value = line.partition(':')
+        if not colon:
+            raise TransportError('malformed header line [%s]'
+                                 % one_line(line)[:80])
+        key = name.strip().lower()
+        value = value.strip()
+        if key not in ('content-length', 'job-id', 'webjob-payload-signature'):
+            continue
+        if key in fields:
+            raise TransportError('%s: field already defined' % name.strip())
+        if key == 'content-length':
+            if not value or not all(c in DIGITS for c in value):
+                raise TransportError('Content-Length = [%s]: value must '
+                                     'contain all digits' % one_line(value)[:40])
+            fields[key] = int(value)
+        else:
+            if not 0 < len(value) <= MAX_FIELD_SIZE:
+                raise TransportError('%s: value has invalid length (%d)'
+                                     % (name.strip(), len(value)))
+            fields[key] = value
+    return fields
+
+
+def read_body_to_file(response, fd, limit, deadline):
+    """Copy a 2xx body of exactly Content-Length bytes to an open fd.
+
+    Returns the byte count.  Refuses a missing Content-Length, a body over
+    URLDownloadLimit (when non-zero) and a short body.
+    """
+    import socket  # late import: start-up time
+    length = response.fields.get('content-length')
+    if length is None:
+        raise TransportError("the server's response did not include a "
+                             'Content-Length')
+    if limit and length > limit:
+        raise TransportError('Content-Length (%d) exceeds URLDownloadLimit (%d)'
+                             % (length, limit))
+    got = 0
+    head = response.body_start[:length]
+    if head:
+        write_all(fd, head)
+        got = len(head)
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    sock = response.sock
+    try:
+        while got < length:
+            sock.settimeout(deadline.remaining())
+            count = sock.recv_into(view, min(BLOCK_SIZE, length - got))
+            if not count:
+                break
+            write_all(fd, view[:count])
+            got += count
+    except socket.timeout:
+        raise TransportError('receive: %s (%d s) expired'
+                             % (deadline.what, deadline.seconds))
+    except OSError as exc:
+        raise TransportError('receive: %s' % (exc.strerror or exc))
+    if got != length:
+        raise TransportError('Actual-Length (%d) vs Content-Length (%d) '
+                             'mismatch' % (got, length))
+    return got
+
+
+def write_all(fd, data):
+    """os.write until every byte is out (a short write is legal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def http_exchange(method, target, query, deadline, tls_context=None,
+                  auth=False, job_id=None, body_files=()):
+    """Send one request (body streamed from (path, size) files); return the
+    response with its head read and the body still on the socket."""
+    size = sum(length for path, length in body_files)
+    sock = open_connection(target, deadline, tls_context)
+    try:
+        send_all(sock, build_request(method, target, query, size, job_id,
+                                     auth), deadline)
+        for path, length in body_files:
+            if length:
+                send_file(sock, path, length, deadline)
+        return read_response_head(sock, deadline)
+    except BaseException:
+        sock.close()
+        raise
+
+
+###############################################################################
+# TLS #########################################################################
+###############################################################################
+
+class TLSContext(object):
+    """The client's SSL controls, applied to every https:// request."""
+
+    def __init__(self, values):
+        try:
+            import ssl  # late import: start-up time, and ssl may be missing
+        except ImportError:
+            raise DependencyError('https requires the ssl module, which this '
+                                  'Python does not have')
+        self.ssl = ssl
+        self.values = values
+        self.context = build_ssl_context(ssl, values)
+
+    def wrap(self, sock, target):
+        """Shake hands; then apply SSLExpectedPeerCN and SSLMaxChainLength."""
+        ssl = self.ssl
+        try:
+            tls = self.context.wrap_socket(sock, server_hostname=None,
+                                           do_handshake_on_connect=False)
+            tls.do_handshake()
+        except ssl.SSLError as exc:
+            raise TransportError('%s: TLS handshake failed: %s'
+                                 % (target.display, describe_ssl_error(exc)))
+        except OSError as exc:
+            raise TransportError('%s: TLS handshake failed: %s'
+                                 % (target.display, exc.strerror or exc))
+        if self.values['SSLVerifyPeerCert']:
+            try:
+                check_peer(tls, self.values)
+            except BaseException:
+                tls.close()
+                raise
+        return tls
+
+
+def build_ssl_context(ssl, values):
+    """A TLS 1.2+ client context from the SSL* controls.
+
+    :raises ConfigureError: when a certificate, key or CA file is unusable.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if hasattr(context, 'minimum_version') and hasattr(ssl, 'TLSVersion'):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:  # COMPAT(3.6): no minimum_version; OP_NO_* warns only on 3.13
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    context.check_hostname = False  # the original compares the CN instead
+    if values['SSLVerifyPeerCert']:
+        context.verify_mode = ssl.CERT_REQUIRED
+        bundle = values['SSLBundledCAsFile']
+        try:
+            context.load_verify_locations(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigureError('SSLBundledCAsFile = [%s]: cannot load CA '
+                                 'certificates: %s' % (bundle, describe_ssl_error(exc)))
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    if values['SSLUseCertificate']:
+        load_client_certificate(ssl, context, values)
+    return context
+
+
+def load_client_certificate(ssl, context, values):
+    """Load SSLPublicCertFile/SSLPrivateKeyFile, never hanging on a prompt."""
+    cert = values['SSLPublicCertFile']
+    key = values['SSLPrivateKeyFile']
+    passphrase = values['SSLPassPhrase']
+    for control, path in (('SSLPublicCertFile', cert), ('SSLPrivateKeyFile', key)):
+        if not os.path.isfile(path):
+            raise ConfigureError('%s = [%s]: no such file' % (control, path))
+
+    def ask_passphrase():
+        if passphrase is not None:
+            return passphrase
+        if not (sys.stdin is not None and sys.stdin.isatty()):
+            raise ConfigureError('SSLPrivateKeyFile = [%s]: the key is '
+                                 'encrypted and SSLPassPhrase is not set (no '
+                                 'terminal to ask on)' % key)
+        import getpass  # late import: only when prompting
+        return getpass.getpass('Enter PEM pass phrase for %s: ' % key)
+
+    try:
+        context.load_cert_chain(cert, key, password=ask_passphrase)
+    except ConfigureError:
+        raise
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigureError('SSLPublicCertFile = [%s], SSLPrivateKeyFile = '
+                             '[%s]: cannot load: %s'
+                             % (cert, key, describe_ssl_error(exc)))
+
+
+def describe_ssl_error(exc):
+    """The most useful words of an ssl error, on one line."""
+    reason = getattr(exc, 'verify_message', None) or \
+        getattr(exc, 'reason', None) or getattr(exc, 'strerror', None) or exc
+    return one_line(reason)
+
+
+def check_peer(tls, values):
+    """Apply SSLExpectedPeerCN (exact, case-sensitive) and SSLMaxChainLength."""
+    der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise TransportError('the server presented no certificate')
+    info = tls.getpeercert()
+    common_names = [value for rdn in info.get('subject', ())
+                    for key, value in rdn if key == 'commonName']
+    expected = values['SSLExpectedPeerCN']
+    if common_names != [expected]:
+        raise TransportError('peer certificate CN [%s] does not match '
+                             'SSLExpectedPeerCN [%s]'
+                             % (','.join(common_names) or '-', expected))
+    depth = verified_chain_depth(tls)
+    limit = values['SSLMaxChainLength']
+    if depth is not None and depth > limit:
+        raise TransportError('certificate chain has %d CA certificate(s) above '
+                             'the server; SSLMaxChainLength is %d'
+                             % (depth, limit))
+
+
+def verified_chain_depth(tls):
+    """Number of CA certificates above the server's, when Python can tell."""
+    sslobj = getattr(tls, '_sslobj', None)
+    for owner in (tls, sslobj):
+        method = getattr(owner, 'get_verified_chain', None)
+        if method is not None:
+            try:
+                return len(method()) - 1
+            except Exception:
+                return None
+    return None
+
+
+###############################################################################
+# Processes ###################################################################
+###############################################################################
+
+def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False):
+    """Start a program in its own session, so its whole group can be killed.
+
+    A script without a #! line is run by /bin/sh, as execvp(3) does.
+    """
+    import subprocess  # late import: start-up time
+    try:
+        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=cwd,
+                                shell=shell, start_new_session=True,
+                                close_fds=True)
+    except OSError as exc:
+        import errno  # late import: error path only
+        if exc.errno != errno.ENOEXEC or shell:
+            raise
+        return subprocess.Popen(['/bin/sh'] + list(argv), stdout=stdout,
+                                stderr=stderr, cwd=cwd, start_new_session=True,
+                                close_fds=True)
+
+
+def wait_with_deadline(proc, seconds, signal_number):
+    """Wait for a process; at the deadline signal its whole group.
+
+    TimeoutSignal goes to the group first; after a short grace, SIGKILL
+    follows so that no grandchild outlives the deadline.  Returns True when
+    the deadline expired.
+    """
+    import subprocess  # late import: start-up time
+    try:
+        proc.wait(timeout=seconds or None)
+        return False
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(proc.pid, signal_number)
+    try:
+        proc.wait(timeout=KILL_GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    import signal  # late import: start-up time
+    kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def kill_group(pgid, signal_number):
+    """Signal a process group, ignoring one that has already gone."""
+    try:
+        os.killpg(pgid, signal_number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class FileHasher(object):
+    """Hash a file while another process appends to it.
+
+    A thread follows the file as it grows, so hashing runs beside the child
+    on the second core instead of after it; finish() drains the rest.
+    """
+
+    def __init__(self, path, hash_name):
+        import hashlib  # late import: start-up time
+        import threading  # late import: start-up time
+        self.digest = hashlib.new(hash_name)
+        self.size = 0
+        self.path = path
+        self.handle = open(path, 'rb', buffering=0)
+        self.done = threading.Event()
+        self.error = None
+        self.thread = threading.Thread(target=self.follow)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def follow(self):
+        buf = bytearray(BLOCK_SIZE)
+        view = memoryview(buf)
+        try:
+            while True:
+                count = self.handle.readinto(buf)
+                if count:
+                    self.digest.update(view[:count])
+                    self.size += count
+                elif self.done.is_set():
+                    return
+                else:
+                    self.done.wait(0.01)
+        except (OSError, ValueError) as exc:
+            self.error = exc
+
+    def finish(self):
+        """Stop following; return (size, hex digest) of what was hashed.
+
+        When the file is no longer the byte sequence that was hashed (it was
+        truncated or replaced), hash it again from the start.
+        """
+        self.done.set()
+        self.thread.join()
+        self.handle.close()
+        if self.error is not None:
+            raise self.error
+        try:
+            current = os.stat(self.path).st_size
+        except OSError:
+            current = self.size
+        if current < self.size:
+            return hash_file(self.path, self.digest.name)
+        return self.size, self.digest.hexdigest()
+
+
+def hash_file(path, hash_name, limit=None):
+    """(size, hex digest) of a file, streamed in 1 MiB blocks."""
+    import hashlib  # late import: start-up time
+    digest = hashlib.new(hash_name)
+    size = 0
+    buf = bytearray(BLOCK_SIZE)
+    view = memoryview(buf)
+    with open(path, 'rb', buffering=0) as handle:
+        while limit is None or size < limit:
+            count = handle.readinto(buf)
+            if not count:
+                break
+            if limit is not None:
+                count = min(count, limit - size)
+            digest.update(view[:count])
+            size += count
+    return size, digest.hexdigest()
+
+
+def hash_stream(stream, hash_name):
+    """Hex digest of a binary stream, read in 1 MiB blocks."""
+    import hashlib  # late import: start-up time
+    digest = hashlib.new(hash_name)
+    while True:
+        block = stream.read(BLOCK_SIZE)
+        if not block:
+            return digest.hexdigest()
+        digest.update(block)
+
+
+###############################################################################
+# Stages ######################################################################
+###############################################################################
+
+ENV_KEYS = ('Version', 'Hostname', 'SystemOS', 'ClientId', 'GetRequest',
+            'Command', 'CommandLine', 'Jid', 'Pid', 'KidPid', 'KidStatus',
+            'KidSignal', 'KidReason', 'JobEpoch', 'GetEpoch', 'RunEpoch',
+            'PutEpoch', 'HashType', 'StdOutHash', 'StdErrHash', 'GetError',
+            'RunError')
+
+KID_EXITED = 'The kid exited cleanly.'
+KID_SIGNALED = 'The kid was killed by signal %d.'
+KID_TIMED_OUT = ('The kid was killed (signal %d to its process group) when '
+                 'RunTimeLimit (%d s) expired.')
+KID_NOT_RUN = 'The kid was not run.'
+KID_NOT_STARTED = 'The kid could not be started.'
+
+
+def version_string(_cache={}):
+    """The Version value: sent as VERSION and written to the .env record.
+
+    The original's form, 'webjob 1.4.0 ssl 32 bit', plus 'dsv' when
+    signatures can be verified (always: the verifier is pure Python).
+    """
+    if 'value' not in _cache:
+        import importlib.util  # late import: start-up time
+        parts = [PROGRAM, __version__]
+        if importlib.util.find_spec('ssl') is not None:
+            parts.append('ssl')
+        parts.append('dsv')
+        parts.append('%d bit' % (64 if sys.maxsize > 2 ** 32 else 32))
+        _cache['value'] = ' '.join(parts)
+    return _cache['value']
+
+
+def system_string():
+    """SYSTEM / SystemOS: machine, system name and release, as uname gives."""
+    info = os.uname()
+    return '%s %s %s' % (info.machine, info.sysname, info.release)
+
+
+def format_epoch(epoch):
+    """'2004-05-23 17:14:41 PDT (1085357681.245070)', or NA when unset."""
+    if epoch is None:
+        return NA
+    import time  # late import: start-up time
+    local = time.localtime(epoch)
+    micro = int(round((epoch - int(epoch)) * 1e6))
+    if micro >= 1000000:
+        micro = 999999
+    return '%s (%d.%06d)' % (time.strftime('%Y-%m-%d %H:%M:%S %Z', local),
+                              int(epoch), micro)
+
+
+def resolve_temp_directory(values):
+    """TempDirectory, else $TMPDIR, else $TMP, else /tmp; it must exist."""
+    chosen = values['TempDirectory']
+    if not chosen:
+        for name in ('TMPDIR', 'TMP'):
+            value = os.environ.get(name)
+            if value:
+                if len(value) > MAX_ENV_PATH:
+                    raise ConfigureError('$%s is longer than %d characters'
+                                         % (name, MAX_ENV_PATH))
+                chosen = value
+                break
+        else:
+            chosen = '/tmp'
+    path = os.path.abspath(chosen)
+    if not os.path.isdir(path):
+        raise ConfigureError('TempDirectory = [%s]: no such directory' % chosen)
+    return path
+
+
+class Job(object):
+    """Everything one execute run knows; written out as the .env record."""
+
+    def __init__(self, values, program, options):
+        import time  # late import: start-up time
+        self.clock = time.time
+        self.values = values
+        self.program = program
+        self.options = list(options)
+        self.epoch = self.clock()
+        self.nonce = os.urandom(4).hex()
+        self.hash_name = values['HashType'].lower()
+        suffix = values['GetHookSuffix'] if values['GetHookEnable'] else ''
+        self.request_name = program + (suffix or '')
+        self.temp_dir = None
+        self.job_id = None
+        self.get_epoch = self.run_epoch = self.put_epoch = None
+        self.get_error = self.run_error = None
+        self.kid_pid = self.kid_status = self.kid_signal = None
+        self.kid_reason = KID_NOT_RUN
+        self.out_hash = self.err_hash = None
+        self.downloaded = []
+        self.outputs = []
+        self.tls = {}
+
+    def path(self, name):
+        return os.path.join(self.temp_dir, name)
+
+    def output_path(self, suffix):
+        return self.path('webjob_%d_%s.%s' % (int(self.epoch), self.nonce,
+                                              suffix))
+
+    def command_line(self):
+        return ' '.join([self.program] + self.options)
+
+    def env_record(self):
+        """The 22 Key=Value lines of the original's .env, in its order."""
+        values = self.values
+        record = {
+            'Version': version_string(),
+            'Hostname': os.uname().nodename,
+            'SystemOS': system_string(),
+            'ClientId': values['ClientId'],
+            'GetRequest': self.request_name,
+            'Command': self.program,
+            'CommandLine': self.command_line(),
+            'Jid': self.job_id or NA,
+            'Pid': os.getpid(),
+            'KidPid': NA if self.kid_pid is None else self.kid_pid,
+            'KidStatus': NA if self.kid_status is None else self.kid_status,
+            'KidSignal': NA if self.kid_signal is None else self.kid_signal,
+            'KidReason': self.kid_reason,
+            'JobEpoch': format_epoch(self.epoch),
+            'GetEpoch': format_epoch(self.get_epoch),
+            'RunEpoch': format_epoch(self.run_epoch),
+            'PutEpoch': format_epoch(self.put_epoch),
+            'HashType': values['HashType'],
+            'StdOutHash': self.out_hash or NA,
+            'StdErrHash': self.err_hash or NA,
+            'GetError': one_line(self.get_error) if self.get_error else NA,
+            'RunError': one_line(self.run_error) if self.run_error else NA,
+        }
+        lines = ['%s=%s\n' % (key, one_line(record[key]) if key in (
+            'CommandLine', 'Hostname') else record[key]) for key in ENV_KEYS]
+        return ''.join(lines).encode('utf-8', 'surrogateescape')
+
+    def tls_for(self, target):
+        """One TLS context per job, built only when an https URL is used."""
+        if target.scheme != 'https':
+            return None
+        if 'context' not in self.tls:
+            self.tls['context'] = TLSContext(self.values)
+        return self.tls['context']
+
+    def base_query(self, name):
+        values = self.values
+        return [('VERSION', version_string()), ('SYSTEM', system_string()),
+                ('CLIENTID', values['ClientId']), ('FILENAME', name),
+                ('RUNTYPE', values['RunType'])]
+
+
+def make_target(values, control):
+    """A Target for URLGetURL or URLPutURL with URLUsername/URLPassword."""
+    return Target(values[control], values['URLUsername'],
+                  values['URLPassword'])
+
+
+def create_exclusive(path, mode=0o600):
+    """Open a new file for writing; fail rather than reuse an existing one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+    return os.open(path, flags, mode)
+
+
+def fetch_to_file(job, name, path, deadline):
+    """GET one file from URLGetURL into a new file; return its response."""
+    values = job.values
+    target = make_target(values, 'URLGetURL')
+    query = build_query(job.base_query(name))
+    response = http_exchange('GET', target, query, deadline,
+                             job.tls_for(target),
+                             auth=values['URLAuthType'] == 'basic')
+    try:
+        if not response.ok:
+            raise TransportError('%s: Status = [%d], Reason = [%s]'
+                                 % (name, response.status, response.reason))
+        fd = create_exclusive(path)
+        try:
+            read_body_to_file(response, fd, values['URLDownloadLimit'], deadline)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        return response
+    finally:
+        response.close()
+
+
+def run_get_stage(job):
+    """Download the program (or its GetHook variant) into TempDirectory.
+
+    The body goes to a temporary name and is moved to its final name only
+    when whole, so a half-downloaded file is never executed.
+    """
+    values = job.values
+    job.get_epoch = job.clock()
+    deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
+    final = job.path(job.request_name)
+    target_path = job.path(job.program)
+    overwrite = values['OverwriteExecutable']
+    for path in {final, target_path}:
+        if os.path.lexists(path) and not overwrite:
+            raise GetStageError('%s: file exists and OverwriteExecutable=N'
+                                % path)
+    partial = job.output_path('get')
+    try:
+        response = fetch_to_file(job, job.request_name, partial, deadline)
+        job.job_id = response.fields.get('job-id')
+        os.chmod(partial, 0o700)
+        install_file(partial, final, overwrite)
+    except TransportError as exc:
+        remove_quietly(partial)
+        raise GetStageError(str(exc))
+    except OSError as exc:
+        remove_quietly(partial)
+        raise GetStageError('%s: %s' % (final, exc.strerror or exc))
+    job.downloaded.append(final)
+    if values['GetHookEnable']:
+        run_get_hook(job, deadline)
+        if target_path not in job.downloaded:
+            job.downloaded.append(target_path)
+
+
+def install_file(source, destination, overwrite):
+    """Move a finished file to its name; without overwrite, never replace."""
+    if overwrite:
+        os.rename(source, destination)
+        return
+    os.link(source, destination)
+    os.unlink(source)
+
+
+def remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def expand_hook_tokens(command, job):
+    """Expand %tp, %vp, %pid, %s; '%%' yields a literal '%' (man page)."""
+    import re  # late import: start-up time
+    tokens = {'%%': '%', '%tp': job.program, '%vp': job.request_name,
+              '%pid': str(os.getpid()),
+              '%s': job.values['GetHookSuffix'] or ''}
+    return re.sub(r'%%|%tp|%vp|%pid|%s',
+                  lambda match: tokens[match.group(0)], command)
+
+
+def run_get_hook(job, deadline):
+    """Run GetHookCommandLine through /bin/sh in TempDirectory.
+
+    The target runs only when the hook's exit status equals GetHookStatus.
+    The hook is bound by what is left of GetTimeLimit and killed with its
+    whole process group at the deadline.
+    """
+    values = job.values
+    command = expand_hook_tokens(values['GetHookCommandLine'], job)
+    try:
+        remaining = deadline.remaining()
+    except TransportError as exc:
+        raise GetStageError('GetHook: %s' % exc)
+    try:
+        proc = spawn(['/bin/sh', '-c', command], stdout=sys.stderr.fileno(),
+                     cwd=job.temp_dir)
+    except OSError as exc:
+        raise GetStageError('GetHook: cannot start /bin/sh: %s'
+                            % (exc.strerror or exc))
+    if wait_with_deadline(proc, remaining, 9):
+        raise GetStageError('GetHook: GetTimeLimit (%d s) expired; the hook '
+                            'was killed' % values['GetTimeLimit'])
+    status = proc.returncode
+    if status != values['GetHookStatus']:
+        raise GetStageError('GetHook: status %s does not match GetHookStatus '
+                            '(%d); %s not run' % (status if status >= 0 else
+                                                  'signal %d' % -status,
+                                                  values['GetHookStatus'],
+                                                  job.program))
+    target = job.path(job.program)
+    if not os.path.isfile(target) or os.path.islink(target):
+        raise GetStageError('GetHook: %s was not produced' % job.program)
+    os.chmod(target, 0o700)
+
+
+def run_run_stage(job, capture):
+    """Run the program with its options under RunTimeLimit.
+
+    With capture (URLPutURL set), stdout and stderr go to the job's .out and
+    .err files, opened append-only so that what was hashed stays the file's
+    prefix; otherwise the program shares our stdout and stderr.
+    """
+    values = job.values
+    job.run_epoch = job.clock()
+    argv = [job.path(job.program)] + substitute_payload(job)
+    out_fd = err_fd = None
+    hashers = []
+    try:
+        if capture:
+            out_fd, err_fd = open_outputs(job)
+            hashers = [FileHasher(job.output_path('out'), job.hash_name),
+                       FileHasher(job.output_path('err'), job.hash_name)]
+        try:
+            proc = spawn(argv, stdout=out_fd, stderr=err_fd)
+        except OSError as exc:
+            job.kid_reason = KID_NOT_STARTED
+            job.kid_status = -1
+            job.kid_signal = 0
+            raise RunStageError('%s: cannot execute: %s'
+                                % (job.program, exc.strerror or exc))
+        finally:
+            for fd in (out_fd, err_fd):
+                if fd is not None:
+                    os.close(fd)
+        job.kid_pid = proc.pid
+        timed_out = wait_with_deadline(proc, values['RunTimeLimit'],
+                                       values['TimeoutSignal'])
+        record_kid_status(job, proc.returncode, timed_out)
+        if timed_out:
+            raise RunStageError('%s: RunTimeLimit (%d s) expired; its process '
+                                'group was killed' % (job.program,
+                                                      values['RunTimeLimit']))
+    finally:
+        if hashers:
+            (_, job.out_hash), (_, job.err_hash) = [h.finish() for h in hashers]
+
+
+def open_outputs(job):
+    """Create the .out and .err files (O_EXCL, append-only) for the child."""
+    fds = []
+    try:
+        for suffix in ('out', 'err'):
+            path = job.output_path(suffix)
+            fds.append(create_exclusive(path))
+            job.outputs.append(path)
+            os.close(fds[-1])
+            fds[-1] = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise RunStageError('cannot create output file: %s: %s'
+                            % (exc.filename, exc.strerror))
+    return fds
+
+
+def substitute_payload(job):
+    """For a PaD program (name.pad), %payload in the options becomes name."""
+    if not job.program.endswith('.pad'):
+        return job.options
+    payload = job.program[:-len('.pad')]
+    return [option.replace('%payload', payload) for option in job.options]
+
+
+def record_kid_status(job, returncode, timed_out):
+    """Fill KidStatus/KidSignal/KidReason from a Popen return code."""
+    if returncode >= 0:
+        job.kid_status, job.kid_signal = returncode, 0
+        job.kid_reason = KID_EXITED
+    else:
+        job.kid_status, job.kid_signal = -1, -returncode
+        job.kid_reason = KID_SIGNALED % -returncode
+    if timed_out:
+        job.run_error = 'RunTimeLimit (%d s) expired' % job.values['RunTimeLimit']
+        job.kid_reason = KID_TIMED_OUT % (job.values['TimeoutSignal'],
+                                          job.values['RunTimeLimit'])
+
+
+def ensure_outputs(job):
+    """Make empty .out/.err files when the program never ran (upload anyway)."""
+    for suffix in ('out', 'err'):
+        path = job.output_path(suffix)
+        if path not in job.outputs:
+            os.close(create_exclusive(path))
+            job.outputs.append(path)
+    if job.out_hash is None:
+        job.out_hash = hash_file(job.output_path('out'), job.hash_name)[1]
+    if job.err_hash is None:
+        job.err_hash = hash_file(job.output_path('err'), job.hash_name)[1]
+
+
+def write_env_file(job):
+    """Write the .env record whole (fsynced) and return its path."""
+    path = job.output_path('env')
+    fd = create_exclusive(path)
+    job.outputs.append(path)
+    try:
+        write_all(fd, job.env_record())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def run_put_stage(job):
+    """Upload out, err and env in one PUT, streamed, with the Job-Id."""
+    values = job.values
+    job.put_epoch = job.clock()
+    deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
+    try:
+        ensure_outputs(job)
+        write_env_file(job)
+        files = [(job.output_path(s), os.stat(job.output_path(s)).st_size)
+                 for s in ('out', 'err', 'env')]
+    except OSError as exc:
+        raise PutStageError('%s: %s' % (exc.filename, exc.strerror or exc))
+    target = make_target(values, 'URLPutURL')
+    query = build_query(job.base_query(job.program) + [
+        ('STDOUT_LENGTH', files[0][1]), ('STDERR_LENGTH', files[1][1]),
+        ('STDENV_LENGTH', files[2][1])])
+    try:
+        response = http_exchange('PUT', target, query, deadline,
+                                 job.tls_for(target),
+                                 auth=values['URLAuthType'] == 'basic',
+                                 job_id=job.job_id, body_files=files)
+        response.close()
+    except TransportError as exc:
+        raise PutStageError(str(exc))
+    except OSError as exc:
+        raise PutStageError('%s' % (exc.strerror or exc))
+    if not response.ok:
+        raise PutStageError('%s: Status = [%d], Reason = [%s]'
+                            % (target.display, response.status, response.reason))
+
+
+###############################################################################
+# Modes #######################################################################
+###############################################################################
+
+def configure_job(values, program, options):
+    """Check what the config needs of this host, before any network use."""
+    check_required(values, CLIENT_REQUIRED, CLIENT_REQUIRED_WHEN)
+    job = Job(values, program, options)
+    job.temp_dir = resolve_temp_directory(values)
+    if values['URLAuthType'] == 'basic':
+        for control in ('URLGetURL', 'URLPutURL'):
+            if values[control]:
+                target = make_target(values, control)
+                if not target.username:
+                    raise PropertiesError('%s: URLAuthType=basic needs a user '
+                                          'name in the URL or URLUsername'
+                                          % control)
+    for control in ('URLGetURL', 'URLPutURL'):
+        if values[control] and values[control].startswith('https:'):
+            job.tls_for(make_target(values, control))
+    if values['DsvVerifySignature']:
+        raise DependencyError('DsvVerifySignature: digital signature '
+                              'verification is not available in this build')
+    return job
+
+
+def execute_mode(values, program, options):
+    """-e: GET, RUN and PUT one program; return the exit code (XER_*)."""
+    job = configure_job(values, program, options)
+    capture = bool(values['URLPutURL'])
+    failures = []
+    try:
+        run_get_stage(job)
+    except GetStageError as exc:
+        job.get_error = str(exc)
+        failures.append(exc)
+    if not failures:
+        try:
+            run_run_stage(job, capture)
+        except RunStageError as exc:
+            job.run_error = job.run_error or str(exc)
+            failures.append(exc)
+    put_ok = False
+    if capture and (job.get_error is None or values['UploadOnGetFailure']):
+        try:
+            run_put_stage(job)
+            put_ok = True
+        except PutStageError as exc:
+            failures.append(exc)
+    if values['UnlinkExecutable']:
+        for path in job.downloaded:
+            remove_quietly(path)
+    if values['UnlinkOutput'] and put_ok:
+        for path in job.outputs:
+            remove_quietly(path)
+    for exc in failures:
+        write_stderr('%s: %s' % (exc.stage, exc))
+    if len(failures) > 1:
+        return XER_MULTI_STAGE
+    return failures[0].exit_code if failures else XER_OK
+
+
+def hashsum_mode(hash_type, path, stdin=None, stdout=None):
+    """-h: print the lower-case hex digest of a file or standard input."""
+    name = hash_type.upper()
+    if name not in HASH_TYPES:
+        raise ArgumentError('--type = [%s]: expected MD5, SHA1 or SHA256'
+                            % hash_type)
+    stdout = stdout if stdout is not None else sys.stdout
+    try:
+        if path == '-':
+            digest = hash_stream(stdin if stdin is not None else
+                                 sys.stdin.buffer, name.lower())
+        else:
+            digest = hash_file(path, name.lower())[1]
+    except OSError as exc:
+        raise ArgumentError('%s: %s' % (path, exc.strerror or exc))
+    stdout.write(digest + '\n')
+    stdout.flush()
+    return XER_OK
+
+
+def version_mode(stdout=None):
+    """-v: the Version string and which optional parts work here."""
+    stdout = stdout if stdout is not None else sys.stdout
+    stdout.write(version_string() + '\n')
+    stdout.flush()
+    return XER_OK
+
+
+def get_url_mode(config_spec, url, stdin=None, stdout=None):
+    """-g: fetch one URL to stdout with the config's SSL, auth and limits."""
+    controls = CLIENT_CONTROLS
+    values = read_config(config_spec, controls, stdin) if config_spec else \
+        dict((name, default) for name, kind, default in controls)
+    if parse_url(url) is None:
+        raise ArgumentError('url = [%s]: expected scheme://host(:port)/path '
+                            'with scheme http or https' % redact_url(url))
+    target = Target(url, values['URLUsername'], values['URLPassword'])
+    deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
+    tls = TLSContext(values) if target.scheme == 'https' else None
+    out = stdout if stdout is not None else sys.stdout.buffer
+    out.flush()
+    try:
+        sock = open_connection(target, deadline, tls)
+        try:
+            send_all(sock, build_plain_get(target, values), deadline)
+            response = read_response_head(sock, deadline)
+            if not response.ok:
+                raise TransportError('Status = [%d], Reason = [%s]'
+                                     % (response.status, response.reason))
+            read_body_to_file(response, out.fileno(),
+                              values['URLDownloadLimit'], deadline)
+        finally:
+            sock.close()
+    except TransportError as exc:
+        raise GetStageError('%s: %s' % (target.display, exc))
+    return XER_OK
+
+
+def build_plain_get(target, values):
+    """A GET of the URL as given: no WebJob query is added."""
+    lines = ['GET %s HTTP/1.1' % target.path,
+             'Host: %s' % target.host_header(),
+             'Content-Type: application/octet-stream',
+             'Content-Length: 0']
+    if values['URLAuthType'] == 'basic' or target.username:
+        import base64  # late import: start-up time
+        pair = '%s:%s' % (target.username or '', target.password or '')
+        lines.append('Authorization: Basic %s' % base64.b64encode(
+            pair.encode('utf-8')).decode('ascii'))
+    lines.append('Connection: close')
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def take(argv, index, what):
+    """The argument at index, or a usage error naming what was expected."""
+    if index >= len(argv):
+        raise UsageError('missing %s' % what)
+    return argv[index]
+
+
+def parse_args(argv):
+    """Position-dependent parsing, as the original: no bundled flags.
+
+    Returns (mode, arguments).  Everything after the program is passed
+    through untouched.
+    """
+    if not argv:
+        raise UsageError('no mode given')
+    mode = argv[0]
+    if mode in ('-e', '--execute'):
+        if take(argv, 1, '-f|--file') not in ('-f', '--file'):
+            raise UsageError('expected -f|--file after %s' % mode)
+        config = take(argv, 2, 'config file')
+        program = take(argv, 3, 'program')
+        return 'execute', (config, program, argv[4:])
+    if mode in ('-h', '--hashsum'):
+        if take(argv, 1, '-t|--type') not in ('-t', '--type'):
+            raise UsageError('expected -t|--type after %s' % mode)
+        digest = take(argv, 2, 'digest type')
+        path = take(argv, 3, 'file')
+        if len(argv) > 4:
+            raise UsageError('unexpected argument [%s]' % argv[4])
+        return 'hashsum', (digest, path)
+    if mode in ('-v', '--version'):
+        if len(argv) > 1:
+            raise UsageError('unexpected argument [%s]' % argv[1])
+        return 'version', ()
+    if mode in ('-g', '--get-url'):
+        config = None
+        index = 1
+        if take(argv, 1, 'url') in ('-f', '--file'):
+            config = take(argv, 2, 'config file')
+            index = 3
+        url = take(argv, index, 'url')
+        if len(argv) > index + 1:
+            raise UsageError('unexpected argument [%s]' % argv[index + 1])
+        return 'get-url', (config, url)
+    if mode == '--dsvtool':
+        return 'dsvtool', (argv[1:],)
+    if mode == '--pad-make-script':
+        path = take(argv, 1, 'file')
+        output = None
+        if len(argv) > 2:
+            if argv[2] != '-o' or len(argv) != 4:
+                raise UsageError('expected --pad-make-script file [-o file.pad]')
+            output = argv[3]
+        return 'pad-make-script', (path, output)
+    raise UsageError('unknown mode [%s]' % mode)
+
+
+def check_program(program):
+    """The program is a plain name: path information is not allowed."""
+    if '/' in program or program in ('.', '..'):
+        raise ArgumentError('program = [%s]: path information is not allowed'
+                            % program)
+    if not is_program_name(program):
+        raise ArgumentError('program = [%s]: only letters, digits and "_", '
+                            '"-", ".", "+" are allowed, not first "." or "-"'
+                            % program)
+
+
+def dispatch(mode, arguments):
+    """Run a parsed mode; return its exit code."""
+    if mode == 'execute':
+        config, program, options = arguments
+        check_program(program)
+        values = read_config(config, CLIENT_CONTROLS)
+        return execute_mode(values, program, options)
+    if mode == 'hashsum':
+        return hashsum_mode(*arguments)
+    if mode == 'version':
+        return version_mode()
+    if mode == 'get-url':
+        return get_url_mode(*arguments)
+    raise DependencyError('%s is not available in this build' % mode)
+
+
+def main(argv=None):
+    """Run the command line; return the exit code for sys.exit()."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        mode, arguments = parse_args(argv)
+        return dispatch(mode, arguments)
+    except UsageError as exc:
+        write_stderr(exc)
+        try:
+            sys.stderr.write(USAGE)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return exc.exit_code
+    except WebJobError as exc:
+        write_stderr(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        write_stderr('interrupted')
+        return XER_ABORT
+    except Exception as exc:  # last resort: never a traceback
+        if os.environ.get('WEBJOB_DEBUG'):
+            import traceback  # late import: debugging only
+            traceback.print_exc()
+        write_stderr('internal error: %s: %s' % (type(exc).__name__, exc))
+        return XER_ABORT
+
+
+if __name__ == '__main__':
+    sys.exit(main())
