@@ -952,6 +952,11 @@ def wait_with_deadline(proc, seconds, signal_number):
         return False
     except subprocess.TimeoutExpired:
         pass
+    except KeyboardInterrupt:
+        import signal  # late import: start-up time
+        kill_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     kill_group(proc.pid, signal_number)
     try:
         proc.wait(timeout=KILL_GRACE)
@@ -1707,10 +1712,24 @@ def dispatch(mode, arguments):
     raise DependencyError('%s is not available in this build' % mode)
 
 
+def check_standard_descriptors():
+    """Refuse to run with stdin, stdout or stderr closed.
+
+    A closed descriptor 0-2 would be reused by the next file opened, and a
+    child's output or our messages could land inside evidence files.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise BootStrapError('standard descriptor %d is closed' % fd)
+
+
 def main(argv=None):
     """Run the command line; return the exit code for sys.exit()."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        check_standard_descriptors()
         mode, arguments = parse_args(argv)
         return dispatch(mode, arguments)
     except UsageError as exc:

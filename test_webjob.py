@@ -1,0 +1,897 @@
+"""Tests for webjob.py, in the order of its man page.
+
+Most tests run the client as a real process against a loopback server: a
+scripted raw-socket server (for the exact bytes on the wire and for broken
+servers), the standalone nph_webjob.py, or real Apache (see conftest.py).
+"""
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import webjob
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WEBJOB = os.path.join(HERE, 'webjob.py')
+PROGRAM_BODY = b'#!/bin/sh\necho "hello $*"\necho "to stderr" >&2\n'
+CGI_PATH = '/cgi-client/nph-webjob.cgi'
+
+
+def run_webjob(args, cwd=None, stdin=None, env=None, python=None, timeout=60):
+    """Run webjob.py as a real process; return the CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.pop('WEBJOB_DEBUG', None)
+    full_env.update(env or {})
+    return subprocess.run([python or sys.executable, WEBJOB] + list(args),
+                          cwd=cwd, input=stdin, env=full_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout)
+
+
+def assert_clean_error(result, code, *words):
+    """One line on stderr, prefixed 'webjob:', no traceback, right code."""
+    err = result.stderr.decode()
+    assert result.returncode == code, err
+    assert 'Traceback' not in err
+    assert err.startswith('webjob: '), err
+    for word in words:
+        assert word in err, (word, err)
+
+
+# Scripted loopback server ####################################################
+
+class Request(object):
+    def __init__(self, head, body):
+        self.head = head
+        self.body = body
+        lines = head.decode('latin-1').split('\r\n')
+        self.request_line = lines[0]
+        self.method, self.target, self.version = lines[0].split(' ')
+        self.headers = [tuple(line.split(': ', 1)) for line in lines[1:] if line]
+
+    def header(self, name):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    @property
+    def query(self):
+        return self.target.split('?', 1)[1]
+
+    def params(self):
+        import urllib.parse
+        return urllib.parse.parse_qsl(self.query, keep_blank_values=True)
+
+
+class ScriptedServer(object):
+    """Records every raw request; answers with what the test scripted.
+
+    `respond` maps a Request to the raw response bytes (default: 200 with
+    the program for GET, 200 with no body for PUT).
+    """
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.requests = []
+        self.program = PROGRAM_BODY
+        self.job_id = 'server_1_1700000000_00001'
+        self.respond = self.default_response
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def url(self, userinfo=''):
+        return 'http://%s127.0.0.1:%d%s' % (userinfo, self.port, CGI_PATH)
+
+    def default_response(self, request):
+        if request.method == 'GET':
+            return (b'HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream'
+                    b'\r\nContent-Length: %d\r\nJob-Id: %s\r\n\r\n'
+                    % (len(self.program), self.job_id.encode()) + self.program)
+        return b'HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n'
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                self.handle(conn)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def handle(self, conn):
+        data = b''
+        while b'\r\n\r\n' not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, body = data.split(b'\r\n\r\n', 1)
+        request = Request(head, b'')
+        length = int(request.header('Content-Length') or 0)
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        request.body = body
+        self.requests.append(request)
+        reply = self.respond(request)
+        if reply is not None:
+            conn.sendall(reply)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted():
+    server = ScriptedServer()
+    yield server
+    server.close()
+
+
+def write_cfg(folder, name='webjob.cfg', **controls):
+    """Write a config file; controls given as keyword arguments."""
+    path = os.path.join(str(folder), name)
+    with open(path, 'w') as handle:
+        for key, value in controls.items():
+            handle.write('%s=%s\n' % (key, value))
+    return path
+
+
+@pytest.fixture
+def job_dir(tmp_path):
+    """A TempDirectory for the downloaded program and the output files."""
+    path = tmp_path / 'temp'
+    path.mkdir()
+    return path
+
+
+def basic_cfg(tmp_path, server, job_dir, put=True, **extra):
+    controls = dict(ClientId='client_1', URLGetURL=server.url(),
+                    TempDirectory=str(job_dir))
+    if put:
+        controls['URLPutURL'] = server.url()
+    controls.update(extra)
+    return write_cfg(tmp_path, **controls)
+
+
+def output_files(job_dir, suffix):
+    return sorted(p for p in os.listdir(str(job_dir)) if p.endswith('.' + suffix))
+
+
+# Synopsis and modes ##########################################################
+
+@pytest.mark.parametrize('argv', [
+    [], ['-ef', 'x.cfg', 'ps'], ['-e', 'x.cfg', 'ps'], ['-e', '-f', 'x.cfg'],
+    ['-ht', 'md5', 'file'], ['-h', '-t', 'md5'], ['-v', 'extra'], ['--bogus'],
+])
+def test_bad_command_line_is_a_usage_error(argv):
+    result = run_webjob(argv)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert 'Usage: webjob' in err and 'Traceback' not in err
+
+
+def test_version_prints_the_originals_form():
+    result = run_webjob(['-v'])
+    assert result.returncode == 0
+    assert re.match(r'webjob \d+\.\d+\.\d+ ssl dsv (32|64) bit\n\Z',
+                    result.stdout.decode())
+
+
+def test_version_long_form_matches_short_form():
+    assert run_webjob(['--version']).stdout == run_webjob(['-v']).stdout
+
+
+@pytest.mark.parametrize('kind', ['md5', 'SHA1', 'Sha256'])
+def test_hashsum_of_a_file_matches_hashlib(tmp_path, kind):
+    data = os.urandom(3 * (1 << 20) + 17)
+    path = tmp_path / 'blob'
+    path.write_bytes(data)
+    result = run_webjob(['-h', '-t', kind, str(path)])
+    assert result.returncode == 0
+    assert result.stdout.decode() == hashlib.new(kind.lower(), data).hexdigest() + '\n'
+
+
+@pytest.mark.parametrize('tool,kind', [('md5sum', 'md5'), ('sha1sum', 'sha1'),
+                                       ('sha256sum', 'sha256')])
+def test_hashsum_of_stdin_matches_coreutils(tool, kind):
+    data = os.urandom(100000)
+    ours = run_webjob(['--hashsum', '--type', kind, '-'], stdin=data)
+    theirs = subprocess.run([tool], input=data, stdout=subprocess.PIPE)
+    assert ours.stdout.decode().strip() == theirs.stdout.decode().split()[0]
+
+
+def test_hashsum_refuses_an_unknown_type(tmp_path):
+    result = run_webjob(['-h', '-t', 'crc32', '-'], stdin=b'')
+    assert_clean_error(result, 4, 'crc32')
+
+
+def test_hashsum_of_a_missing_file_names_it(tmp_path):
+    result = run_webjob(['-h', '-t', 'md5', str(tmp_path / 'nothing')])
+    assert_clean_error(result, 4, 'nothing')
+
+
+@pytest.mark.parametrize('program', ['/bin/ps', '../ps', 'bin/ps', '.', '..'])
+def test_program_with_path_information_is_refused(tmp_path, program):
+    cfg = write_cfg(tmp_path, ClientId='c', URLGetURL='http://127.0.0.1:9/x')
+    result = run_webjob(['-e', '-f', cfg, program])
+    assert_clean_error(result, 4, 'path information')
+
+
+@pytest.mark.parametrize('program', ['a b', 'x;rm', '-x', '$(id)', 'a\x01'])
+def test_program_with_shell_characters_is_refused(tmp_path, program):
+    cfg = write_cfg(tmp_path, ClientId='c', URLGetURL='http://127.0.0.1:9/x')
+    result = run_webjob(['-e', '-f', cfg, program])
+    assert_clean_error(result, 4, 'program')
+
+
+def test_closed_standard_output_is_a_bootstrap_error():
+    result = subprocess.run(['sh', '-c', 'exec 1>&-; exec "$0" "$1" -v',
+                             sys.executable, WEBJOB], stderr=subprocess.PIPE)
+    assert result.returncode == 3
+    assert b'descriptor 1 is closed' in result.stderr
+
+
+# Config file #################################################################
+
+def read(text, tmp_path, name='w.cfg'):
+    path = tmp_path / name
+    path.write_text(text)
+    return webjob.read_config(str(path), webjob.CLIENT_CONTROLS)
+
+
+def test_controls_are_case_insensitive_and_values_are_not(tmp_path):
+    values = read('clientid = Client_A\nurlgeturl=http://h/x\n', tmp_path)
+    assert values['ClientId'] == 'Client_A'
+    assert values['URLGetURL'] == 'http://h/x'
+
+
+def test_comment_starts_anywhere_and_whitespace_is_trimmed(tmp_path):
+    values = read('# heading\n  ClientId\t=  c1   # trailing words\n'
+                  'RunTimeLimit=7#x\n\n', tmp_path)
+    assert values['ClientId'] == 'c1'
+    assert values['RunTimeLimit'] == 7
+
+
+def test_defaults_follow_the_man_page(tmp_path):
+    values = read('', tmp_path)
+    assert values['HashType'] == 'MD5'
+    assert values['RunType'] == 'snapshot'
+    assert values['TimeoutSignal'] == 9
+    assert values['SSLMaxChainLength'] == 1
+    assert values['URLAuthType'] == 'none'
+    for name in ('GetTimeLimit', 'RunTimeLimit', 'PutTimeLimit',
+                 'URLDownloadLimit'):
+        assert values[name] == 0
+    for name in ('OverwriteExecutable', 'UnlinkExecutable', 'UnlinkOutput',
+                 'UploadOnGetFailure', 'GetHookEnable', 'DsvVerifySignature',
+                 'SSLVerifyPeerCert', 'SSLUseCertificate'):
+        assert values[name] is False
+
+
+def test_every_man_page_control_is_recognised():
+    names = set(name for name, kind, default in webjob.CLIENT_CONTROLS)
+    man = open(os.path.join(HERE, '..', 'shared', 'seeds',
+                            '000_06762da0a466bcc7.txt')).read()
+    documented = set(re.findall(r'\n([A-Z][A-Za-z0-9]+) is (?:required|optional)',
+                                man))
+    documented.discard('Import')
+    assert documented and documented <= names, documented - names
+
+
+@pytest.mark.parametrize('line,control', [
+    ('OverwriteExecutable=yes', 'OverwriteExecutable'),
+    ('UnlinkOutput=1', 'UnlinkOutput'),
+    ('RunTimeLimit=-1', 'RunTimeLimit'),
+    ('GetTimeLimit=ten', 'GetTimeLimit'),
+    ('URLDownloadLimit=1e6', 'URLDownloadLimit'),
+    ('HashType=SHA512', 'HashType'),
+    ('RunType=full', 'RunType'),
+    ('TimeoutSignal=0', 'TimeoutSignal'),
+    ('TimeoutSignal=999', 'TimeoutSignal'),
+    ('URLAuthType=digest', 'URLAuthType'),
+    ('URLGetURL=ftp://host/x', 'URLGetURL'),
+    ('URLGetURL=http://host', 'URLGetURL'),
+    ('URLPutURL=http://host:99999/x', 'URLPutURL'),
+    ('ClientId=../etc', 'ClientId'),
+    ('ClientId=a b', 'ClientId'),
+])
+def test_bad_value_names_file_line_and_control(tmp_path, line, control):
+    cfg = tmp_path / 'bad.cfg'
+    cfg.write_text('ClientId=c\nURLGetURL=http://127.0.0.1:9/x\n%s\n' % line)
+    result = run_webjob(['-e', '-f', str(cfg), 'ps'])
+    assert_clean_error(result, 5, '%s:3' % cfg, control)
+
+
+def test_unknown_control_is_refused(tmp_path):
+    cfg = tmp_path / 'u.cfg'
+    cfg.write_text('ClientId=c\nURLGetURL=http://127.0.0.1:9/x\nFrobnicate=Y\n')
+    result = run_webjob(['-e', '-f', str(cfg), 'ps'])
+    assert_clean_error(result, 5, 'u.cfg:3', 'Frobnicate', 'unknown control')
+
+
+def test_line_without_equals_is_refused(tmp_path):
+    cfg = tmp_path / 'e.cfg'
+    cfg.write_text('ClientId c\n')
+    assert_clean_error(run_webjob(['-e', '-f', str(cfg), 'ps']), 5, 'e.cfg:1')
+
+
+@pytest.mark.parametrize('missing', ['ClientId', 'URLGetURL'])
+def test_missing_required_control_is_refused(tmp_path, missing):
+    controls = dict(ClientId='c', URLGetURL='http://127.0.0.1:9/x')
+    del controls[missing]
+    cfg = write_cfg(tmp_path, **controls)
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'ps']), 5, missing)
+
+
+@pytest.mark.parametrize('switch,needed', [
+    ('GetHookEnable', 'GetHookCommandLine'),
+    ('SSLVerifyPeerCert', 'SSLBundledCAsFile'),
+    ('SSLUseCertificate', 'SSLPublicCertFile'),
+    ('DsvVerifySignature', 'DsvCertificateTree'),
+])
+def test_switch_makes_its_controls_required(tmp_path, switch, needed):
+    cfg = write_cfg(tmp_path, ClientId='c', URLGetURL='http://127.0.0.1:9/x',
+                    **{switch: 'Y'})
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'ps']), 5, needed)
+
+
+def test_password_is_never_printed_in_errors(tmp_path):
+    cfg = tmp_path / 'p.cfg'
+    cfg.write_text('ClientId=c\nURLPassword=s3cret-word\n'
+                   'URLGetURL=http://u:s3cret-word@127.0.0.1:1/x\n')
+    result = run_webjob(['-e', '-f', str(cfg), 'ps'])
+    assert result.returncode == 8
+    assert b's3cret-word' not in result.stderr + result.stdout
+
+
+def test_config_from_stdin(tmp_path, scripted, job_dir):
+    text = 'ClientId=client_1\nURLGetURL=%s\nTempDirectory=%s\n' % (
+        scripted.url(), job_dir)
+    result = run_webjob(['-e', '-f', '-', 'job.sh'], stdin=text.encode())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b'hello \n'
+
+
+def test_later_config_in_a_list_wins(tmp_path):
+    first = write_cfg(tmp_path, 'a.cfg', ClientId='a', RunTimeLimit='5')
+    second = write_cfg(tmp_path, 'b.cfg', ClientId='b')
+    values = webjob.read_config(first + ',' + second, webjob.CLIENT_CONTROLS)
+    assert values['ClientId'] == 'b' and values['RunTimeLimit'] == 5
+
+
+def test_import_is_relative_to_the_importing_file(tmp_path):
+    sub = tmp_path / 'sub'
+    sub.mkdir()
+    (sub / 'common.cfg').write_text('HashType=sha1\n')
+    (sub / 'main.cfg').write_text('Import=common.cfg\nClientId=x\n')
+    values = webjob.read_config(str(sub / 'main.cfg'), webjob.CLIENT_CONTROLS)
+    assert values['HashType'] == 'SHA1' and values['ClientId'] == 'x'
+
+
+def chain_of_imports(tmp_path, depth):
+    for level in range(depth + 1):
+        text = 'Import=level%d.cfg\n' % (level + 1) if level < depth else \
+            'ClientId=deep\n'
+        (tmp_path / ('level%d.cfg' % level)).write_text(text)
+    return str(tmp_path / 'level0.cfg')
+
+
+def test_import_three_levels_deep_is_allowed(tmp_path):
+    values = webjob.read_config(chain_of_imports(tmp_path, 3),
+                                webjob.CLIENT_CONTROLS)
+    assert values['ClientId'] == 'deep'
+
+
+def test_import_four_levels_deep_is_refused(tmp_path):
+    with pytest.raises(webjob.PropertiesError, match='levels deep'):
+        webjob.read_config(chain_of_imports(tmp_path, 4), webjob.CLIENT_CONTROLS)
+
+
+def test_import_loop_is_refused(tmp_path):
+    (tmp_path / 'a.cfg').write_text('Import=b.cfg\n')
+    (tmp_path / 'b.cfg').write_text('Import=a.cfg\n')
+    with pytest.raises(webjob.PropertiesError, match='loop'):
+        webjob.read_config(str(tmp_path / 'a.cfg'), webjob.CLIENT_CONTROLS)
+
+
+def test_missing_import_is_a_properties_error(tmp_path):
+    cfg = tmp_path / 'i.cfg'
+    cfg.write_text('Import=nowhere.cfg\n')
+    assert_clean_error(run_webjob(['-e', '-f', str(cfg), 'ps']), 5, 'nowhere.cfg')
+
+
+def test_missing_temp_directory_is_a_configure_error(tmp_path):
+    cfg = write_cfg(tmp_path, ClientId='c', URLGetURL='http://127.0.0.1:9/x',
+                    TempDirectory=str(tmp_path / 'absent'))
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'ps']), 7, 'TempDirectory')
+
+
+def test_temp_directory_falls_back_to_tmpdir(tmp_path, scripted, job_dir):
+    cfg = write_cfg(tmp_path, ClientId='client_1', URLGetURL=scripted.url())
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'],
+                        env={'TMPDIR': str(job_dir), 'TMP': '/nonexistent'})
+    assert result.returncode == 0, result.stderr
+    assert os.path.exists(str(job_dir / 'job.sh'))
+
+
+def test_overlong_tmpdir_is_rejected(tmp_path):
+    cfg = write_cfg(tmp_path, ClientId='c', URLGetURL='http://127.0.0.1:9/x')
+    result = run_webjob(['-e', '-f', cfg, 'ps'], env={'TMPDIR': '/x' * 3000})
+    assert_clean_error(result, 7, 'TMPDIR')
+
+
+# The GET request on the wire ################################################
+
+def test_get_request_is_byte_exact(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False)
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    get = scripted.requests[0]
+    query = ('VERSION=%s&SYSTEM=%s&CLIENTID=client_1&FILENAME=job.sh'
+             '&RUNTYPE=snapshot' % (webjob.http_escape(webjob.version_string()),
+                                    webjob.http_escape(webjob.system_string())))
+    expected = ('GET %s?%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n'
+                'Content-Type: application/octet-stream\r\nContent-Length: 0\r\n'
+                'Connection: close' % (CGI_PATH, query, scripted.port)).encode()
+    assert get.head == expected
+
+
+def test_query_escaping_follows_the_original():
+    assert webjob.http_escape('a-Z_0./\\') == 'a-Z_0./\\'
+    assert webjob.http_escape('x y') == 'x+y'
+    assert webjob.http_escape('a&b=c%\u00e9') == 'a%26b%3dc%25%c3%a9'
+
+
+def test_host_header_always_carries_the_port():
+    assert webjob.Target('http://h/x').host_header() == 'h:80'
+    assert webjob.Target('https://h/x').host_header() == 'h:443'
+
+
+def test_runtype_linktest_is_sent(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False, RunType='LinkTest')
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert ('RUNTYPE', 'linktest') in scripted.requests[0].params()
+
+
+def test_basic_auth_uses_url_username_and_password(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False, URLAuthType='basic',
+                    URLUsername='client_1', URLPassword='access')
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert scripted.requests[0].header('Authorization') == \
+        'Basic Y2xpZW50XzE6YWNjZXNz'
+
+
+def test_credentials_in_the_url_beat_the_controls(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False, URLAuthType='basic',
+                    URLGetURL=scripted.url('u1:p1@'), URLUsername='client_1',
+                    URLPassword='access')
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert scripted.requests[0].header('Authorization') == 'Basic dTE6cDE='
+
+
+def test_user_and_pass_tokens_are_replaced(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False, URLAuthType='basic',
+                    URLGetURL=scripted.url('%user:%pass@'), URLUsername='who',
+                    URLPassword='pw')
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert scripted.requests[0].header('Authorization') == 'Basic d2hvOnB3'
+
+
+def test_no_authorization_without_basic_auth_type(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False,
+                    URLUsername='client_1', URLPassword='access')
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert scripted.requests[0].header('Authorization') is None
+
+
+def test_downloaded_program_has_mode_0700(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False)
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert os.stat(str(job_dir / 'job.sh')).st_mode & 0o777 == 0o700
+    assert (job_dir / 'job.sh').read_bytes() == PROGRAM_BODY
+
+
+def test_options_pass_through_untouched(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', '-aux', '-f', 'x y', '-v'])
+    assert result.stdout == b'hello -aux -f x y -v\n'
+    assert result.stderr == b'to stderr\n'
+
+
+# GET failures ###############################################################
+
+def reply(status_line, headers=b'', body=b''):
+    return lambda request: b'HTTP/1.1 ' + status_line + b'\r\n' + headers + \
+        b'\r\n' + body
+
+
+def assert_get_failed_and_nothing_ran(result, job_dir, *words):
+    assert_clean_error(result, 8, 'GetStage', *words)
+    assert not os.path.exists(str(job_dir / 'job.sh'))
+    assert result.stdout == b''
+
+
+def test_non_2xx_fails_the_get_stage(tmp_path, scripted, job_dir):
+    scripted.respond = reply(b'404 Not Found', b'Content-Length: 0\r\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_get_failed_and_nothing_ran(result, job_dir, 'Status = [404]',
+                                      'Reason = [Not Found]')
+    assert [r.method for r in scripted.requests] == ['GET']
+
+
+def test_missing_content_length_fails_the_get_stage(tmp_path, scripted, job_dir):
+    scripted.respond = reply(b'200 OK', b'', PROGRAM_BODY)
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, 'Content-Length')
+
+
+def test_short_body_fails_the_get_stage(tmp_path, scripted, job_dir):
+    scripted.respond = reply(b'200 OK', b'Content-Length: 999\r\n', PROGRAM_BODY)
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, 'Mismatch'.lower())
+    assert os.listdir(str(job_dir)) == []
+
+
+def test_body_over_download_limit_fails_the_get_stage(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir,
+                    URLDownloadLimit=str(len(PROGRAM_BODY) - 1))
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, 'URLDownloadLimit')
+
+
+def test_body_at_download_limit_is_accepted(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False,
+                    URLDownloadLimit=str(len(PROGRAM_BODY)))
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+
+
+def test_duplicate_content_length_fails_the_get_stage(tmp_path, scripted, job_dir):
+    scripted.respond = reply(b'200 OK', b'Content-Length: 5\r\nContent-Length: 5'
+                             b'\r\n', b'#!/bi')
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, 'already defined')
+
+
+def test_oversized_header_block_fails_the_get_stage(tmp_path, scripted, job_dir):
+    scripted.respond = reply(b'200 OK', b'X-Pad: ' + b'a' * 20000 + b'\r\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, '16383')
+
+
+def test_garbage_status_line_fails_the_get_stage(tmp_path, scripted, job_dir):
+    scripted.respond = lambda request: b'SSH-2.0-OpenSSH\r\n\r\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, 'status line')
+
+
+def test_refused_connection_fails_the_get_stage(tmp_path, job_dir):
+    sock = socket.socket()
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cfg = write_cfg(tmp_path, ClientId='c', TempDirectory=str(job_dir),
+                    URLGetURL='http://127.0.0.1:%d/x' % port)
+    assert_get_failed_and_nothing_ran(run_webjob(['-e', '-f', cfg, 'job.sh']),
+                                      job_dir, 'connect')
+
+
+def test_get_time_limit_bounds_a_stalled_server(tmp_path, scripted, job_dir):
+    release = threading.Event()
+
+    def stall(request):
+        release.wait(30)
+        return None
+    scripted.respond = stall
+    cfg = basic_cfg(tmp_path, scripted, job_dir, GetTimeLimit='1')
+    started = time.monotonic()
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    elapsed = time.monotonic() - started
+    release.set()
+    assert_get_failed_and_nothing_ran(result, job_dir, 'GetTimeLimit')
+    assert elapsed < 10
+
+
+def test_existing_program_is_kept_without_overwrite(tmp_path, scripted, job_dir):
+    (job_dir / 'job.sh').write_bytes(b'#!/bin/sh\necho old\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 8, 'OverwriteExecutable')
+    assert (job_dir / 'job.sh').read_bytes() == b'#!/bin/sh\necho old\n'
+    assert scripted.requests == []
+
+
+def test_overwrite_executable_replaces_the_program(tmp_path, scripted, job_dir):
+    (job_dir / 'job.sh').write_bytes(b'#!/bin/sh\necho old\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False,
+                    OverwriteExecutable='Y')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert result.returncode == 0 and result.stdout == b'hello \n'
+
+
+# RUN stage ###################################################################
+
+def test_without_put_output_goes_to_stdout_and_stderr(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'x'])
+    assert result.returncode == 0
+    assert (result.stdout, result.stderr) == (b'hello x\n', b'to stderr\n')
+    assert output_files(job_dir, 'out') == []
+
+
+def test_script_without_interpreter_line_runs_under_sh(tmp_path, scripted, job_dir):
+    scripted.program = b'echo plain $1\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir, put=False)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'script'])
+    assert result.returncode == 0 and result.stdout == b'plain script\n'
+
+
+GRANDCHILD = b'''#!/bin/sh
+sh -c 'trap "" TERM; echo $$ > "$WJ_PIDFILE.tmp"; mv "$WJ_PIDFILE.tmp" "$WJ_PIDFILE"; exec sleep 300' &
+wait
+'''
+
+
+def process_gone(pid):
+    """True once pid is dead or a zombie waiting for its reaper."""
+    try:
+        with open('/proc/%d/stat' % pid) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except IOError:
+        return True
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_run_time_limit_kills_the_whole_process_group(tmp_path, scripted, job_dir):
+    scripted.program = GRANDCHILD
+    pidfile = tmp_path / 'grandchild.pid'
+    cfg = basic_cfg(tmp_path, scripted, job_dir, RunTimeLimit='1',
+                    TimeoutSignal='15')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'],
+                        env={'WJ_PIDFILE': str(pidfile)})
+    assert_clean_error(result, 9, 'RunTimeLimit')
+    pid = int(pidfile.read_text())
+    assert wait_until(lambda: process_gone(pid))
+    env = scripted.requests[-1].body.decode()
+    assert 'RunError=RunTimeLimit (1 s) expired' in env
+    assert 'KidReason=The kid was killed' in env
+
+
+def test_timeout_signal_is_the_one_sent(tmp_path, scripted, job_dir):
+    scripted.program = b'#!/bin/sh\ntrap "echo got INT; exit 3" INT\nsleep 30 & wait\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir, RunTimeLimit='1',
+                    TimeoutSignal='2')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert result.returncode == 9
+    put = scripted.requests[-1]
+    assert put.body.startswith(b'got INT\n')
+    assert b'KidStatus=3\n' in put.body
+
+
+def test_kid_killed_by_a_signal_is_recorded(tmp_path, scripted, job_dir):
+    scripted.program = b'#!/bin/sh\nkill -9 $$\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    env = scripted.requests[-1].body.decode()
+    assert 'KidStatus=-1\nKidSignal=9\nKidReason=The kid was killed by signal 9.' in env
+
+
+def test_kid_exit_status_is_recorded_not_a_failure(tmp_path, scripted, job_dir):
+    scripted.program = b'#!/bin/sh\nexit 42\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    assert b'KidStatus=42\nKidSignal=0\n' in scripted.requests[-1].body
+
+
+def test_program_that_cannot_execute_fails_the_run_stage(tmp_path, scripted,
+                                                        job_dir):
+    scripted.program = b'#!/nonexistent/interpreter\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 9, 'RunStage', 'cannot execute')
+    env = scripted.requests[-1].body.decode()
+    assert 'KidReason=The kid could not be started.' in env
+    assert 'RunError=RunStage' not in env and 'RunError=job.sh: cannot execute' in env
+
+
+def test_interrupt_kills_the_kid_and_exits_abort(tmp_path, scripted, job_dir):
+    marker = tmp_path / 'started'
+    scripted.program = b'#!/bin/sh\necho $$ > "$WJ_MARK"\nexec sleep 300\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    env = dict(os.environ, WJ_MARK=str(marker))
+    proc = subprocess.Popen([sys.executable, WEBJOB, '-e', '-f', cfg, 'job.sh'],
+                            env=env, stderr=subprocess.PIPE)
+    assert wait_until(lambda: marker.exists() and marker.read_text().strip())
+    kid = int(marker.read_text())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert b'interrupted' in err
+    assert wait_until(lambda: process_gone(kid))
+
+
+# PUT stage ###################################################################
+
+def test_put_request_is_byte_exact(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, URLAuthType='basic',
+                    URLUsername='client_1', URLPassword='access')
+    assert run_webjob(['-e', '-f', cfg, 'job.sh', 'a']).returncode == 0
+    put = scripted.requests[1]
+    out, err = b'hello a\n', b'to stderr\n'
+    env_name = output_files(job_dir, 'env')[0]
+    env = (job_dir / env_name).read_bytes()
+    query = ('VERSION=%s&SYSTEM=%s&CLIENTID=client_1&FILENAME=job.sh'
+             '&RUNTYPE=snapshot&STDOUT_LENGTH=%d&STDERR_LENGTH=%d'
+             '&STDENV_LENGTH=%d' % (webjob.http_escape(webjob.version_string()),
+                                    webjob.http_escape(webjob.system_string()),
+                                    len(out), len(err), len(env)))
+    expected = ('PUT %s?%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n'
+                'Content-Type: application/octet-stream\r\nContent-Length: %d\r\n'
+                'Authorization: Basic Y2xpZW50XzE6YWNjZXNz\r\n'
+                'Job-Id: %s\r\nConnection: close'
+                % (CGI_PATH, query, scripted.port, len(out + err + env),
+                   scripted.job_id)).encode()
+    assert put.head == expected
+    assert put.body == out + err + env
+
+
+def test_env_record_has_the_22_keys_in_order(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    run_webjob(['-e', '-f', cfg, 'job.sh', '-x'])
+    env = scripted.requests[1].body.decode().split('to stderr\n', 1)[1]
+    keys = [line.split('=', 1)[0] for line in env.splitlines()]
+    assert keys == list(webjob.ENV_KEYS) and len(keys) == 22
+    values = dict(line.split('=', 1) for line in env.splitlines())
+    assert values['Jid'] == scripted.job_id
+    assert values['CommandLine'] == 'job.sh -x'
+    assert values['GetRequest'] == values['Command'] == 'job.sh'
+    assert values['KidReason'] == 'The kid exited cleanly.'
+    assert values['GetError'] == values['RunError'] == 'NA'
+    assert values['HashType'] == 'MD5'
+    assert values['StdOutHash'] == hashlib.md5(b'hello -x\n').hexdigest()
+    assert values['StdErrHash'] == hashlib.md5(b'to stderr\n').hexdigest()
+    epoch = r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ \(\d+\.\d{6}\)\Z'
+    for key in ('JobEpoch', 'GetEpoch', 'RunEpoch', 'PutEpoch'):
+        assert re.match(epoch, values[key]), values[key]
+    assert int(values['Pid']) > 0 and int(values['KidPid']) > 0
+
+
+@pytest.mark.parametrize('kind', ['SHA1', 'SHA256'])
+def test_hash_type_applies_to_both_streams(tmp_path, scripted, job_dir, kind):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, HashType=kind.lower())
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    body = scripted.requests[1].body.decode()
+    assert 'HashType=%s\n' % kind in body
+    assert 'StdOutHash=%s\n' % hashlib.new(kind, b'hello \n').hexdigest() in body
+
+
+def test_output_files_are_named_by_job_epoch_and_nonce(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    run_webjob(['-e', '-f', cfg, 'job.sh'])
+    names = sorted(os.listdir(str(job_dir)))
+    stems = set(name.rsplit('.', 1)[0] for name in names if name != 'job.sh')
+    assert len(stems) == 1
+    assert re.match(r'webjob_\d+_[0-9a-f]+\Z', stems.pop())
+    assert sorted(n.rsplit('.', 1)[1] for n in names if n != 'job.sh') == \
+        ['env', 'err', 'out']
+
+
+def test_large_output_is_streamed_and_hashed(tmp_path, scripted, job_dir):
+    scripted.program = b'#!/bin/sh\nhead -c 50000000 /dev/zero\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir, HashType='SHA256')
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    put = scripted.requests[1]
+    assert ('STDOUT_LENGTH', '50000000') in put.params()
+    digest = hashlib.sha256(b'\0' * 50000000).hexdigest()
+    assert ('StdOutHash=%s' % digest).encode() in put.body[50000000:]
+
+
+def test_non_2xx_fails_the_put_stage(tmp_path, scripted, job_dir):
+    scripted.respond = lambda r: scripted.default_response(r) if r.method == \
+        'GET' else b'HTTP/1.1 456 Content-Length Mismatch\r\nContent-Length: 0\r\n\r\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir, UnlinkOutput='Y')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 10, 'PutStage', 'Status = [456]')
+    assert len(output_files(job_dir, 'out')) == 1  # kept: the upload failed
+
+
+def test_failed_run_and_put_is_multi_stage(tmp_path, scripted, job_dir):
+    scripted.program = b'#!/bin/sh\nexec sleep 30\n'
+    scripted.respond = lambda r: scripted.default_response(r) if r.method == \
+        'GET' else b'HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n'
+    cfg = basic_cfg(tmp_path, scripted, job_dir, RunTimeLimit='1')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert result.returncode == 11
+    err = result.stderr.decode()
+    assert 'RunStage' in err and 'PutStage' in err
+
+
+def test_get_failure_skips_the_put_by_default(tmp_path, scripted, job_dir):
+    scripted.respond = reply(b'404 Not Found', b'Content-Length: 0\r\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir)
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 8
+    assert [r.method for r in scripted.requests] == ['GET']
+
+
+def test_upload_on_get_failure_still_uploads(tmp_path, scripted, job_dir):
+    scripted.respond = lambda r: (
+        b'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n' if r.method == 'GET'
+        else b'HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir, UploadOnGetFailure='Y')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert result.returncode == 8
+    put = scripted.requests[1]
+    assert put.method == 'PUT' and put.header('Job-Id') is None
+    env = put.body.decode()
+    assert 'Jid=NA\n' in env and 'RunEpoch=NA\n' in env
+    assert re.search(r'GetError=GetStage.*|GetError=.*Status = \[404\]', env)
+    assert 'KidReason=The kid was not run.' in env
+
+
+def test_upload_on_get_failure_with_failed_put_is_multi_stage(tmp_path, scripted,
+                                                              job_dir):
+    scripted.respond = reply(b'403 Forbidden', b'Content-Length: 0\r\n')
+    cfg = basic_cfg(tmp_path, scripted, job_dir, UploadOnGetFailure='Y')
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 11
+
+
+def test_unlink_output_removes_files_after_upload(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, UnlinkOutput='Y')
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    assert sorted(os.listdir(str(job_dir))) == ['job.sh']
+
+
+def test_unlink_executable_removes_the_program(tmp_path, scripted, job_dir):
+    cfg = basic_cfg(tmp_path, scripted, job_dir, UnlinkExecutable='Y',
+                    UnlinkOutput='Y')
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    assert os.listdir(str(job_dir)) == []
+
+
+def test_put_time_limit_bounds_a_stalled_upload(tmp_path, scripted, job_dir):
+    release = threading.Event()
+
+    def stall_put(request):
+        if request.method == 'GET':
+            return scripted.default_response(request)
+        release.wait(30)
+        return None
+    scripted.respond = stall_put
+    cfg = basic_cfg(tmp_path, scripted, job_dir, PutTimeLimit='1')
+    started = time.monotonic()
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    release.set()
+    assert_clean_error(result, 10, 'PutTimeLimit')
+    assert time.monotonic() - started < 10
