@@ -895,3 +895,177 @@ def test_put_time_limit_bounds_a_stalled_upload(tmp_path, scripted, job_dir):
     release.set()
     assert_clean_error(result, 10, 'PutTimeLimit')
     assert time.monotonic() - started < 10
+
+
+# GetHook (man page examples 6-8) ############################################
+
+def serve_files(server, files):
+    """Answer GETs by FILENAME from a dict; 404 for anything else."""
+    def respond(request):
+        if request.method != 'GET':
+            return b'HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n'
+        name = dict(request.params()).get('FILENAME')
+        if name not in files:
+            return b'HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n'
+        body = files[name]
+        return (b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nJob-Id: %s\r\n\r\n'
+                % (len(body), server.job_id.encode()) + body)
+    server.respond = respond
+
+
+def hook_cfg(tmp_path, server, job_dir, command, status='0', suffix=None, **extra):
+    controls = dict(GetHookEnable='Y', GetHookCommandLine=command,
+                    GetHookStatus=status)
+    if suffix is not None:
+        controls['GetHookSuffix'] = suffix
+    controls.update(extra)
+    return basic_cfg(tmp_path, server, job_dir, put=False, **controls)
+
+
+def test_example6_gzip_hook_runs_the_unzipped_program(tmp_path, scripted, job_dir):
+    packed = subprocess.run(['gzip', '-c'], input=PROGRAM_BODY,
+                            stdout=subprocess.PIPE).stdout
+    serve_files(scripted, {'job.sh.gz': packed})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'gzip -d %vp', suffix='.gz')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'gz'])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b'hello gz\n'
+    assert dict(scripted.requests[0].params())['FILENAME'] == 'job.sh.gz'
+
+
+@pytest.fixture(scope='module')
+def gpg_home(tmp_path_factory):
+    """A throw-away GnuPG home with one signing key made by gpg itself."""
+    home = tmp_path_factory.mktemp('gnupg')
+    os.chmod(str(home), 0o700)
+    env = dict(os.environ, GNUPGHOME=str(home))
+    subprocess.run(['gpg', '--batch', '--pinentry-mode', 'loopback',
+                    '--passphrase', '', '--quick-gen-key',
+                    'WebJob Test <webjob@example.invalid>', 'ed25519', 'sign',
+                    'never'], env=env, check=True, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    yield env
+    subprocess.run(['gpgconf', '--kill', 'all'], env=env)
+
+
+def gpg_sign(env, data):
+    return subprocess.run(['gpg', '--batch', '--yes', '--sign'], input=data,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          check=True).stdout
+
+
+def test_example7_gpg_hook_runs_a_signed_program(tmp_path, scripted, job_dir,
+                                                 gpg_home):
+    serve_files(scripted, {'job.sh.gpg': gpg_sign(gpg_home, PROGRAM_BODY)})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'gpg --batch --decrypt %vp > %tp',
+                   suffix='.gpg')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'gpg'],
+                        env={'GNUPGHOME': gpg_home['GNUPGHOME']})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b'hello gpg\n'
+
+
+def test_example7_tampered_gpg_payload_is_not_run(tmp_path, scripted, job_dir,
+                                                  gpg_home):
+    signed = bytearray(gpg_sign(gpg_home, b'#!/bin/sh\necho "EVIL"\n' * 4))
+    signed[len(signed) // 2] ^= 0x01
+    serve_files(scripted, {'job.sh.gpg': bytes(signed)})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'gpg --batch --decrypt %vp > %tp',
+                   suffix='.gpg')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'],
+                        env={'GNUPGHOME': gpg_home['GNUPGHOME']})
+    assert result.returncode == 8
+    assert b'EVIL' not in result.stdout
+    assert b'GetHookStatus' in result.stderr
+
+
+def test_example8_logger_hook_always_succeeds(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh': PROGRAM_BODY})
+    command = '{ logger -p user.alert -t "webjob[%pid]" "%vp ---> %tp" ; true ; }'
+    cfg = hook_cfg(tmp_path, scripted, job_dir, command)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'logged'])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b'hello logged\n'
+    assert dict(scripted.requests[0].params())['FILENAME'] == 'job.sh'
+
+
+def test_hook_tokens_expand(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh.v': PROGRAM_BODY})
+    command = ('echo "tp=%tp vp=%vp s=%s pid=%pid lit=%%tp" > tokens.txt; '
+               'mv %vp %tp')
+    cfg = hook_cfg(tmp_path, scripted, job_dir, command, suffix='.v')
+    proc = subprocess.Popen([sys.executable, WEBJOB, '-e', '-f', cfg, 'job.sh'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    tokens = (job_dir / 'tokens.txt').read_text()
+    assert tokens == 'tp=job.sh vp=job.sh.v s=.v pid=%d lit=%%tp\n' % proc.pid
+
+
+def test_hook_runs_in_temp_directory(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh': PROGRAM_BODY})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'pwd > where.txt')
+    assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+    assert (job_dir / 'where.txt').read_text().strip() == str(job_dir)
+
+
+def test_hook_with_the_wrong_status_vetoes_the_program(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh': PROGRAM_BODY})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'exit 3', status='0')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 8, 'GetHook', 'status 3')
+    assert result.stdout == b''
+
+
+def test_hook_status_other_than_zero_can_bless(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh': PROGRAM_BODY})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'exit 7', status='7')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert result.returncode == 0 and result.stdout == b'hello \n'
+
+
+def test_hanging_hook_is_killed_at_get_time_limit(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh': PROGRAM_BODY})
+    pidfile = tmp_path / 'hook.pid'
+    command = 'sh -c "echo \\$\\$ > %s; exec sleep 300"; true' % pidfile
+    cfg = hook_cfg(tmp_path, scripted, job_dir, command, GetTimeLimit='1')
+    started = time.monotonic()
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 8, 'GetTimeLimit')
+    assert time.monotonic() - started < 10
+    pid = int(pidfile.read_text())
+    assert wait_until(lambda: process_gone(pid))
+    assert result.stdout == b''
+
+
+def test_hook_that_produces_no_target_fails(tmp_path, scripted, job_dir):
+    serve_files(scripted, {'job.sh.gz': b'not gzip'})
+    cfg = hook_cfg(tmp_path, scripted, job_dir, 'true', suffix='.gz')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'job.sh']), 8,
+                       'was not produced')
+
+
+# -g|--get-url ###############################################################
+
+def test_get_url_streams_a_url_to_stdout(tmp_path, scripted):
+    scripted.program = os.urandom(3 * (1 << 20) + 5)
+    result = run_webjob(['-g', 'http://127.0.0.1:%d/file.bin' % scripted.port])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == scripted.program
+    assert scripted.requests[0].request_line == 'GET /file.bin HTTP/1.1'
+
+
+def test_get_url_honours_the_download_limit(tmp_path, scripted):
+    cfg = write_cfg(tmp_path, URLDownloadLimit='10')
+    result = run_webjob(['-g', '-f', cfg, 'http://127.0.0.1:%d/f' % scripted.port])
+    assert_clean_error(result, 8, 'URLDownloadLimit')
+
+
+def test_get_url_sends_basic_auth_from_the_config(tmp_path, scripted):
+    cfg = write_cfg(tmp_path, URLAuthType='basic', URLUsername='a', URLPassword='b')
+    run_webjob(['--get-url', '--file', cfg, 'http://127.0.0.1:%d/f' % scripted.port])
+    assert scripted.requests[0].header('Authorization') == 'Basic YTpi'
+
+
+def test_get_url_refuses_a_bad_url():
+    assert_clean_error(run_webjob(['-g', 'ftp://x/y']), 4, 'url')
