@@ -88,12 +88,15 @@ class ScriptedServer(object):
         self.program = PROGRAM_BODY
         self.job_id = 'server_1_1700000000_00001'
         self.respond = self.default_response
+        self.tls = None
+        self.handshake_errors = []
         self.thread = threading.Thread(target=self.serve)
         self.thread.daemon = True
         self.thread.start()
 
     def url(self, userinfo=''):
-        return 'http://%s127.0.0.1:%d%s' % (userinfo, self.port, CGI_PATH)
+        scheme = 'https' if self.tls else 'http'
+        return '%s://%s127.0.0.1:%d%s' % (scheme, userinfo, self.port, CGI_PATH)
 
     def default_response(self, request):
         if request.method == 'GET':
@@ -109,6 +112,14 @@ class ScriptedServer(object):
             except OSError:
                 return
             try:
+                if self.tls is not None:
+                    conn.settimeout(10)
+                    try:
+                        conn = self.tls.wrap_socket(conn, server_side=True)
+                    except (OSError, ValueError) as exc:
+                        self.handshake_errors.append(exc)
+                        continue
+                    conn.settimeout(None)
                 self.handle(conn)
             except OSError:
                 pass
@@ -1069,3 +1080,250 @@ def test_get_url_sends_basic_auth_from_the_config(tmp_path, scripted):
 
 def test_get_url_refuses_a_bad_url():
     assert_clean_error(run_webjob(['-g', 'ftp://x/y']), 4, 'url')
+
+
+# HTTPS #######################################################################
+
+CA_CONFIG = '''[ ca ]
+default_ca = test_ca
+[ test_ca ]
+dir = .
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any
+copy_extensions = none
+unique_subject = no
+[ any ]
+commonName = supplied
+[ v3_ca ]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+[ v3_leaf ]
+basicConstraints = CA:FALSE
+'''
+
+
+class PKI(object):
+    """Test CAs and certificates, made by the real openssl at test time."""
+
+    def __init__(self, folder):
+        self.dir = str(folder)
+        with open(self.path('ca.cnf'), 'w') as handle:
+            handle.write(CA_CONFIG)
+        open(self.path('index.txt'), 'w').close()
+        with open(self.path('serial'), 'w') as handle:
+            handle.write('1000\n')
+        self.self_signed('ca', 'WebJob-Test-CA')
+        self.self_signed('rogue-ca', 'WebJob-Test-CA')
+        self.issue('inter', 'WebJob-Test-Intermediate', 'ca', ca=True)
+        self.issue('server', 'webjob.test', 'ca')
+        self.issue('server-via-inter', 'webjob.test', 'inter',
+                   chain=['inter'])
+        self.issue('server-wrong-cn', 'other.test', 'ca')
+        self.issue('server-expired', 'webjob.test', 'ca',
+                   dates=('20000101000000Z', '20010101000000Z'))
+        self.issue('server-rogue', 'webjob.test', 'rogue-ca')
+        self.issue('client', 'client_1', 'ca')
+        self.openssl('pkey', '-in', 'client.key', '-aes256', '-passout',
+                     'pass:flimflam', '-out', 'client-encrypted.key')
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def openssl(self, *args):
+        subprocess.run(('openssl',) + args, cwd=self.dir, check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def self_signed(self, name, cn):
+        self.openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout',
+                     name + '.key', '-out', name + '.crt', '-subj', '/CN=' + cn,
+                     '-days', '30', '-addext', 'basicConstraints=critical,CA:TRUE',
+                     '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
+
+    def issue(self, name, cn, issuer, ca=False, dates=None, chain=()):
+        self.openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout',
+                     name + '.key', '-out', name + '.csr', '-subj', '/CN=' + cn)
+        validity = ['-startdate', dates[0], '-enddate', dates[1]] if dates \
+            else ['-days', '30']
+        self.openssl('ca', '-batch', '-config', 'ca.cnf', '-cert', issuer + '.crt',
+                     '-keyfile', issuer + '.key', '-in', name + '.csr', '-out',
+                     name + '.crt', '-notext', '-extensions',
+                     'v3_ca' if ca else 'v3_leaf', *validity)
+        with open(self.path(name + '-chain.pem'), 'wb') as out:
+            for part in [name] + list(chain):
+                with open(self.path(part + '.crt'), 'rb') as handle:
+                    out.write(handle.read())
+
+    def server_context(self, name='server', require_client=False):
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.path(name + '-chain.pem'),
+                                self.path(name + '.key'))
+        if require_client:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.path('ca.crt'))
+        return context
+
+
+@pytest.fixture(scope='session')
+def pki(tmp_path_factory):
+    return PKI(tmp_path_factory.mktemp('pki'))
+
+
+@pytest.fixture
+def tls_server(pki):
+    server = ScriptedServer()
+    server.tls = pki.server_context()
+    yield server
+    server.close()
+
+
+def tls_cfg(tmp_path, server, job_dir, pki, **extra):
+    controls = dict(SSLVerifyPeerCert='Y', SSLBundledCAsFile=pki.path('ca.crt'),
+                    SSLExpectedPeerCN='webjob.test')
+    controls.update(extra)
+    return basic_cfg(tmp_path, server, job_dir, **controls)
+
+
+NEWEST = sorted(
+    (p for p in __import__('glob').glob('/root/.pyenv/versions/3.*/bin/python')),
+    key=lambda p: tuple(int(x) for x in p.split('/')[-3].split('.')))
+TLS_PYTHONS = [NEWEST[0], NEWEST[-1]] if NEWEST else [sys.executable]
+
+
+@pytest.mark.parametrize('python', TLS_PYTHONS)
+def test_https_job_with_verified_server(tmp_path, tls_server, job_dir, pki, python):
+    cfg = tls_cfg(tmp_path, tls_server, job_dir, pki)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'tls'], python=python)
+    assert result.returncode == 0, result.stderr
+    assert [r.method for r in tls_server.requests] == ['GET', 'PUT']
+    assert tls_server.requests[1].body.startswith(b'hello tls\n')
+    assert result.stderr == b''
+
+
+def test_unverified_https_warns_once(tmp_path, tls_server, job_dir):
+    cfg = basic_cfg(tmp_path, tls_server, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert result.returncode == 0
+    assert result.stderr.decode().count('SSLVerifyPeerCert=N') == 1
+
+
+@pytest.mark.parametrize('python', TLS_PYTHONS)
+@pytest.mark.parametrize('certificate,controls,words', [
+    ('server-rogue', {}, ['certificate verify failed']),
+    ('server-wrong-cn', {}, ['SSLExpectedPeerCN', 'other.test']),
+    ('server', {'SSLExpectedPeerCN': 'WebJob.test'}, ['SSLExpectedPeerCN']),
+    ('server-expired', {}, ['expired']),
+    ('server-via-inter', {}, ['SSLMaxChainLength is 1']),
+])
+def test_https_failures_fail_the_get_stage(tmp_path, pki, job_dir, python,
+                                           certificate, controls, words):
+    server = ScriptedServer()
+    server.tls = pki.server_context(certificate)
+    try:
+        cfg = tls_cfg(tmp_path, server, job_dir, pki, **controls)
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'], python=python)
+    finally:
+        server.close()
+    assert_clean_error(result, 8, 'GetStage', *words)
+    assert server.requests == []
+    assert not os.path.exists(str(job_dir / 'job.sh'))
+
+
+@pytest.mark.parametrize('python', TLS_PYTHONS)
+def test_chain_through_one_intermediate_needs_max_chain_length_2(
+        tmp_path, pki, job_dir, python):
+    server = ScriptedServer()
+    server.tls = pki.server_context('server-via-inter')
+    try:
+        cfg = tls_cfg(tmp_path, server, job_dir, pki, SSLMaxChainLength='2')
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'], python=python)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize('python', TLS_PYTHONS)
+def test_client_certificate_with_passphrase(tmp_path, pki, job_dir, python):
+    server = ScriptedServer()
+    server.tls = pki.server_context(require_client=True)
+    try:
+        cfg = tls_cfg(tmp_path, server, job_dir, pki, SSLUseCertificate='Y',
+                      SSLPublicCertFile=pki.path('client.crt'),
+                      SSLPrivateKeyFile=pki.path('client-encrypted.key'),
+                      SSLPassPhrase='flimflam')
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'], python=python)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_client_certificate_is_refused_by_the_server(tmp_path, pki, job_dir):
+    server = ScriptedServer()
+    server.tls = pki.server_context(require_client=True)
+    try:
+        cfg = tls_cfg(tmp_path, server, job_dir, pki)
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    finally:
+        server.close()
+    assert_clean_error(result, 8, 'GetStage')
+    assert server.requests == []
+
+
+def test_encrypted_key_without_passphrase_or_terminal_fails(tmp_path, pki, job_dir,
+                                                            scripted):
+    cfg = tls_cfg(tmp_path, scripted, job_dir, pki, SSLUseCertificate='Y',
+                  URLGetURL='https://127.0.0.1:%d/x' % scripted.port,
+                  SSLPublicCertFile=pki.path('client.crt'),
+                  SSLPrivateKeyFile=pki.path('client-encrypted.key'))
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'], stdin=b'', timeout=30)
+    assert_clean_error(result, 7, 'SSLPassPhrase')
+    assert scripted.requests == []
+
+
+def test_wrong_passphrase_is_a_configure_error(tmp_path, pki, job_dir, scripted):
+    cfg = tls_cfg(tmp_path, scripted, job_dir, pki, SSLUseCertificate='Y',
+                  URLGetURL='https://127.0.0.1:%d/x' % scripted.port,
+                  SSLPublicCertFile=pki.path('client.crt'),
+                  SSLPrivateKeyFile=pki.path('client-encrypted.key'),
+                  SSLPassPhrase='wrong')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 7, 'SSLPrivateKeyFile')
+    assert b'wrong' not in result.stderr
+
+
+@pytest.mark.parametrize('control', ['SSLBundledCAsFile', 'SSLPublicCertFile',
+                                     'SSLPrivateKeyFile'])
+def test_missing_ssl_file_names_the_control(tmp_path, pki, job_dir, scripted,
+                                            control):
+    controls = dict(SSLUseCertificate='Y', SSLPublicCertFile=pki.path('client.crt'),
+                    SSLPrivateKeyFile=pki.path('client.key'),
+                    URLGetURL='https://127.0.0.1:%d/x' % scripted.port)
+    controls[control] = str(tmp_path / 'absent.pem')
+    cfg = tls_cfg(tmp_path, scripted, job_dir, pki, **controls)
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'job.sh']), 7, control)
+
+
+def test_relative_ssl_paths_resolve_from_the_current_directory(tmp_path, pki,
+                                                               tls_server, job_dir):
+    cfg = tls_cfg(tmp_path, tls_server, job_dir, pki, SSLBundledCAsFile='ca.crt')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'], cwd=pki.dir)
+    assert result.returncode == 0, result.stderr
+
+
+def test_get_time_limit_bounds_the_tls_handshake(tmp_path, pki, job_dir):
+    silent = socket.socket()
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(1)
+    try:
+        cfg = write_cfg(tmp_path, ClientId='c', TempDirectory=str(job_dir),
+                        GetTimeLimit='1', URLGetURL='https://127.0.0.1:%d/x'
+                        % silent.getsockname()[1])
+        started = time.monotonic()
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    finally:
+        silent.close()
+    assert_clean_error(result, 8, 'GetTimeLimit')
+    assert time.monotonic() - started < 10

@@ -568,7 +568,7 @@ def open_connection(target, deadline, tls_context=None):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if target.scheme == 'https':
             sock.settimeout(deadline.remaining())
-            sock = tls_context.wrap(sock, target)
+            sock = tls_context.wrap(sock, target, deadline)
     except BaseException:
         sock.close()
         raise
@@ -797,14 +797,21 @@ class TLSContext(object):
         self.ssl = ssl
         self.values = values
         self.context = build_ssl_context(ssl, values)
+        if not values['SSLVerifyPeerCert']:
+            write_stderr('warning: SSLVerifyPeerCert=N: the server\'s '
+                         'certificate is not verified')
 
-    def wrap(self, sock, target):
+    def wrap(self, sock, target, deadline):
         """Shake hands; then apply SSLExpectedPeerCN and SSLMaxChainLength."""
         ssl = self.ssl
         try:
             tls = self.context.wrap_socket(sock, server_hostname=None,
                                            do_handshake_on_connect=False)
             tls.do_handshake()
+        except socket_timeout():
+            raise TransportError('%s: TLS handshake: %s (%d s) expired'
+                                 % (target.display, deadline.what,
+                                    deadline.seconds))
         except ssl.SSLError as exc:
             raise TransportError('%s: TLS handshake failed: %s'
                                  % (target.display, describe_ssl_error(exc)))
@@ -813,11 +820,17 @@ class TLSContext(object):
                                  % (target.display, exc.strerror or exc))
         if self.values['SSLVerifyPeerCert']:
             try:
-                check_peer(tls, self.values)
+                check_peer(tls, self.values, target, deadline)
             except BaseException:
                 tls.close()
                 raise
         return tls
+
+
+def socket_timeout():
+    """socket.timeout: not yet TimeoutError before Python 3.10."""
+    import socket  # late import: start-up time
+    return socket.timeout
 
 
 def build_ssl_context(ssl, values):
@@ -876,13 +889,22 @@ def load_client_certificate(ssl, context, values):
 
 
 def describe_ssl_error(exc):
-    """The most useful words of an ssl error, on one line."""
-    reason = getattr(exc, 'verify_message', None) or \
-        getattr(exc, 'reason', None) or getattr(exc, 'strerror', None) or exc
-    return one_line(reason)
+    """The most useful words of an ssl error, the same on every Python."""
+    verify = getattr(exc, 'verify_message', None)
+    if verify:
+        return 'certificate verify failed: %s' % one_line(verify)
+    reason = getattr(exc, 'reason', None)
+    if reason == 'CERTIFICATE_VERIFY_FAILED':
+        return 'certificate verify failed'
+    return one_line(reason or getattr(exc, 'strerror', None) or exc)
 
 
-def check_peer(tls, values):
+def ssl_module():
+    import ssl  # late import: start-up time
+    return ssl
+
+
+def check_peer(tls, values, target, deadline):
     """Apply SSLExpectedPeerCN (exact, case-sensitive) and SSLMaxChainLength."""
     der = tls.getpeercert(binary_form=True)
     if not der:
@@ -896,24 +918,144 @@ def check_peer(tls, values):
                              'SSLExpectedPeerCN [%s]'
                              % (','.join(common_names) or '-', expected))
     depth = verified_chain_depth(tls)
+    if depth is None:
+        depth = probe_chain_depth(build_ssl_context(ssl_module(), values),
+                                  values['SSLBundledCAsFile'], target, deadline)
     limit = values['SSLMaxChainLength']
-    if depth is not None and depth > limit:
+    if depth > limit:
         raise TransportError('certificate chain has %d CA certificate(s) above '
                              'the server; SSLMaxChainLength is %d'
                              % (depth, limit))
 
 
 def verified_chain_depth(tls):
-    """Number of CA certificates above the server's, when Python can tell."""
-    sslobj = getattr(tls, '_sslobj', None)
-    for owner in (tls, sslobj):
+    """Number of CA certificates above the server's, when Python can tell.
+
+    Python 3.10+ exposes the chain OpenSSL verified; older ones return None
+    and the caller falls back to probe_chain_depth().
+    """
+    for owner in (tls, getattr(tls, '_sslobj', None)):
         method = getattr(owner, 'get_verified_chain', None)
         if method is not None:
-            try:
-                return len(method()) - 1
-            except Exception:
-                return None
+            return len(method()) - 1
     return None
+
+
+def probe_chain_depth(context, bundle, target, deadline):
+    """Count the CA certificates above the server's on Pythons < 3.10.
+
+    A second handshake, capped at TLS 1.2 so the Certificate message travels
+    in the clear, is driven through memory buffers; the certificates the
+    server sends are read off the wire, and the path from its certificate to
+    a CA in SSLBundledCAsFile is rebuilt by signature.  Sound: the probe
+    verifies exactly as the real connection does, so a server can only pass
+    it with a chain it really has, and an unbuildable path counts as too long.
+    """
+    import ssl  # late import: start-up time
+    if hasattr(context, 'maximum_version') and hasattr(ssl, 'TLSVersion'):
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:  # COMPAT(3.6)
+        context.options |= getattr(ssl, 'OP_NO_TLSv1_3', 0)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=False)
+    sock = open_connection(target, deadline)
+    seen = bytearray()
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    send_all(sock, pending, deadline)
+                sock.settimeout(deadline.remaining())
+                data = sock.recv(65536)
+                if not data:
+                    raise TransportError('connection closed during handshake')
+                seen += data
+                incoming.write(data)
+        pending = outgoing.read()
+        if pending:
+            send_all(sock, pending, deadline)
+    except ssl.SSLError as exc:
+        raise TransportError('%s: TLS handshake failed: %s'
+                             % (target.display, describe_ssl_error(exc)))
+    except socket_timeout():
+        raise TransportError('%s: TLS handshake: %s (%d s) expired'
+                             % (target.display, deadline.what, deadline.seconds))
+    finally:
+        sock.close()
+    sent = tls12_server_certificates(bytes(seen))
+    return chain_depth(sent, read_ca_bundle(bundle))
+
+
+def tls12_server_certificates(stream):
+    """The DER certificates of a TLS 1.2 server's Certificate message."""
+    records = bytearray()
+    pos = 0
+    while pos + 5 <= len(stream):
+        kind, length = stream[pos], int.from_bytes(stream[pos + 3:pos + 5], 'big')
+        if kind == 20:  # ChangeCipherSpec: what follows is encrypted
+            break
+        if kind == 22:
+            records += stream[pos + 5:pos + 5 + length]
+        pos += 5 + length
+    pos = 0
+    while pos + 4 <= len(records):
+        kind = records[pos]
+        length = int.from_bytes(records[pos + 1:pos + 4], 'big')
+        body = bytes(records[pos + 4:pos + 4 + length])
+        pos += 4 + length
+        if kind != 11:
+            continue
+        certs, offset = [], 3
+        while offset + 3 <= len(body):
+            size = int.from_bytes(body[offset:offset + 3], 'big')
+            certs.append(body[offset + 3:offset + 3 + size])
+            offset += 3 + size
+        return certs
+    raise TransportError('the server sent no certificate in the clear')
+
+
+def read_ca_bundle(path):
+    """Parsed certificates of SSLBundledCAsFile (unparsable ones skipped)."""
+    with open(path, 'rb') as handle:
+        data = handle.read(MAX_CONFIG_SIZE * 16)
+    parsed = []
+    for der in pem_decode_all(data, 'CERTIFICATE'):
+        try:
+            parsed.append(x509_parse(der))
+        except DsvError:
+            continue
+    return parsed
+
+
+def chain_depth(sent, anchors):
+    """CA certificates from the server's certificate to a bundled CA.
+
+    Each step must be proven by a signature; returns a large number when
+    no path exists, so that an unprovable chain is never accepted.
+    """
+    try:
+        current = x509_parse(sent[0])
+        pool = [x509_parse(der) for der in sent[1:]]
+    except (DsvError, IndexError):
+        return 1 << 30
+    depth = 0
+    while depth < 16:
+        for anchor in anchors:
+            if x509_verify_issued_by(current, anchor):
+                return depth + 1
+        for candidate in pool:
+            if x509_verify_issued_by(current, candidate):
+                pool.remove(candidate)
+                current = candidate
+                depth += 1
+                break
+        else:
+            return 1 << 30
+    return 1 << 30
 
 
 ###############################################################################
