@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 
+import shutil
+
 import pytest
 
 import webjob
@@ -1327,3 +1329,229 @@ def test_get_time_limit_bounds_the_tls_handshake(tmp_path, pki, job_dir):
         silent.close()
     assert_clean_error(result, 8, 'GetTimeLimit')
     assert time.monotonic() - started < 10
+
+
+# PaD (Payload and Delivery) #################################################
+
+SHELLS = [['sh'], ['dash']]
+if shutil.which('busybox'):
+    SHELLS.append(['busybox', 'sh'])
+
+
+def make_pad(tmp_path, name, data, subdir='pad dir'):
+    """Write payload `name` with `data`, pack it into subdir/name.pad."""
+    src_dir = tmp_path / 'src'
+    src_dir.mkdir(exist_ok=True)
+    src = src_dir / name
+    src.write_bytes(data)
+    pad_dir = tmp_path / subdir
+    pad_dir.mkdir(exist_ok=True)
+    pad = pad_dir / (name + '.pad')
+    with open(str(pad), 'wb') as out:
+        webjob.pad_make_script(str(src), out)
+    return pad
+
+
+def run_pad(pad, args=(), shell=('sh',), cwd=None, env=None):
+    """Run the PaD script from another directory; return CompletedProcess."""
+    return subprocess.run(list(shell) + [str(pad)] + list(args),
+                          cwd=str(cwd or pad.parent.parent),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env)
+
+
+@pytest.mark.parametrize('shell', SHELLS, ids=' '.join)
+def test_every_byte_value_round_trips(tmp_path, shell):
+    data = bytes(range(256)) * 1031
+    pad = make_pad(tmp_path, 'bytes.bin', data)
+    result = run_pad(pad, shell=shell)
+    assert result.returncode == 0, result.stderr
+    assert (pad.parent / 'bytes.bin').read_bytes() == data
+
+
+def test_payload_over_block_size_round_trips(tmp_path):
+    data = os.urandom((5 << 19) + 1)  # 2.5 MiB + 1: crosses block edges
+    pad = make_pad(tmp_path, 'big.bin', data)
+    assert run_pad(pad).returncode == 0
+    assert (pad.parent / 'big.bin').read_bytes() == data
+
+
+def test_empty_payload_round_trips(tmp_path):
+    pad = make_pad(tmp_path, 'empty', b'')
+    assert run_pad(pad).returncode == 0
+    assert (pad.parent / 'empty').read_bytes() == b''
+
+
+def test_tar_gz_delivery_runs_tar_on_payload(tmp_path):
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    (tree / 'a.txt').write_bytes(b'alpha\n')
+    tgz = tmp_path / 'x.tar.gz'
+    subprocess.check_call(['tar', 'czf', str(tgz), '-C', str(tmp_path),
+                           'tree'])
+    pad = make_pad(tmp_path, 'x.tar.gz', tgz.read_bytes())
+    result = run_pad(pad, ['tar', 'tzf', 'x.tar.gz'])
+    assert result.returncode == 0, result.stderr
+    assert b'tree/a.txt' in result.stdout.split()
+
+
+def test_dot_slash_pad_runs_extracted_program(tmp_path):
+    pad = make_pad(tmp_path, 'tool', b'#!/bin/sh\necho "tool:$1:$(pwd)"\n')
+    os.chmod(str(pad), 0o755)
+    result = subprocess.run(['./tool.pad', './tool', 'a b'],
+                            cwd=str(pad.parent), stdout=subprocess.PIPE)
+    assert result.returncode == 0
+    assert result.stdout == ('tool:a b:%s\n' % pad.parent).encode()
+
+
+def test_command_runs_in_pad_directory(tmp_path):
+    pad = make_pad(tmp_path, 'p.txt', b'x')
+    result = run_pad(pad, ['pwd'], cwd=tmp_path / 'src')
+    assert result.stdout.decode().strip() == str(pad.parent)
+
+
+def test_command_exit_status_passed_through(tmp_path):
+    pad = make_pad(tmp_path, 'p.txt', b'x')
+    assert run_pad(pad, ['sh', '-c', 'exit 7']).returncode == 7
+
+
+def test_extracted_file_mode_is_0700(tmp_path):
+    pad = make_pad(tmp_path, 'p.txt', b'x')
+    run_pad(pad)
+    assert os.stat(str(pad.parent / 'p.txt')).st_mode & 0o7777 == 0o700
+
+
+def test_truncated_pad_extracts_nothing_and_runs_nothing(tmp_path):
+    pad = make_pad(tmp_path, 'cut.bin', bytes(range(256)) * 4)
+    pad.write_bytes(pad.read_bytes()[:-10])
+    result = run_pad(pad, ['touch', 'marker'])
+    assert result.returncode != 0
+    assert b'truncated' in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert sorted(os.listdir(str(pad.parent))) == ['cut.bin.pad']
+
+
+def test_damaged_payload_fails_sha256_check(tmp_path):
+    pad = make_pad(tmp_path, 'dmg.bin', b'\0' * 100)
+    data = bytearray(pad.read_bytes())
+    data[-1] = 1
+    pad.write_bytes(bytes(data))
+    result = run_pad(pad, ['touch', 'marker'])
+    assert result.returncode != 0 and b'SHA-256' in result.stderr
+    assert sorted(os.listdir(str(pad.parent))) == ['dmg.bin.pad']
+
+
+def test_existing_payload_not_overwritten(tmp_path):
+    pad = make_pad(tmp_path, 'keep.txt', b'new')
+    (pad.parent / 'keep.txt').write_bytes(b'old')
+    result = run_pad(pad, ['touch', 'marker'])
+    assert result.returncode == 1 and b'already exists' in result.stderr
+    assert (pad.parent / 'keep.txt').read_bytes() == b'old'
+    assert not (pad.parent / 'marker').exists()
+
+
+def test_needs_only_posix_utilities_and_skips_missing_sha256sum(tmp_path):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for tool in ('tail', 'wc', 'tr', 'mv', 'rm', 'chmod'):
+        os.symlink(shutil.which(tool), str(bin_dir / tool))
+    pad = make_pad(tmp_path, 'p.bin', b'\xff\x00payload')
+    result = run_pad(pad, shell=[shutil.which('sh')],
+                     env={'PATH': str(bin_dir)})
+    assert result.returncode == 0 and result.stderr == b''
+    assert (pad.parent / 'p.bin').read_bytes() == b'\xff\x00payload'
+
+
+@pytest.mark.parametrize('name', ['a b', 'a/b', '-x', '.x', '', "a'b",
+                                  'x' * 201, 'caf\xe9'])
+def test_unsafe_payload_name_refused(tmp_path, name):
+    src = tmp_path / 'src'
+    src.write_bytes(b'x')
+    with open(str(tmp_path / 'out.pad'), 'wb') as out:
+        with pytest.raises(webjob.PadError):
+            webjob.pad_make_script(str(src), out, name=name)
+
+
+def test_missing_source_raises_pad_error(tmp_path):
+    with open(str(tmp_path / 'out.pad'), 'wb') as out:
+        with pytest.raises(webjob.PadError):
+            webjob.pad_make_script(str(tmp_path / 'nope'), out)
+
+
+def test_payload_name_strips_pad_suffix():
+    assert webjob.pad_payload_name('/var/tmp/tool.rpm.pad') == 'tool.rpm'
+
+
+@pytest.mark.parametrize('name', ['tool.rpm', '.pad', 'dir.pad/'])
+def test_payload_name_without_pad_suffix_refused(name):
+    with pytest.raises(webjob.PadError):
+        webjob.pad_payload_name(name)
+
+
+def test_pad_make_script_mode_writes_an_executable_file(tmp_path):
+    payload = tmp_path / 'tool.bin'
+    payload.write_bytes(bytes(range(256)) * 64)
+    pad = tmp_path / 'out' / 'tool.bin.pad'
+    pad.parent.mkdir()
+    result = run_webjob(['--pad-make-script', str(payload), '-o', str(pad)])
+    assert result.returncode == 0, result.stderr
+    assert os.stat(str(pad)).st_mode & 0o777 == 0o755
+    assert subprocess.run([str(pad)], cwd=str(tmp_path)).returncode == 0
+    assert (pad.parent / 'tool.bin').read_bytes() == payload.read_bytes()
+
+
+def test_pad_make_script_mode_to_stdout(tmp_path):
+    payload = tmp_path / 'x.txt'
+    payload.write_bytes(b'data\n')
+    result = run_webjob(['--pad-make-script', str(payload)])
+    assert result.returncode == 0
+    assert result.stdout.startswith(b'#!/bin/sh\n') and result.stdout.endswith(b'data\n')
+
+
+def test_pad_make_script_refuses_a_missing_file(tmp_path):
+    result = run_webjob(['--pad-make-script', str(tmp_path / 'nope')])
+    assert_clean_error(result, 4, 'nope')
+
+
+def make_pad_bytes(tmp_path, name, data):
+    src = tmp_path / ('src-' + name)
+    src.mkdir()
+    (src / name).write_bytes(data)
+    import io
+    out = io.BytesIO()
+    webjob.pad_make_script(str(src / name), out)
+    return out.getvalue()
+
+
+def test_pad_job_substitutes_payload_and_delivers_a_tarball(tmp_path, scripted,
+                                                            job_dir):
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    (tree / 'evidence.txt').write_bytes(b'collected\n')
+    tarball = tmp_path / 'kit.tar.gz'
+    subprocess.run(['tar', 'czf', str(tarball), '-C', str(tree), 'evidence.txt'],
+                   check=True)
+    serve_files(scripted, {'kit.tar.gz.pad': make_pad_bytes(
+        tmp_path, 'kit.tar.gz', tarball.read_bytes())})
+    cfg = basic_cfg(tmp_path, scripted, job_dir, UnlinkExecutable='Y',
+                    UnlinkOutput='Y')
+    result = run_webjob(['-e', '-f', cfg, 'kit.tar.gz.pad', 'tar', 'tzf',
+                         '%payload'])
+    assert result.returncode == 0, result.stderr
+    put = scripted.requests[-1]
+    assert put.body.startswith(b'evidence.txt\n')
+    assert b'CommandLine=kit.tar.gz.pad tar tzf %payload\n' in put.body
+    assert os.listdir(str(job_dir)) == []
+
+
+def test_pad_job_delivers_every_byte_value(tmp_path, scripted, job_dir):
+    data = bytes(range(256)) * 4099
+    serve_files(scripted, {'blob.bin.pad': make_pad_bytes(tmp_path, 'blob.bin',
+                                                          data)})
+    cfg = basic_cfg(tmp_path, scripted, job_dir, HashType='SHA256')
+    result = run_webjob(['-e', '-f', cfg, 'blob.bin.pad', 'sha256sum', '%payload'])
+    assert result.returncode == 0, result.stderr
+    expected = hashlib.sha256(data).hexdigest()
+    assert scripted.requests[-1].body.startswith(
+        ('%s  blob.bin\n' % expected).encode())
+    assert (job_dir / 'blob.bin').read_bytes() == data

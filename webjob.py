@@ -1205,6 +1205,135 @@ def hash_stream(stream, hash_name):
 
 
 ###############################################################################
+# PaD (Payload and Delivery) maker ############################################
+###############################################################################
+
+PAD_SUFFIX = '.pad'
+PAD_NAME_MAX = 200              # leaves room for the extractor's temp name
+
+# The extractor: POSIX sh and utilities only.  It never parses past `exit`,
+# so the raw payload that follows the header is never read as script text.
+_PAD_HEADER = """\
+#!/bin/sh
+# PaD (Payload and Delivery) self-extracting script, made by webjob.
+# payload %(name)s, %(size)d bytes, sha256 %(sha256)s
+# usage: sh THIS.pad                 write the payload next to THIS.pad
+#        sh THIS.pad command [args]  write it, then run command in that dir
+name='%(name)s' size=%(size)d sha256=%(sha256)s skip=%(skip)d
+me=${0##*/}
+case $0 in */*) dir=${0%%/*}/ ;; *) dir=./ ;; esac
+case $dir in /*) ;; *) dir=./$dir ;; esac
+cd "$dir" || exit 1
+tmp=.$name.pad$$
+fail() { rm -f "$tmp"; echo "$me: $name: $*" >&2; exit 1; }
+if [ -e "$name" ] || [ -h "$name" ]; then
+  echo "$me: $name: already exists; not overwritten" >&2; exit 1
+fi
+set -C
+: > "$tmp" || exit 1
+set +C
+trap 'rm -f "$tmp"; exit 1' HUP INT TERM
+chmod 700 "$tmp" || fail "cannot set mode of $tmp"
+tail -c +$skip "./$me" > "$tmp" || fail "cannot extract the payload"
+got=$(wc -c < "$tmp" | tr -d ' \\t')
+[ "$got" = "$size" ] || fail "truncated or damaged: $got bytes, not $size"
+if command -v sha256sum > /dev/null 2>&1; then
+  sum=$(sha256sum < "$tmp")
+  [ "${sum%%%% *}" = "$sha256" ] || fail "SHA-256 mismatch: damaged payload"
+fi
+mv -f "$tmp" "$name" || fail "cannot rename $tmp"
+trap - HUP INT TERM
+[ $# -eq 0 ] && exit 0
+"$@"
+exit $?
+"""
+
+
+class PadError(WebJobError):
+    """A PaD file cannot be made from the given payload or name."""
+    exit_code = XER_PROCESS_ARGUMENTS
+
+
+def pad_payload_name(pad_name):
+    """Return the payload name a PaD file delivers (its basename minus .pad).
+
+    WebJob substitutes this for %payload in the delivery command.
+    """
+    base = os.path.basename(pad_name)
+    if not base.endswith(PAD_SUFFIX) or base == PAD_SUFFIX:
+        raise PadError('%s: not a PaD file name (no %s suffix)'
+                       % (ascii(pad_name), PAD_SUFFIX))
+    return base[:-len(PAD_SUFFIX)]
+
+
+def check_pad_name(name):
+    """Refuse names the sh extractor could not use safely unquoted or as a
+    file in its own directory: the client's program-name rule, shorter."""
+    if len(name) > PAD_NAME_MAX or not is_program_name(name):
+        raise PadError('%s: payload name must be 1-%d of A-Z a-z 0-9 _ . + -'
+                       ' and not start with - or .'
+                       % (ascii(name), PAD_NAME_MAX))
+
+
+def _read_blocks(src):
+    """Yield src in BLOCK_SIZE blocks, so memory use stays flat."""
+    while True:
+        block = src.read(BLOCK_SIZE)
+        if not block:
+            return
+        yield block
+
+
+def _hash_pad_payload(src_path):
+    """Return (size, sha256 hex) of src_path; the header needs both before
+    the payload, so this is a first streaming pass."""
+    import hashlib  # late import: start-up time
+    digest, size = hashlib.sha256(), 0
+    with open(src_path, 'rb') as src:
+        for block in _read_blocks(src):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _build_pad_header(name, size, sha256):
+    """Return the extractor script as bytes, with skip = its own length + 1.
+
+    skip's digits change the length, so iterate to the fixed point (at most
+    three passes: the length only grows).
+    """
+    length = 0
+    while True:
+        text = _PAD_HEADER % {'name': name, 'size': size, 'sha256': sha256,
+                              'skip': length + 1}
+        if len(text) == length:
+            return text.encode('ascii')
+        length = len(text)
+
+
+def pad_make_script(src_path, out, name=None):
+    """Write a self-extracting sh PaD script carrying src_path to out.
+
+    out is a binary file object; name defaults to src_path's basename.
+    """
+    name = os.path.basename(src_path) if name is None else name
+    check_pad_name(name)
+    try:
+        size, sha256 = _hash_pad_payload(src_path)
+        out.write(_build_pad_header(name, size, sha256))
+        copied = 0
+        with open(src_path, 'rb') as src:
+            for block in _read_blocks(src):
+                out.write(block)
+                copied += len(block)
+    except OSError as exc:
+        raise PadError('%s: cannot make PaD file: %s'
+                       % (src_path, exc.strerror or exc)) from exc
+    if copied != size:
+        raise PadError('%s: changed while the PaD file was made' % src_path)
+
+
+###############################################################################
 # Stages ######################################################################
 ###############################################################################
 
@@ -1554,9 +1683,9 @@ def open_outputs(job):
 
 def substitute_payload(job):
     """For a PaD program (name.pad), %payload in the options becomes name."""
-    if not job.program.endswith('.pad'):
+    if not job.program.endswith(PAD_SUFFIX):
         return job.options
-    payload = job.program[:-len('.pad')]
+    payload = pad_payload_name(job.program)
     return [option.replace('%payload', payload) for option in job.options]
 
 
@@ -1681,6 +1810,8 @@ def execute_mode(values, program, options):
         except PutStageError as exc:
             failures.append(exc)
     if values['UnlinkExecutable']:
+        if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
+            job.downloaded.append(job.path(pad_payload_name(job.program)))
         for path in job.downloaded:
             remove_quietly(path)
     if values['UnlinkOutput'] and put_ok:
@@ -1748,6 +1879,33 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
             sock.close()
     except TransportError as exc:
         raise GetStageError('%s: %s' % (target.display, exc))
+    return XER_OK
+
+
+def pad_make_mode(path, output=None, stdout=None):
+    """--pad-make-script: write a self-extracting sh PaD file for path.
+
+    With -o the file is written under a temporary name and renamed into
+    place (mode 0755) only when whole; otherwise it goes to stdout.
+    """
+    if output is None:
+        out = stdout if stdout is not None else sys.stdout.buffer
+        pad_make_script(path, out)
+        out.flush()
+        return XER_OK
+    partial = '%s.%s.tmp' % (output, os.urandom(4).hex())
+    try:
+        with os.fdopen(create_exclusive(partial, 0o755), 'wb') as out:
+            pad_make_script(path, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(partial, output)
+    except OSError as exc:
+        remove_quietly(partial)
+        raise PadError('%s: %s' % (output, exc.strerror or exc))
+    except BaseException:
+        remove_quietly(partial)
+        raise
     return XER_OK
 
 
@@ -1851,6 +2009,8 @@ def dispatch(mode, arguments):
         return version_mode()
     if mode == 'get-url':
         return get_url_mode(*arguments)
+    if mode == 'pad-make-script':
+        return pad_make_mode(*arguments)
     raise DependencyError('%s is not available in this build' % mode)
 
 
