@@ -51,6 +51,7 @@ MAX_IMPORT_DEPTH = 3            # "recursion is permitted up to three levels"
 MAX_CONFIG_SIZE = 1 << 20       # a config file is small; refuse a huge one
 MAX_ENV_PATH = 4095             # longest TMPDIR/TMP value accepted
 KILL_GRACE = 2.0                # seconds between TimeoutSignal and SIGKILL
+MAX_SIGNATURE_SIZE = 65536      # a .sig is one base64 line; refuse more
 NA = 'NA'
 
 USAGE = """\
@@ -552,9 +553,14 @@ class Response(object):
             pass
 
 
-def open_connection(target, deadline, tls_context=None):
-    """Connect (and shake hands) within the stage's time limit."""
+def open_connection(target, deadline, tls_context=None, raw=False):
+    """Connect (and shake hands) within the stage's time limit.
+
+    raw=True stops at TCP, for the TLS probes that drive their own handshake.
+    """
     import socket  # late import: start-up time
+    if target.scheme == 'https' and not raw:
+        tls_context.prepare(target, deadline)
     try:
         sock = socket.create_connection((target.host.strip('[]'), target.port),
                                         timeout=deadline.remaining())
@@ -566,7 +572,7 @@ def open_connection(target, deadline, tls_context=None):
                                                   exc.strerror or exc))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if target.scheme == 'https':
+        if target.scheme == 'https' and not raw:
             sock.settimeout(deadline.remaining())
             sock = tls_context.wrap(sock, target, deadline)
     except BaseException:
@@ -782,6 +788,718 @@ def http_exchange(method, target, query, deadline, tls_context=None,
 
 
 ###############################################################################
+# DSV: errors and constants ###################################################
+###############################################################################
+
+# INFO: this section only verifies, on public inputs (certificates,
+# signatures, payloads), so plain int arithmetic is fine.  Every "no" is the
+# same SignatureError('signature verification failed'), with no numbers or
+# bytes in it (style-anchors §5.4).
+
+
+class DsvError(WebJobError):
+    """Base of every DSV failure; the GET stage maps it to GetStageError."""
+
+
+class DERError(DsvError):
+    """A key, certificate or signature is not strict DER (X.690 §10)."""
+
+
+class PEMError(DsvError):
+    """A file is not the PEM armour (RFC 7468) that was expected."""
+
+
+class SignatureError(DsvError):
+    """The single answer for every failed verification; it says no more."""
+
+
+class KeyFileError(DsvError):
+    """A private key cannot be read, decrypted or used (dsvtool only)."""
+
+
+SIGNATURE_FAILED = 'signature verification failed'
+DSV_BLOCK_SIZE = 1 << 20        # payloads are hashed 1 MiB at a time
+DSV_MAX_PEM_FILE = 1 << 20      # cap on a certificate or key file read
+DSV_HASHES = ('sha256', 'sha384', 'sha512')  # always allowed for payloads
+DER_NULL = b'\x05\x00'
+OID_RSA_ENCRYPTION = '1.2.840.113549.1.1.1'  # RFC 8017 appendix C
+OID_DSA = '1.2.840.10040.4.1'                # RFC 3279 §2.3.2
+OID_COMMON_NAME = '2.5.4.3'                  # X.520 id-at-commonName
+
+#: RFC 8017 §9.2 note 1: DigestInfo DER up to the digest, NULL parameters.
+#: The last octet is the digest size.  The keys are every hash DSV knows.
+PKCS1_DIGEST_INFO = {
+    'sha1': bytes.fromhex('3021300906052b0e03021a05000414'),
+    'sha224': bytes.fromhex('302d300d06096086480165030402040500041c'),
+    'sha256': bytes.fromhex('3031300d060960864801650304020105000420'),
+    'sha384': bytes.fromhex('3041300d060960864801650304020205000430'),
+    'sha512': bytes.fromhex('3051300d060960864801650304020305000440'),
+}
+
+#: Certificate signatureAlgorithm -> (key type, hash): RFC 3279 §2.2,
+#: RFC 4055 §5, RFC 5758 §3.1.
+X509_SIGNATURE_ALGORITHMS = {
+    '1.2.840.113549.1.1.5': ('rsa', 'sha1'),
+    '1.2.840.113549.1.1.14': ('rsa', 'sha224'),
+    '1.2.840.113549.1.1.11': ('rsa', 'sha256'),
+    '1.2.840.113549.1.1.12': ('rsa', 'sha384'),
+    '1.2.840.113549.1.1.13': ('rsa', 'sha512'),
+    '1.2.840.10040.4.3': ('dsa', 'sha1'),
+    '2.16.840.1.101.3.4.3.1': ('dsa', 'sha224'),
+    '2.16.840.1.101.3.4.3.2': ('dsa', 'sha256'),
+}
+
+#: String tags accepted for commonName, with their codecs (X.680 §41).
+X509_STRING_CODECS = {0x0c: 'utf-8', 0x13: 'latin-1', 0x14: 'latin-1',
+                      0x16: 'latin-1', 0x1e: 'utf-16-be'}
+
+###############################################################################
+# DSV: DER reader #############################################################
+###############################################################################
+
+# Every read goes through der_read_tlv.  Readers take (buf, pos, end) and
+# return (value, next_pos); callers refuse trailing data with der_expect_end.
+
+
+def der_read_tlv(buf, pos, end):
+    """Read one TLV strictly; return ``(tag, value_start, value_end)``.
+
+    X.690 §8.1.2-8.1.3, §10.1: low tag numbers, definite lengths in the
+    fewest octets, value inside ``end``.
+    :raises DERError: truncated, indefinite, non-minimal or high-tag input.
+    """
+    if pos < 0 or end > len(buf) or end - pos < 2:
+        raise DERError('truncated DER')
+    tag, length = buf[pos], buf[pos + 1]
+    pos += 2
+    if tag & 0x1f == 0x1f:
+        raise DERError('high-tag-number form in DER')
+    if length & 0x80:
+        count = length & 0x7f  # 0 is BER's indefinite length
+        if count == 0 or count > 4 or end - pos < count:
+            raise DERError('bad DER length')
+        length = int.from_bytes(buf[pos:pos + count], 'big')
+        if buf[pos] == 0 or length < 0x80:
+            raise DERError('non-minimal DER length')
+        pos += count
+    if length > end - pos:
+        raise DERError('truncated DER')
+    return tag, pos, pos + length
+
+
+def der_expect_end(pos, end):
+    """Refuse trailing data: DER has one encoding per value.
+
+    :raises DERError: ``pos`` is not ``end``.
+    """
+    if pos != end:
+        raise DERError('trailing data after DER value')
+
+
+def der_read_expected(buf, pos, end, tag):
+    """Read a TLV that must carry ``tag``; return ``(value_start, value_end)``.
+
+    :raises DERError: another tag, or a malformed TLV.
+    """
+    got, start, stop = der_read_tlv(buf, pos, end)
+    if got != tag:
+        raise DERError('unexpected DER tag')
+    return start, stop
+
+
+def der_read_integer(buf, pos, end, signed=False):
+    """Read a minimal two's complement INTEGER (X.690 §8.3.2).
+
+    Negatives are refused unless ``signed``: keys and signatures are
+    positive, and a "missing leading zero" encoding reads as negative.
+    :raises DERError: empty, non-minimal or unexpectedly negative.
+    """
+    start, stop = der_read_expected(buf, pos, end, 0x02)
+    if start == stop:
+        raise DERError('empty DER integer')
+    if stop - start > 1 and ((buf[start] == 0 and buf[start + 1] < 0x80) or
+                             (buf[start] == 0xff and buf[start + 1] >= 0x80)):
+        raise DERError('non-minimal DER integer')
+    value = int.from_bytes(buf[start:stop], 'big', signed=True)
+    if value < 0 and not signed:
+        raise DERError('negative DER integer')
+    return value, stop
+
+
+def der_read_integer_sequence(buf, count):
+    """Decode all of ``buf`` as one SEQUENCE of ``count`` INTEGERs >= 0.
+
+    The shape of RSAPublicKey, Dss-Parms, Dss-Sig-Value and the private
+    keys (RFC 8017 A.1, RFC 3279 §2.2.2, §2.3.2).
+    :raises DERError: another shape or trailing data.
+    """
+    start, end = der_read_expected(buf, 0, len(buf), 0x30)
+    der_expect_end(end, len(buf))
+    values = []
+    for _ in range(count):
+        value, start = der_read_integer(buf, start, end)
+        values.append(value)
+    der_expect_end(start, end)
+    return values
+
+
+def der_read_oid(buf, pos, end):
+    """Read an OBJECT IDENTIFIER as dotted text (X.690 §8.19).
+
+    :raises DERError: empty, unterminated or non-minimal sub-identifier.
+    """
+    start, stop = der_read_expected(buf, pos, end, 0x06)
+    if start == stop or buf[stop - 1] & 0x80:
+        raise DERError('bad DER object identifier')
+    arcs, value = [], 0
+    for index in range(start, stop):
+        if value == 0 and buf[index] == 0x80:
+            raise DERError('non-minimal DER object identifier')
+        value = value << 7 | buf[index] & 0x7f
+        if not buf[index] & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    arcs[0:1] = [first, arcs[0] - 40 * first]
+    return '.'.join(str(arc) for arc in arcs), stop
+
+
+def der_read_bitstring(buf, pos, end):
+    """Read a BIT STRING of whole octets: unused bits 0 (X.690 §8.6.2).
+
+    :raises DERError: empty or with unused bits.
+    """
+    start, stop = der_read_expected(buf, pos, end, 0x03)
+    if start == stop or buf[start] != 0:
+        raise DERError('bad DER bit string')
+    return bytes(buf[start + 1:stop]), stop
+
+
+def der_read_octetstring(buf, pos, end):
+    """Read an OCTET STRING (X.690 §8.7).
+
+    :raises DERError: another tag or a malformed TLV.
+    """
+    start, stop = der_read_expected(buf, pos, end, 0x04)
+    return bytes(buf[start:stop]), stop
+
+
+def der_read_algorithm(buf, pos, end):
+    """Read an AlgorithmIdentifier (RFC 5280 §4.1.1.2).
+
+    Returns ``(oid, parameters, next_pos)``; parameters is the raw DER of
+    the optional field, ``b''`` when absent.
+    :raises DERError: malformed.
+    """
+    start, stop = der_read_expected(buf, pos, end, 0x30)
+    oid, params_start = der_read_oid(buf, start, stop)
+    if params_start < stop:
+        der_expect_end(der_read_tlv(buf, params_start, stop)[2], stop)
+    return oid, bytes(buf[params_start:stop]), stop
+
+###############################################################################
+# DSV: PEM ####################################################################
+###############################################################################
+
+
+def b64_decode_strict(text):
+    """Decode canonical base64 bytes (RFC 4648 §4), no whitespace inside.
+
+    a2b_base64 skips bytes outside the alphabet before 3.11, so the result
+    is re-encoded and compared: alphabet, padding and trailing bits at once.
+    :raises PEMError: not canonical base64.
+    """
+    import binascii  # late import: start-up time
+    try:
+        raw = binascii.a2b_base64(text)
+    except (binascii.Error, TypeError, ValueError):
+        raise PEMError('bad base64 data') from None
+    if binascii.b2a_base64(raw, newline=False) != text:
+        raise PEMError('bad base64 data')
+    return raw
+
+
+def pem_decode_with_headers(data, label):
+    """Return ``[(headers, der), ...]`` for every ``label`` block in ``data``.
+
+    RFC 7468 §2 framing; text around blocks is ignored.  RFC 1421 header
+    lines at the start of a block (``Proc-Type``, ``DEK-Info``) come back as
+    a dict, for the legacy encrypted key form.
+    :raises PEMError: unterminated block or bad base64.
+    """
+    begin = ('-----BEGIN %s-----' % label).encode('ascii')
+    end = ('-----END %s-----' % label).encode('ascii')
+    blocks, body, headers = [], None, None
+    for line in data.splitlines():
+        line = line.strip()
+        if body is None:
+            if line == begin:
+                body, headers = [], {}
+        elif line == end:
+            blocks.append((headers, b64_decode_strict(b''.join(body))))
+            body = None
+        elif line.startswith(b'-----'):
+            raise PEMError('unterminated PEM block')
+        elif b':' in line and not body:
+            name, _, value = line.decode('latin-1').partition(':')
+            headers[name.strip()] = value.strip()
+        elif line:
+            body.append(line)
+    if body is not None:
+        raise PEMError('unterminated PEM block')
+    return blocks
+
+
+def pem_decode_all(data, label):
+    """Return the DER of every ``label`` block in PEM ``data`` (maybe none).
+
+    :raises PEMError: unterminated block or bad base64.
+    """
+    return [der for _, der in pem_decode_with_headers(data, label)]
+
+###############################################################################
+# DSV: X.509 and public keys ##################################################
+###############################################################################
+
+
+class Certificate(object):
+    """What DSV and the TLS chain check need of an X.509 certificate.
+
+    Names, TBS and SPKI are raw DER slices: signatures cover exact bytes,
+    and names are compared as DER.
+    """
+    __slots__ = ('tbs', 'serial', 'issuer_der', 'not_before', 'not_after',
+                 'subject_der', 'subject_cn', 'spki_der', 'sig_alg_oid',
+                 'signature')
+
+    def __init__(self, **fields):
+        """Store the fields x509_parse found."""
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+
+def x509_name_common_name(buf, start, end):
+    """Return the last (most specific) commonName of a Name, or None.
+
+    RFC 5280 §4.1.2.4.  UTF8String and BMPString are decoded as such, the
+    8-bit string types as latin-1.
+    :raises DERError: malformed Name, or a commonName that is not a string.
+    """
+    common_name = None
+    while start < end:
+        attr_pos, start = der_read_expected(buf, start, end, 0x31)  # RDN
+        while attr_pos < start:
+            value_pos, attr_pos = der_read_expected(buf, attr_pos, start, 0x30)
+            oid, value_pos = der_read_oid(buf, value_pos, attr_pos)
+            tag, value_start, end_pos = der_read_tlv(buf, value_pos, attr_pos)
+            der_expect_end(end_pos, attr_pos)
+            if oid != OID_COMMON_NAME:
+                continue
+            if tag not in X509_STRING_CODECS:
+                raise DERError('commonName is not a string')
+            try:
+                common_name = buf[value_start:end_pos].decode(
+                    X509_STRING_CODECS[tag])
+            except UnicodeDecodeError:
+                raise DERError('bad commonName text') from None
+    return common_name
+
+
+def x509_parse(der):
+    """Split a DER certificate into a ``Certificate`` (RFC 5280 §4.1).
+
+    Checks the shape strictly, that both signature algorithm fields match
+    (§4.1.1.2), and that only unique IDs and extensions follow the SPKI.
+    Validity stays raw text: DSV checks neither expiry nor chains.
+    :raises DERError: anything malformed.
+    """
+    der = bytes(der)
+    start, end = der_read_expected(der, 0, len(der), 0x30)
+    der_expect_end(end, len(der))
+    pos, tbs_end = der_read_expected(der, start, end, 0x30)
+    sig_alg_oid, _, alg_end = der_read_algorithm(der, tbs_end, end)
+    signature, sig_end = der_read_bitstring(der, alg_end, end)
+    der_expect_end(sig_end, end)
+    tag, version_start, version_end = der_read_tlv(der, pos, tbs_end)
+    if tag == 0xa0:  # DER omits the DEFAULT v1 (X.690 §11.5)
+        version, after = der_read_integer(der, version_start, version_end)
+        der_expect_end(after, version_end)
+        if version not in (1, 2):
+            raise DERError('bad certificate version')
+        pos = version_end
+    serial, pos = der_read_integer(der, pos, tbs_end, signed=True)
+    alg_start, pos = pos, der_read_algorithm(der, pos, tbs_end)[2]
+    if der[alg_start:pos] != der[tbs_end:alg_end]:
+        raise DERError('certificate signature algorithms differ')
+    issuer_start, pos = pos, der_read_expected(der, pos, tbs_end, 0x30)[1]
+    issuer_der = der[issuer_start:pos]
+    validity, pos = der_read_expected(der, pos, tbs_end, 0x30)
+    times = []
+    while validity < pos:
+        tag, time_start, validity = der_read_tlv(der, validity, pos)
+        if tag not in (0x17, 0x18):  # UTCTime, GeneralizedTime (§4.1.2.5)
+            raise DERError('bad certificate validity')
+        times.append(der[time_start:validity].decode('latin-1'))
+    if len(times) != 2:
+        raise DERError('bad certificate validity')
+    subject_start = pos
+    name_start, pos = der_read_expected(der, pos, tbs_end, 0x30)
+    subject_der = der[subject_start:pos]
+    subject_cn = x509_name_common_name(der, name_start, pos)
+    spki_start, pos = pos, der_read_expected(der, pos, tbs_end, 0x30)[1]
+    spki_der = der[spki_start:pos]
+    for optional in (0x81, 0x82, 0xa3):  # issuer/subjectUniqueID, extensions
+        if pos < tbs_end and der[pos] == optional:
+            pos = der_read_tlv(der, pos, tbs_end)[2]
+    der_expect_end(pos, tbs_end)
+    return Certificate(tbs=der[start:tbs_end], serial=serial,
+                       issuer_der=issuer_der, not_before=times[0],
+                       not_after=times[1], subject_der=subject_der,
+                       subject_cn=subject_cn, spki_der=spki_der,
+                       sig_alg_oid=sig_alg_oid, signature=signature)
+
+
+def rsa_check_public(n, e):
+    """Refuse RSA keys DSV will not trust; return ``(n, e)``.
+
+    Odd modulus of 1024..8192 bits; odd exponent 3 <= e < n (RFC 8017 §3.1).
+    :raises DERError: out of range.
+    """
+    if not 1024 <= n.bit_length() <= 8192 or not n & 1:
+        raise DERError('unsupported RSA modulus')
+    if not (3 <= e < n and e & 1):
+        raise DERError('bad RSA public exponent')
+    return n, e
+
+
+def dsa_check_public(p, q, g, y):
+    """Refuse out-of-range DSA keys; return ``(p, q, g, y)``.
+
+    FIPS 186-4 §4.2 sizes (L 1024..3072, N 160/224/256), q | p - 1,
+    1 < g < p, 0 < y < p.
+    :raises DERError: out of range.
+    """
+    if (not 1024 <= p.bit_length() <= 3072 or
+            q.bit_length() not in (160, 224, 256) or (p - 1) % q):
+        raise DERError('unsupported DSA parameters')
+    if not (1 < g < p and 0 < y < p):
+        raise DERError('bad DSA public key')
+    return p, q, g, y
+
+
+def spki_parse(spki_der):
+    """Decode a SubjectPublicKeyInfo (RFC 5280 §4.1.2.7).
+
+    ``('rsa', (n, e))`` for rsaEncryption with NULL parameters, or
+    ``('dsa', (p, q, g, y))`` for id-dsa with Dss-Parms (RFC 3279 §2.3).
+    :raises DERError: malformed, unsupported or out-of-range key.
+    """
+    buf = bytes(spki_der)
+    start, end = der_read_expected(buf, 0, len(buf), 0x30)
+    der_expect_end(end, len(buf))
+    oid, params, pos = der_read_algorithm(buf, start, end)
+    key_bits, pos = der_read_bitstring(buf, pos, end)
+    der_expect_end(pos, end)
+    if oid == OID_RSA_ENCRYPTION and params == DER_NULL:
+        return 'rsa', rsa_check_public(*der_read_integer_sequence(key_bits, 2))
+    if oid == OID_DSA and params:
+        y, pos = der_read_integer(key_bits, 0, len(key_bits))
+        der_expect_end(pos, len(key_bits))
+        return 'dsa', dsa_check_public(*der_read_integer_sequence(params, 3)
+                                       + [y])
+    raise DERError('unsupported public key algorithm')
+
+
+def x509_load_spkis(data):
+    """Return the SPKI DER of every certificate in PEM ``data`` DSV can use.
+
+    Certificates with other keys (EC, say) are left out, so empty means
+    "nothing here can verify a payload".
+    :raises DsvError: bad PEM or a malformed certificate.
+    """
+    spkis = []
+    for der in pem_decode_all(data, 'CERTIFICATE'):
+        cert = x509_parse(der)
+        try:
+            spki_parse(cert.spki_der)
+        except DERError:
+            continue
+        spkis.append(cert.spki_der)
+    return spkis
+
+###############################################################################
+# DSV: RSA PKCS#1 v1.5 and DSA verification ###################################
+###############################################################################
+
+
+def rsa_pkcs1v15_encode(hash_name, digest, k):
+    """EMSA-PKCS1-v1_5 (RFC 8017 §9.2): ``00 01 FF.. 00 || DigestInfo || H``.
+
+    :raises SignatureError: unknown hash, wrong digest size, or k too small.
+    """
+    prefix = PKCS1_DIGEST_INFO.get(hash_name)
+    if (prefix is None or len(digest) != prefix[-1] or
+            k < len(prefix) + len(digest) + 11):  # step 3
+        raise SignatureError(SIGNATURE_FAILED)
+    return (b'\x00\x01' + b'\xff' * (k - len(prefix) - len(digest) - 3) +
+            b'\x00' + prefix + digest)
+
+
+def rsa_recover_em(key, signature):
+    """RSAVP1 behind RFC 8017 §8.2.2 steps 1-2: ``len == k``, then ``s < n``.
+
+    Returns EM (k octets).  It is never parsed, only compared whole.
+    :raises SignatureError: wrong length or representative out of range.
+    """
+    n, e = key
+    k = (n.bit_length() + 7) // 8
+    if len(signature) != k:
+        raise SignatureError(SIGNATURE_FAILED)
+    s = int.from_bytes(signature, 'big')
+    if s >= n:
+        raise SignatureError(SIGNATURE_FAILED)
+    return pow(s, e, n).to_bytes(k, 'big')
+
+
+def rsa_pkcs1v15_check_em(em, hash_name, digest):
+    """RFC 8017 §8.2.2 steps 3-4: rebuild the expected EM and compare whole.
+
+    Comparing instead of parsing the padding defeats Bleichenbacher's 2006
+    forgery (python-rsa commit ab5d21c).
+    :raises SignatureError: EM differs.
+    """
+    import hmac  # late import: start-up time
+    expected = rsa_pkcs1v15_encode(hash_name, digest, len(em))
+    if not hmac.compare_digest(em, expected):
+        raise SignatureError(SIGNATURE_FAILED)
+
+
+def rsa_pkcs1v15_guess_hashes(em, hash_names):
+    """Return the ``hash_names`` whose DigestInfo sits where it would in EM.
+
+    Only picks which digests of a large payload to compute; the decision
+    stays with rsa_pkcs1v15_check_em's full comparison.
+    """
+    found = []
+    for name in hash_names:
+        prefix = PKCS1_DIGEST_INFO[name]
+        at = len(em) - prefix[-1] - len(prefix)
+        if em[at:at + len(prefix)] == prefix:
+            found.append(name)
+    return found
+
+
+def dsa_decode_signature(signature):
+    """Decode Dss-Sig-Value ``SEQUENCE {r, s}`` strictly (RFC 3279 §2.2.2).
+
+    :raises DERError: any other encoding.
+    """
+    return tuple(der_read_integer_sequence(signature, 2))
+
+
+def dsa_verify(key, digest, signature):
+    """DSA signature verification, FIPS 186-4 §4.7.
+
+    :raises SignatureError: malformed, r or s outside (0, q), or v != r.
+    """
+    p, q, g, y = key
+    try:
+        r, s = dsa_decode_signature(signature)
+    except DERError:
+        raise SignatureError(SIGNATURE_FAILED) from None
+    if not (0 < r < q and 0 < s < q):  # step 1
+        raise SignatureError(SIGNATURE_FAILED)
+    # Step 2: z is the leftmost min(N, outlen) bits of Hash(M).
+    z = int.from_bytes(digest, 'big') >> max(0, 8 * len(digest) -
+                                             q.bit_length())
+    w = pow(s, q - 2, q)  # step 3, q prime; COMPAT(3.6): no pow(s, -1, q)
+    v = pow(g, z * w % q, p) * pow(y, r * w % q, p) % p % q
+    if v != r:  # step 4
+        raise SignatureError(SIGNATURE_FAILED)
+
+
+def verify_with_key(kind, key, hash_name, digest, signature):
+    """Verify ``signature`` over ``digest`` with a decoded public key.
+
+    :raises SignatureError: unknown hash, wrong digest size, or no match.
+    """
+    prefix = PKCS1_DIGEST_INFO.get(hash_name)
+    if prefix is None or len(digest) != prefix[-1]:
+        raise SignatureError(SIGNATURE_FAILED)
+    if kind == 'rsa':
+        rsa_pkcs1v15_check_em(rsa_recover_em(key, signature), hash_name,
+                              digest)
+    else:
+        dsa_verify(key, digest, signature)
+
+
+def verify_signature_digest(spki_der, hash_name, digest, signature):
+    """Verify ``signature`` over a precomputed ``digest`` with an SPKI key.
+
+    Fails closed: bad key DER, unknown hash, wrong lengths, anything.
+    :raises SignatureError: on every failure.
+    """
+    try:
+        kind, key = spki_parse(spki_der)
+        verify_with_key(kind, key, hash_name, bytes(digest), bytes(signature))
+    except SignatureError:
+        raise
+    except Exception:  # fail closed: any other failure is also "no"
+        raise SignatureError(SIGNATURE_FAILED) from None
+
+
+def verify_signature(spki_der, hash_name, message, signature):
+    """Verify ``signature`` over ``message`` bytes with an SPKI key.
+
+    :raises SignatureError: on every failure, as verify_signature_digest.
+    """
+    import hashlib  # late import: start-up time
+    try:
+        digest = hashlib.new(hash_name, message).digest()
+    except Exception:  # fail closed: unknown hash, message not bytes
+        raise SignatureError(SIGNATURE_FAILED) from None
+    verify_signature_digest(spki_der, hash_name, digest, signature)
+
+###############################################################################
+# DSV: payload policy #########################################################
+###############################################################################
+
+
+def dsv_read_small_file(path, limit=DSV_MAX_PEM_FILE):
+    """Read a regular file of at most ``limit`` bytes.
+
+    Opened non-blocking and checked with fstat, so a FIFO or device in a
+    hostile tree can neither hang the reader nor exhaust memory.
+    :raises OSError: unreadable.
+    :raises DsvError: not a regular file, or larger than ``limit``.
+    """
+    import stat  # late import: start-up time
+    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
+    with os.fdopen(fd, 'rb') as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DsvError('%s: not a regular file' % path)
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise DsvError('%s: file too large' % path)
+    return data
+
+
+def load_certificate_tree(path):
+    """Return the SPKI DER of every usable certificate in folder ``path``.
+
+    DsvCertificateTree (protocol.md §6): regular files directly inside, in
+    name order, each with one or more PEM certificates.  Subfolders are not
+    searched; unreadable, oversized, non-PEM or invalid files are skipped
+    silently.  The caller decides what an empty list means.
+    :raises DsvError: the folder itself cannot be listed.
+    """
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as exc:
+        raise DsvError('cannot read certificate tree %s: %s'
+                       % (path, exc.strerror)) from None
+    spkis = []
+    for name in names:
+        try:
+            spkis.extend(x509_load_spkis(
+                dsv_read_small_file(os.path.join(path, name))))
+        except (OSError, DsvError):
+            continue
+    return spkis
+
+
+def hash_stream_all(stream, hash_names):
+    """Hash a binary stream once for several digests: ``{name: digest}``.
+
+    1 MiB readinto blocks into one buffer: memory stays flat.
+    """
+    import hashlib  # late import: start-up time
+    hashes = [(name, hashlib.new(name)) for name in hash_names]
+    buf = bytearray(DSV_BLOCK_SIZE)
+    view = memoryview(buf)
+    while True:
+        count = stream.readinto(buf)
+        if not count:
+            break
+        for _, hasher in hashes:
+            hasher.update(view[:count])
+    return dict((name, hasher.digest()) for name, hasher in hashes)
+
+
+def verify_payload_file(path, signature_b64, spki_list, allow_sha1=False):
+    """Accept payload ``path`` if its signature verifies under any key.
+
+    The DSV policy (protocol.md §6): the ``.sig`` text is one line of
+    strict base64, surrounding whitespace trimmed; digests SHA-256/384/512,
+    plus SHA-1 only when ``allow_sha1``.  The payload is read once for all
+    keys: RSA recovers EM first and its DigestInfo only picks the digest to
+    compute; DSA computes every allowed digest in that same pass.
+    :raises SignatureError: no key and digest verify the signature.
+    :raises DsvError: the payload cannot be read.
+    """
+    allowed = DSV_HASHES + (('sha1',) if allow_sha1 else ())
+    try:
+        if isinstance(signature_b64, str):
+            signature_b64 = signature_b64.encode('ascii')
+        signature = b64_decode_strict(bytes(signature_b64).strip())
+    except (UnicodeError, TypeError, DsvError):
+        raise SignatureError(SIGNATURE_FAILED) from None
+    candidates = []  # (key, hash name, EM for RSA or None for DSA)
+    for spki_der in spki_list:
+        try:
+            kind, key = spki_parse(spki_der)
+            if kind == 'rsa':
+                em = rsa_recover_em(key, signature)
+                candidates.extend((key, name, em) for name in
+                                  rsa_pkcs1v15_guess_hashes(em, allowed))
+            else:
+                dsa_decode_signature(signature)
+                candidates.extend((key, name, None) for name in allowed)
+        except DsvError:
+            continue
+    if not candidates:
+        raise SignatureError(SIGNATURE_FAILED)
+    try:
+        with open(path, 'rb') as stream:
+            digests = hash_stream_all(stream, [name for name in allowed if any(
+                name == candidate[1] for candidate in candidates)])
+    except OSError as exc:
+        raise DsvError('cannot read payload %s: %s'
+                       % (path, exc.strerror)) from None
+    for key, name, em in candidates:
+        try:
+            if em is None:
+                dsa_verify(key, digests[name], signature)
+            else:
+                rsa_pkcs1v15_check_em(em, name, digests[name])
+            return
+        except SignatureError:
+            continue
+    raise SignatureError(SIGNATURE_FAILED)
+
+
+def x509_verify_issued_by(cert, issuer):
+    """True if ``issuer`` issued ``cert`` (RFC 5280 §6.1.3 (a)(1), (a)(4)).
+
+    The issuer's subject DER equals the certificate's issuer DER, and the
+    TBS signature verifies with the issuer's key under the certificate's
+    algorithm (RSA PKCS#1 v1.5 SHA-1/224/256/384/512 or DSA).  Validity
+    and extensions are not checked.
+    """
+    algorithm = X509_SIGNATURE_ALGORITHMS.get(cert.sig_alg_oid)
+    if cert.issuer_der != issuer.subject_der or algorithm is None:
+        return False
+    try:
+        if spki_parse(issuer.spki_der)[0] != algorithm[0]:
+            return False
+        verify_signature(issuer.spki_der, algorithm[1], cert.tbs,
+                         cert.signature)
+    except DsvError:
+        return False
+    return True
+
+
+###############################################################################
 # TLS #########################################################################
 ###############################################################################
 
@@ -797,9 +1515,21 @@ class TLSContext(object):
         self.ssl = ssl
         self.values = values
         self.context = build_ssl_context(ssl, values)
+        self.probed_depth = {}
         if not values['SSLVerifyPeerCert']:
             write_stderr('warning: SSLVerifyPeerCert=N: the server\'s '
                          'certificate is not verified')
+
+    def prepare(self, target, deadline):
+        """Before connecting: on Pythons that cannot show the verified chain
+        (< 3.10), measure it with a probe handshake, once per server."""
+        key = (target.host, target.port)
+        if (not self.values['SSLVerifyPeerCert'] or key in self.probed_depth
+                or hasattr(self.ssl._ssl._SSLSocket, 'get_verified_chain')):
+            return
+        self.probed_depth[key] = probe_chain_depth(
+            build_ssl_context(self.ssl, self.values),
+            self.values['SSLBundledCAsFile'], target, deadline)
 
     def wrap(self, sock, target, deadline):
         """Shake hands; then apply SSLExpectedPeerCN and SSLMaxChainLength."""
@@ -813,18 +1543,56 @@ class TLSContext(object):
                                  % (target.display, deadline.what,
                                     deadline.seconds))
         except ssl.SSLError as exc:
+            reason = describe_ssl_error(exc)
+            if reason == 'certificate verify failed':
+                reason = explain_verify_failure(self.values, target, deadline)
             raise TransportError('%s: TLS handshake failed: %s'
-                                 % (target.display, describe_ssl_error(exc)))
+                                 % (target.display, reason))
         except OSError as exc:
             raise TransportError('%s: TLS handshake failed: %s'
                                  % (target.display, exc.strerror or exc))
         if self.values['SSLVerifyPeerCert']:
             try:
-                check_peer(tls, self.values, target, deadline)
+                check_peer(tls, self.values, self.probed_depth.get(
+                    (target.host, target.port)))
             except BaseException:
                 tls.close()
                 raise
         return tls
+
+
+def explain_verify_failure(values, target, deadline):
+    """Say why verification failed on Pythons whose ssl does not (< 3.7).
+
+    A second, unverified handshake fetches the server's certificate, which
+    is only read here, never trusted: nothing is sent on that connection.
+    """
+    reason = 'certificate verify failed'
+    try:
+        import ssl  # late import: start-up time
+        import time  # late import: start-up time
+        context = build_ssl_context(ssl, dict(values, SSLVerifyPeerCert=False))
+        sock = open_connection(target, deadline, raw=True)
+        try:
+            tls = context.wrap_socket(sock)
+            cert = x509_parse(tls.getpeercert(binary_form=True))
+        finally:
+            sock.close()
+        now = time.strftime('%Y%m%d%H%M%SZ', time.gmtime())
+        if x509_time(cert.not_after) < now:
+            return reason + ': certificate has expired'
+        if x509_time(cert.not_before) > now:
+            return reason + ': certificate is not yet valid'
+        return reason + ': not issued by a CA in SSLBundledCAsFile'
+    except Exception:
+        return reason
+
+
+def x509_time(value):
+    """UTCTime or GeneralizedTime as a comparable 'YYYYMMDDHHMMSSZ'."""
+    if len(value) == 13:  # UTCTime: YY >= 50 is 19YY (RFC 5280 4.1.2.5.1)
+        return ('19' if value[:2] >= '50' else '20') + value
+    return value
 
 
 def socket_timeout():
@@ -899,12 +1667,7 @@ def describe_ssl_error(exc):
     return one_line(reason or getattr(exc, 'strerror', None) or exc)
 
 
-def ssl_module():
-    import ssl  # late import: start-up time
-    return ssl
-
-
-def check_peer(tls, values, target, deadline):
+def check_peer(tls, values, probed_depth):
     """Apply SSLExpectedPeerCN (exact, case-sensitive) and SSLMaxChainLength."""
     der = tls.getpeercert(binary_form=True)
     if not der:
@@ -918,9 +1681,8 @@ def check_peer(tls, values, target, deadline):
                              'SSLExpectedPeerCN [%s]'
                              % (','.join(common_names) or '-', expected))
     depth = verified_chain_depth(tls)
-    if depth is None:
-        depth = probe_chain_depth(build_ssl_context(ssl_module(), values),
-                                  values['SSLBundledCAsFile'], target, deadline)
+    if depth is None:  # no chain API and no probe result: unprovable
+        depth = probed_depth if probed_depth is not None else 1 << 30
     limit = values['SSLMaxChainLength']
     if depth > limit:
         raise TransportError('certificate chain has %d CA certificate(s) above '
@@ -958,7 +1720,7 @@ def probe_chain_depth(context, bundle, target, deadline):
         context.options |= getattr(ssl, 'OP_NO_TLSv1_3', 0)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_side=False)
-    sock = open_connection(target, deadline)
+    sock = open_connection(target, deadline, raw=True)
     seen = bytearray()
     try:
         while True:
@@ -978,9 +1740,8 @@ def probe_chain_depth(context, bundle, target, deadline):
         pending = outgoing.read()
         if pending:
             send_all(sock, pending, deadline)
-    except ssl.SSLError as exc:
-        raise TransportError('%s: TLS handshake failed: %s'
-                             % (target.display, describe_ssl_error(exc)))
+    except ssl.SSLError:
+        return None  # the real handshake fails the same way, and says why
     except socket_timeout():
         raise TransportError('%s: TLS handshake: %s (%d s) expired'
                              % (target.display, deadline.what, deadline.seconds))
@@ -1431,6 +2192,7 @@ class Job(object):
         self.downloaded = []
         self.outputs = []
         self.tls = {}
+        self.dsv_keys = None
 
     def path(self, name):
         return os.path.join(self.temp_dir, name)
@@ -1500,7 +2262,7 @@ def create_exclusive(path, mode=0o600):
     return os.open(path, flags, mode)
 
 
-def fetch_to_file(job, name, path, deadline):
+def fetch_to_file(job, name, path, deadline, limit=None):
     """GET one file from URLGetURL into a new file; return its response."""
     values = job.values
     target = make_target(values, 'URLGetURL')
@@ -1514,7 +2276,8 @@ def fetch_to_file(job, name, path, deadline):
                                  % (name, response.status, response.reason))
         fd = create_exclusive(path)
         try:
-            read_body_to_file(response, fd, values['URLDownloadLimit'], deadline)
+            read_body_to_file(response, fd, limit or values['URLDownloadLimit'],
+                              deadline)
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -1545,6 +2308,8 @@ def run_get_stage(job):
     try:
         response = fetch_to_file(job, job.request_name, partial, deadline)
         job.job_id = response.fields.get('job-id')
+        if job.dsv_keys is not None:
+            verify_download(job, partial, response, deadline)
         os.chmod(partial, 0o700)
         install_file(partial, final, overwrite)
     except TransportError as exc:
@@ -1558,6 +2323,38 @@ def run_get_stage(job):
         run_get_hook(job, deadline)
         if target_path not in job.downloaded:
             job.downloaded.append(target_path)
+
+
+def verify_download(job, path, response, deadline):
+    """DSV: the payload runs only if its signature verifies (man page).
+
+    The signature comes in the WebJob-Payload-Signature header when it fits;
+    otherwise <FILENAME>.sig is fetched with a second GET.
+    """
+    signature = response.fields.get('webjob-payload-signature')
+    if signature is None:
+        signature = fetch_signature(job, deadline)
+    try:
+        verify_payload_file(path, signature, job.dsv_keys,
+                            allow_sha1=job.values['DsvAllowSHA1'])
+    except DsvError:
+        raise TransportError('%s: DSV: signature verification failed; the '
+                             'payload was deleted' % job.request_name)
+
+
+def fetch_signature(job, deadline):
+    """GET <FILENAME>.sig (one line of base64) into memory, size-capped."""
+    sig_path = job.output_path('sig')
+    try:
+        fetch_to_file(job, job.request_name + '.sig', sig_path, deadline,
+                      limit=MAX_SIGNATURE_SIZE)
+        with open(sig_path, 'rb') as handle:
+            return handle.read(MAX_SIGNATURE_SIZE).decode('ascii', 'replace')
+    except TransportError as exc:
+        raise TransportError('DSV: no signature in the response and the '
+                             '.sig request failed: %s' % exc)
+    finally:
+        remove_quietly(sig_path)
 
 
 def install_file(source, destination, overwrite):
@@ -1781,9 +2578,20 @@ def configure_job(values, program, options):
         if values[control] and values[control].startswith('https:'):
             job.tls_for(make_target(values, control))
     if values['DsvVerifySignature']:
-        raise DependencyError('DsvVerifySignature: digital signature '
-                              'verification is not available in this build')
+        job.dsv_keys = load_dsv_keys(values['DsvCertificateTree'])
     return job
+
+
+def load_dsv_keys(tree):
+    """The public keys of DsvCertificateTree; at least one is required."""
+    if not os.path.isdir(tree):
+        raise ConfigureError('DsvCertificateTree = [%s]: no such directory'
+                             % tree)
+    keys = load_certificate_tree(tree)
+    if not keys:
+        raise ConfigureError('DsvCertificateTree = [%s]: no valid PEM '
+                             'certificate in it' % tree)
+    return keys
 
 
 def execute_mode(values, program, options):
@@ -1925,6 +2733,868 @@ def build_plain_get(target, values):
 
 
 ###############################################################################
+# DSV tool: constants and errors ##############################################
+###############################################################################
+
+# INFO: webjob-dsvtool signs, so unlike the section above this one handles
+# private keys.  Python ints are not constant-time; the tool is meant to run
+# on the operator's own signing host, never on a client.  Keys and
+# passphrases never appear in messages.
+
+DSVTOOL_VERSION = '1.0.0'
+DSVTOOL_USAGE = """\
+Usage: webjob-dsvtool {-s|--sign-payload} {-k|--key-file} key \
+[{-a|--hash} sha256|sha384|sha512|sha1] {payload|-} [payload ...]
+       webjob-dsvtool {-c|--check-signature} {-f|--cert-file} cert \
+signature [signature ...]
+       webjob-dsvtool {-c|--check-signature} {-t|--cert-tree} tree \
+signature [signature ...]
+       webjob-dsvtool {-g|--generate-key} {-b|--bits} bits {-t|--type} rsa \
+[{-n|--common-name} name] [{-o|--output} prefix]
+       webjob-dsvtool {-p|--generate-password} [{-l|--length} length]
+       webjob-dsvtool {-v|--version}
+"""
+DSVTOOL_SIGN_HASHES = ('sha256', 'sha384', 'sha512', 'sha1')
+DSVTOOL_PASSWORD_ALPHABET = ('ABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                             'abcdefghijklmnopqrstuvwxyz0123456789')
+DSV_MAX_PASSPHRASE_LENGTH = 1024  # protocol.md §6; the original's is unknown
+DSV_MAX_SIG_FILE = 64 * 1024
+DSV_MAX_PBKDF2_ITERATIONS = 10 ** 7  # a hostile key file must not hang us
+OID_SHA256_WITH_RSA = '1.2.840.113549.1.1.11'
+OID_PBES2 = '1.2.840.113549.1.5.13'          # RFC 8018 appendix A.4
+OID_PBKDF2 = '1.2.840.113549.1.5.12'         # RFC 8018 appendix A.2
+
+#: RFC 8018 appendix B.1: PBKDF2 PRF OID -> hashlib name.
+PBKDF2_PRFS = {'1.2.840.113549.2.7': 'sha1', '1.2.840.113549.2.8': 'sha224',
+               '1.2.840.113549.2.9': 'sha256', '1.2.840.113549.2.10': 'sha384',
+               '1.2.840.113549.2.11': 'sha512'}
+#: NIST CSOR aesNNN-CBC OIDs (RFC 3565 §4.1) -> key length.
+AES_CBC_OIDS = {'2.16.840.1.101.3.4.1.2': 16, '2.16.840.1.101.3.4.1.22': 24,
+                '2.16.840.1.101.3.4.1.42': 32}
+#: OpenSSL's legacy PEM ``DEK-Info`` cipher names -> key length.
+PEM_DEK_CIPHERS = {'AES-128-CBC': 16, 'AES-192-CBC': 24, 'AES-256-CBC': 32}
+
+
+class DsvUsageError(DsvError):
+    """Bad webjob-dsvtool command line (exit code 2, as XER_Usage)."""
+    exit_code = 2
+
+###############################################################################
+# DSV tool: DER and PEM encoders ##############################################
+###############################################################################
+
+
+def der_encode_tlv(tag, value):
+    """Encode one TLV, definite length in fewest octets (X.690 §10.1)."""
+    length = len(value)
+    if length < 0x80:
+        return bytes((tag, length)) + value
+    octets = length.to_bytes((length.bit_length() + 7) // 8, 'big')
+    return bytes((tag, 0x80 | len(octets))) + octets + value
+
+
+def der_encode_integer(value):
+    """Encode a non-negative INTEGER in minimal two's complement (§8.3)."""
+    return der_encode_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1,
+                                               'big'))
+
+
+def der_encode_sequence(*items):
+    """Encode a SEQUENCE of already encoded items (X.690 §8.9)."""
+    return der_encode_tlv(0x30, b''.join(items))
+
+
+def der_encode_oid(dotted):
+    """Encode an OBJECT IDENTIFIER from dotted text (X.690 §8.19)."""
+    arcs = [int(arc) for arc in dotted.split('.')]
+    body = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7f]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | arc & 0x7f)
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return der_encode_tlv(0x06, bytes(body))
+
+
+def pem_encode(der, label):
+    """Armour DER as RFC 7468 text: base64 in 64-column lines."""
+    import base64  # late import: start-up time
+    text = base64.b64encode(der).decode('ascii')
+    lines = [text[at:at + 64] for at in range(0, len(text), 64)]
+    return ('-----BEGIN %s-----\n%s\n-----END %s-----\n'
+            % (label, '\n'.join(lines), label)).encode('ascii')
+
+###############################################################################
+# DSV tool: AES-CBC decryption ################################################
+###############################################################################
+
+# Decryption only, for encrypted private keys.  Tables are built per call
+# (about a millisecond), not at import, and nothing is cached globally.
+
+
+def aes_build_tables():
+    """Build ``[sbox, inv_sbox, td0, td1, td2, td3]`` (FIPS-197 §5.1.1).
+
+    S-box: GF(2^8) inverse plus affine map; each Td table folds InvSubBytes
+    into one InvMixColumns column (§5.3.2-5.3.3).
+    """
+    exp, log = [0] * 255, [0] * 256
+    x = 1
+    for power in range(255):  # powers of the generator 3 (= x + 1)
+        exp[power], log[x] = x, power
+        x ^= (x << 1) ^ (0x11b if x & 0x80 else 0)
+
+    def mul(a, b):
+        """Multiply in GF(2^8) through the log tables."""
+        return exp[(log[a] + log[b]) % 255] if a and b else 0
+    sbox, inv_sbox = [0] * 256, [0] * 256
+    for a in range(256):
+        b = exp[-log[a] % 255] if a else 0
+        s = b
+        for _ in range(4):
+            b = (b << 1 | b >> 7) & 0xff
+            s ^= b
+        sbox[a], inv_sbox[s ^ 0x63] = s ^ 0x63, a
+    td0 = [mul(i, 14) << 24 | mul(i, 9) << 16 | mul(i, 13) << 8 | mul(i, 11)
+           for i in inv_sbox]
+    rotations = [[(w >> 8 * r | w << 32 - 8 * r) & 0xffffffff for w in td0]
+                 for r in (1, 2, 3)]
+    return [sbox, inv_sbox, td0] + rotations
+
+
+def aes_decryption_key_schedule(key, tables):
+    """Key expansion (FIPS-197 §5.2) as round keys for the equivalent
+    inverse cipher (§5.3.5): reversed, inner ones through InvMixColumns.
+    """
+    sbox, _, td0, td1, td2, td3 = tables
+    nk = len(key) // 4
+    words = [int.from_bytes(key[4 * i:4 * i + 4], 'big') for i in range(nk)]
+    rcon = 1
+    for i in range(nk, 4 * (nk + 7)):
+        t = words[-1]
+        if i % nk == 0:
+            t = (t << 8 | t >> 24) & 0xffffffff  # RotWord
+        if i % nk == 0 or (nk > 6 and i % nk == 4):
+            t = (sbox[t >> 24] << 24 | sbox[t >> 16 & 255] << 16 |
+                 sbox[t >> 8 & 255] << 8 | sbox[t & 255])  # SubWord
+        if i % nk == 0:
+            t ^= rcon << 24
+            rcon = rcon << 1 ^ (0x11b if rcon & 0x80 else 0)
+        words.append(words[i - nk] ^ t)
+    rounds = [words[at:at + 4] for at in range(0, len(words), 4)][::-1]
+    for rk in rounds[1:-1]:
+        rk[:] = [td0[sbox[w >> 24]] ^ td1[sbox[w >> 16 & 255]] ^
+                 td2[sbox[w >> 8 & 255]] ^ td3[sbox[w & 255]] for w in rk]
+    return rounds
+
+
+def aes_decrypt_block(block, rounds, tables):
+    """Decrypt one block: equivalent inverse cipher (FIPS-197 Figure 15)."""
+    _, inv_sbox, td0, td1, td2, td3 = tables
+    s0, s1, s2, s3 = [int.from_bytes(block[4 * i:4 * i + 4], 'big') ^
+                      rounds[0][i] for i in range(4)]
+    for rk in rounds[1:-1]:
+        s0, s1, s2, s3 = (
+            td0[s0 >> 24] ^ td1[s3 >> 16 & 255] ^ td2[s2 >> 8 & 255] ^
+            td3[s1 & 255] ^ rk[0],
+            td0[s1 >> 24] ^ td1[s0 >> 16 & 255] ^ td2[s3 >> 8 & 255] ^
+            td3[s2 & 255] ^ rk[1],
+            td0[s2 >> 24] ^ td1[s1 >> 16 & 255] ^ td2[s0 >> 8 & 255] ^
+            td3[s3 & 255] ^ rk[2],
+            td0[s3 >> 24] ^ td1[s2 >> 16 & 255] ^ td2[s1 >> 8 & 255] ^
+            td3[s0 & 255] ^ rk[3])
+    out = b''
+    for i, (a, b, c, d) in enumerate(((s0, s3, s2, s1), (s1, s0, s3, s2),
+                                      (s2, s1, s0, s3), (s3, s2, s1, s0))):
+        word = (inv_sbox[a >> 24] << 24 | inv_sbox[b >> 16 & 255] << 16 |
+                inv_sbox[c >> 8 & 255] << 8 | inv_sbox[d & 255])
+        out += (word ^ rounds[-1][i]).to_bytes(4, 'big')
+    return out
+
+
+def aes_cbc_decrypt(key, iv, data):
+    """AES-CBC decryption (SP 800-38A §6.2); padding is left in place.
+
+    :raises KeyFileError: bad key, IV or ciphertext length.
+    """
+    if len(key) not in (16, 24, 32) or len(iv) != 16 or not data or len(
+            data) % 16:
+        raise KeyFileError('bad encrypted key data')
+    tables = aes_build_tables()
+    rounds = aes_decryption_key_schedule(key, tables)
+    out, previous = [], iv
+    for at in range(0, len(data), 16):
+        block = data[at:at + 16]
+        plain = aes_decrypt_block(block, rounds, tables)
+        out.append((int.from_bytes(plain, 'big') ^ int.from_bytes(
+            previous, 'big')).to_bytes(16, 'big'))
+        previous = block
+    return b''.join(out)
+
+
+def pkcs7_unpad(data):
+    """Strip PKCS#7 padding (RFC 5652 §6.3); bad padding: wrong passphrase.
+
+    :raises KeyFileError: padding invalid.
+    """
+    pad = data[-1] if data else 0
+    if not 1 <= pad <= 16 or data[-pad:] != bytes((pad,)) * pad:
+        raise KeyFileError('cannot decrypt private key: wrong passphrase?')
+    return data[:-pad]
+
+###############################################################################
+# DSV tool: private keys ######################################################
+###############################################################################
+
+
+def dsv_read_passphrase(stdin):
+    """Return the key passphrase as bytes (protocol.md §6).
+
+    DSV_PASSPHRASE, else a getpass prompt when stdin is a terminal; never
+    waits on a pipe.
+    :raises KeyFileError: no source, or longer than the maximum.
+    """
+    value = os.environ.get('DSV_PASSPHRASE')
+    if value is not None:
+        value = os.fsencode(value)
+    elif stdin is not None and stdin.isatty():
+        import getpass  # late import: start-up time
+        try:
+            value = getpass.getpass('Passphrase: ').encode('utf-8')
+        except EOFError:
+            value = b''
+    else:
+        raise KeyFileError('private key is encrypted: set DSV_PASSPHRASE or '
+                           'run from a terminal')
+    if len(value) > DSV_MAX_PASSPHRASE_LENGTH:
+        raise KeyFileError('passphrase too long')
+    return value
+
+
+def evp_bytes_to_key(passphrase, salt, length):
+    """OpenSSL EVP_BytesToKey, MD5, one iteration: D_i = MD5(D_i-1||P||S)."""
+    import hashlib  # late import: start-up time
+    key, block = b'', b''
+    while len(key) < length:
+        block = hashlib.md5(block + passphrase + salt).digest()
+        key += block
+    return key[:length]
+
+
+def pem_legacy_decrypt(dek_info, data, passphrase):
+    """Decrypt a legacy ``Proc-Type: 4,ENCRYPTED`` PEM body (AES-*-CBC).
+
+    Key = EVP_BytesToKey(MD5, passphrase, salt = first 8 IV octets).
+    :raises KeyFileError: unsupported cipher or wrong passphrase.
+    """
+    cipher, _, iv_hex = dek_info.partition(',')
+    length = PEM_DEK_CIPHERS.get(cipher.strip().upper())
+    try:
+        iv = bytes.fromhex(iv_hex.strip())
+    except ValueError:
+        iv = b''
+    if length is None or len(iv) != 16:
+        raise KeyFileError('unsupported key encryption %s' % cipher.strip())
+    key = evp_bytes_to_key(passphrase, iv[:8], length)
+    return pkcs7_unpad(aes_cbc_decrypt(key, iv, data))
+
+
+def pkcs8_decrypt(der, passphrase):
+    """Decrypt an EncryptedPrivateKeyInfo (RFC 5958 §3): PBES2 with PBKDF2
+    and AES-CBC (RFC 8018 §6.2, A.2, A.4), as openssl genpkey/pkcs8 write.
+
+    :raises DERError: malformed structure.
+    :raises KeyFileError: unsupported scheme or wrong passphrase.
+    """
+    import hashlib  # late import: start-up time
+    start, end = der_read_expected(der, 0, len(der), 0x30)
+    der_expect_end(end, len(der))
+    oid, params, pos = der_read_algorithm(der, start, end)
+    encrypted, pos = der_read_octetstring(der, pos, end)
+    der_expect_end(pos, end)
+    if oid != OID_PBES2:
+        raise KeyFileError('unsupported key encryption %s' % oid)
+    start, end = der_read_expected(params, 0, len(params), 0x30)
+    kdf, kdf_params, pos = der_read_algorithm(params, start, end)
+    cipher, iv_der, pos = der_read_algorithm(params, pos, end)
+    der_expect_end(pos, end)
+    iv, iv_end = der_read_octetstring(iv_der, 0, len(iv_der))
+    der_expect_end(iv_end, len(iv_der))
+    if kdf != OID_PBKDF2 or cipher not in AES_CBC_OIDS:
+        raise KeyFileError('unsupported key encryption %s' % cipher)
+    start, end = der_read_expected(kdf_params, 0, len(kdf_params), 0x30)
+    salt, pos = der_read_octetstring(kdf_params, start, end)
+    iterations, pos = der_read_integer(kdf_params, pos, end)
+    length = AES_CBC_OIDS[cipher]
+    if pos < end and kdf_params[pos] == 0x02:
+        key_length, pos = der_read_integer(kdf_params, pos, end)
+        if key_length != length:
+            raise KeyFileError('bad PBKDF2 key length')
+    prf = '1.2.840.113549.2.7'  # DEFAULT algid-hmacWithSHA1
+    if pos < end:
+        prf, prf_params, pos = der_read_algorithm(kdf_params, pos, end)
+        if prf_params not in (b'', DER_NULL):
+            raise DERError('bad PBKDF2 PRF parameters')
+    der_expect_end(pos, end)
+    if prf not in PBKDF2_PRFS:
+        raise KeyFileError('unsupported PBKDF2 PRF %s' % prf)
+    if not 1 <= iterations <= DSV_MAX_PBKDF2_ITERATIONS:
+        raise KeyFileError('bad PBKDF2 iteration count')
+    key = hashlib.pbkdf2_hmac(PBKDF2_PRFS[prf], passphrase, salt, iterations,
+                              length)
+    return pkcs7_unpad(aes_cbc_decrypt(key, iv, encrypted))
+
+
+def rsa_private_key_decode(der):
+    """Decode a two-prime RSAPrivateKey (RFC 8017 A.1.2) with cheap checks.
+
+    Returns ``(n, e, d, p, q, dP, dQ, qInv)``.
+    :raises DERError: malformed, multi-prime or inconsistent.
+    """
+    version, n, e, d, p, q, dp, dq, qinv = der_read_integer_sequence(der, 9)
+    rsa_check_public(n, e)
+    if (version != 0 or n != p * q or dp != d % (p - 1) or
+            dq != d % (q - 1) or qinv * q % p != 1):
+        raise DERError('inconsistent RSA private key')
+    return n, e, d, p, q, dp, dq, qinv
+
+
+def dsa_private_key_build(p, q, g, y, x):
+    """Return ``(p, q, g, y, x)`` if 0 < x < q and y = g^x mod p (FIPS 186-4).
+
+    :raises DERError: out of range or inconsistent.
+    """
+    dsa_check_public(p, q, g, y)
+    if not 0 < x < q or pow(g, x, p) != y:
+        raise DERError('inconsistent DSA private key')
+    return p, q, g, y, x
+
+
+def pkcs8_decode(der):
+    """Decode a PrivateKeyInfo (RFC 5958 §2) holding an RSA or DSA key.
+
+    DSA keeps p, q, g in the parameters and x as an INTEGER (RFC 5912).
+    :raises DERError: malformed or unsupported.
+    """
+    start, end = der_read_expected(der, 0, len(der), 0x30)
+    der_expect_end(end, len(der))
+    version, pos = der_read_integer(der, start, end)
+    oid, params, pos = der_read_algorithm(der, pos, end)
+    private, pos = der_read_octetstring(der, pos, end)
+    for optional in (0xa0, 0x81):  # attributes, publicKey (RFC 5958)
+        if pos < end and der[pos] == optional:
+            pos = der_read_tlv(der, pos, end)[2]
+    der_expect_end(pos, end)
+    if version not in (0, 1):
+        raise DERError('bad PrivateKeyInfo version')
+    if oid == OID_RSA_ENCRYPTION and params == DER_NULL:
+        return 'rsa', rsa_private_key_decode(private)
+    if oid == OID_DSA and params:
+        p, q, g = der_read_integer_sequence(params, 3)
+        x, pos = der_read_integer(private, 0, len(private))
+        der_expect_end(pos, len(private))
+        return 'dsa', dsa_private_key_build(p, q, g, pow(g, x, p), x)
+    raise DERError('unsupported private key algorithm')
+
+
+def openssl_dsa_private_key_decode(der):
+    """Decode OpenSSL's ``DSA PRIVATE KEY``: SEQUENCE {0, p, q, g, y, x}.
+
+    :raises DERError: malformed or inconsistent.
+    """
+    version, p, q, g, y, x = der_read_integer_sequence(der, 6)
+    if version != 0:
+        raise DERError('bad DSA private key version')
+    return 'dsa', dsa_private_key_build(p, q, g, y, x)
+
+
+def load_private_key(data, get_passphrase):
+    """Decode the one RSA or DSA private key in PEM ``data``.
+
+    PKCS#1 ``RSA PRIVATE KEY`` or OpenSSL ``DSA PRIVATE KEY`` (maybe legacy
+    encrypted), PKCS#8 ``PRIVATE KEY`` or ``ENCRYPTED PRIVATE KEY``.
+    ``get_passphrase()`` is called only for an encrypted key.  Returns
+    ``('rsa', (n, e, d, p, q, dP, dQ, qInv))`` or ``('dsa', (p, q, g, y, x))``.
+    :raises KeyFileError: none, several, bad or undecryptable.
+    """
+    decoders = (('RSA PRIVATE KEY', lambda der: ('rsa',
+                                                 rsa_private_key_decode(der))),
+                ('DSA PRIVATE KEY', openssl_dsa_private_key_decode),
+                ('PRIVATE KEY', pkcs8_decode),
+                ('ENCRYPTED PRIVATE KEY', pkcs8_decode))
+    found = []
+    try:
+        for label, decode in decoders:
+            found.extend((label, decode, headers, der) for headers, der
+                         in pem_decode_with_headers(data, label))
+    except PEMError as exc:
+        raise KeyFileError('cannot read private key: %s' % exc) from None
+    if len(found) != 1:
+        raise KeyFileError('expected one RSA or DSA private key, found %d'
+                           % len(found))
+    label, decode, headers, der = found[0]
+    encrypted = (label == 'ENCRYPTED PRIVATE KEY' or
+                 headers.get('Proc-Type') == '4,ENCRYPTED')
+    try:
+        if label == 'ENCRYPTED PRIVATE KEY':
+            der = pkcs8_decrypt(der, get_passphrase())
+        elif encrypted:
+            der = pem_legacy_decrypt(headers.get('DEK-Info', ''), der,
+                                     get_passphrase())
+        return decode(der)
+    except DERError:
+        if encrypted:
+            raise KeyFileError('cannot decrypt private key: wrong '
+                               'passphrase?') from None
+        raise KeyFileError('cannot read private key: malformed or '
+                           'unsupported') from None
+
+###############################################################################
+# DSV tool: signing ###########################################################
+###############################################################################
+
+
+def mod_inverse(a, m):
+    """a^-1 mod m by extended Euclid; COMPAT(3.6): pow(a, -1, m) is 3.8+.
+
+    :raises ValueError: a has no inverse modulo m.
+    """
+    r0, r1, t0, t1 = m, a % m, 0, 1
+    while r1:
+        quotient = r0 // r1
+        r0, r1, t0, t1 = r1, r0 - quotient * r1, t1, t0 - quotient * t1
+    if r0 != 1:
+        raise ValueError('not invertible')
+    return t0 % m
+
+
+def rsa_pkcs1v15_sign(key, hash_name, digest):
+    """RSASSA-PKCS1-v1_5-SIGN (RFC 8017 §8.2.1) with the CRT form of RSASP1
+    (§5.2.1 step 2.b).  The caller verifies the result (fault check).
+    """
+    n, _, _, p, q, dp, dq, qinv = key
+    k = (n.bit_length() + 7) // 8
+    m = int.from_bytes(rsa_pkcs1v15_encode(hash_name, digest, k), 'big')
+    s1, s2 = pow(m, dp, p), pow(m, dq, q)
+    return (s2 + q * (qinv * (s1 - s2) % p)).to_bytes(k, 'big')
+
+
+def rfc6979_nonces(x, q, hash_name, digest):
+    """Yield the deterministic DSA nonces k of RFC 6979 §3.2 (steps b-h).
+
+    HMAC_DRBG seeded with x and H(m): no biased or repeated k can leak x.
+    """
+    import hmac  # late import: start-up time
+    qlen = q.bit_length()
+    rlen = (qlen + 7) // 8
+
+    def bits2int(octets):
+        """RFC 6979 §2.3.2: the leftmost qlen bits as an integer."""
+        return int.from_bytes(octets, 'big') >> max(0, 8 * len(octets) - qlen)
+
+    def mac(key, data):
+        """HMAC with the message's hash function."""
+        return hmac.new(key, data, hash_name).digest()
+    # int2octets(x) || bits2octets(h1), §2.3.3-2.3.4
+    seed = (x.to_bytes(rlen, 'big') +
+            (bits2int(digest) % q).to_bytes(rlen, 'big'))
+    v, k = b'\x01' * len(digest), b'\x00' * len(digest)    # steps b, c
+    k = mac(k, v + b'\x00' + seed)                         # step d
+    v = mac(k, v)                                          # step e
+    k = mac(k, v + b'\x01' + seed)                         # step f
+    v = mac(k, v)                                          # step g
+    while True:                                            # step h
+        t = b''
+        while 8 * len(t) < qlen:
+            v = mac(k, v)
+            t += v
+        nonce = bits2int(t)
+        if 0 < nonce < q:
+            yield nonce
+        k = mac(k, v + b'\x00')
+        v = mac(k, v)
+
+
+def dsa_sign(key, hash_name, digest):
+    """DSA signature generation (FIPS 186-4 §4.6) with RFC 6979 nonces;
+    returns the DER Dss-Sig-Value.
+    """
+    p, q, g, _, x = key
+    z = int.from_bytes(digest, 'big') >> max(0, 8 * len(digest) -
+                                             q.bit_length())
+    for k in rfc6979_nonces(x, q, hash_name, digest):
+        r = pow(g, k, p) % q
+        s = pow(k, q - 2, q) * (z + x * r) % q
+        if r and s:  # else the next k (RFC 6979 §3.4)
+            return der_encode_sequence(der_encode_integer(r),
+                                       der_encode_integer(s))
+
+
+def dsv_sign_digest(private, hash_name, digest):
+    """Sign ``digest`` with a loaded key, verifying before release: an
+    inconsistent key or a CRT fault would otherwise leak the factors of n.
+
+    :raises KeyFileError: the signature does not verify.
+    """
+    kind, key = private
+    if kind == 'rsa':
+        signature, public = rsa_pkcs1v15_sign(key, hash_name, digest), key[:2]
+    else:
+        signature, public = dsa_sign(key, hash_name, digest), key[:4]
+    try:
+        verify_with_key(kind, public, hash_name, digest, signature)
+    except SignatureError:
+        raise KeyFileError('private key is inconsistent') from None
+    return signature
+
+###############################################################################
+# DSV tool: RSA key and certificate generation ################################
+###############################################################################
+
+
+def small_primes_product(limit):
+    """Return the product of the odd primes below ``limit`` (trial sieve)."""
+    product, is_prime = 1, bytearray([1]) * limit
+    for n in range(3, limit, 2):
+        if is_prime[n]:
+            product *= n
+            is_prime[n * n::2 * n] = bytes(len(range(n * n, limit, 2 * n)))
+    return product
+
+
+def miller_rabin(n, rounds):
+    """Miller-Rabin, random bases (FIPS 186-4 C.3.1); error <= 4^-rounds."""
+    import secrets  # late import: start-up time
+    d, s = n - 1, 0
+    while not d & 1:
+        d, s = d >> 1, s + 1
+    for _ in range(rounds):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x == 1 or x == n - 1:
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def rsa_generate_prime(bits, e, sieve):
+    """Return a random ``bits``-bit prime p with gcd(p - 1, e) = 1.
+
+    Top two bits set: p >= sqrt(2) * 2^(bits-1) (FIPS 186-4 B.3.3 step 4).
+    A gcd with the small-prime product drops most composites before
+    Miller-Rabin (40 rounds).  ``e`` must be prime.
+    """
+    import math  # late import: start-up time
+    import secrets
+    while True:
+        p = secrets.randbits(bits) | 3 << bits - 2 | 1
+        if math.gcd(p, sieve) == 1 and (p - 1) % e and miller_rabin(p, 40):
+            return p
+
+
+def rsa_generate_key(bits, e=65537):
+    """Generate ``(n, e, d, p, q, dP, dQ, qInv)``, n of exactly ``bits``.
+
+    FIPS 186-4 B.3.1, B.3.3: |p - q| > 2^(bits/2 - 100), and
+    d = e^-1 mod lcm(p - 1, q - 1) > 2^(bits/2).
+    """
+    import math  # late import: start-up time
+    sieve = small_primes_product(2000)
+    while True:
+        p = rsa_generate_prime(bits // 2, e, sieve)
+        q = rsa_generate_prime(bits // 2, e, sieve)
+        if abs(p - q) >> (bits // 2 - 100) == 0:
+            continue
+        p, q = max(p, q), min(p, q)
+        d = mod_inverse(e, (p - 1) * (q - 1) // math.gcd(p - 1, q - 1))
+        if d.bit_length() > bits // 2:
+            return (p * q, e, d, p, q, d % (p - 1), d % (q - 1),
+                    mod_inverse(q, p))
+
+
+def x509_encode_time(when):
+    """UTCTime before 2050, else GeneralizedTime (RFC 5280 §4.1.2.5)."""
+    import time  # late import: start-up time
+    moment = time.gmtime(when)
+    if moment.tm_year < 2050:
+        return der_encode_tlv(0x17, time.strftime('%y%m%d%H%M%SZ',
+                                                  moment).encode('ascii'))
+    return der_encode_tlv(0x18, time.strftime('%Y%m%d%H%M%SZ',
+                                              moment).encode('ascii'))
+
+
+def x509_build_self_signed(key, common_name, days=3652):
+    """Return the DER of a self-signed X.509 v3 certificate (RFC 5280).
+
+    sha256WithRSAEncryption, random 128-bit serial, CN subject = issuer,
+    ``days`` from now, plus basicConstraints cA (critical) and a
+    subjectKeyIdentifier (§4.2.1.2 method 1), as ``openssl req -x509``.
+    """
+    import hashlib  # late import: start-up time
+    import secrets
+    import time
+    now = int(time.time())
+    algorithm = der_encode_sequence(der_encode_oid(OID_SHA256_WITH_RSA),
+                                    DER_NULL)
+    name = der_encode_sequence(der_encode_tlv(0x31, der_encode_sequence(
+        der_encode_oid(OID_COMMON_NAME),
+        der_encode_tlv(0x0c, common_name.encode('utf-8')))))
+    public = der_encode_sequence(der_encode_integer(key[0]),
+                                 der_encode_integer(key[1]))
+    spki = der_encode_sequence(der_encode_sequence(
+        der_encode_oid(OID_RSA_ENCRYPTION), DER_NULL),
+        der_encode_tlv(0x03, b'\x00' + public))  # RFC 3279 §2.3.1
+    true = b'\x01\x01\xff'
+    extensions = der_encode_tlv(0xa3, der_encode_sequence(
+        der_encode_sequence(der_encode_oid('2.5.29.19'), true, der_encode_tlv(
+            0x04, der_encode_sequence(true))),  # basicConstraints cA
+        der_encode_sequence(der_encode_oid('2.5.29.14'), der_encode_tlv(
+            0x04, der_encode_tlv(0x04, hashlib.sha1(public).digest())))))
+    tbs = der_encode_sequence(
+        der_encode_tlv(0xa0, der_encode_integer(2)),
+        der_encode_integer(secrets.randbits(128) | 1 << 127), algorithm,
+        name, der_encode_sequence(x509_encode_time(now),
+                                  x509_encode_time(now + days * 86400)),
+        name, spki, extensions)
+    signature = dsv_sign_digest(('rsa', key), 'sha256',
+                                hashlib.sha256(tbs).digest())
+    return der_encode_sequence(tbs, algorithm,
+                               der_encode_tlv(0x03, b'\x00' + signature))
+
+###############################################################################
+# DSV tool: command line ######################################################
+###############################################################################
+
+
+def dsv_write_file(path, data, mode=0o644, replace=True):
+    """Write ``data`` to ``path``: through a temporary name and a rename
+    (``replace``), or created with O_EXCL, which never overwrites.
+    """
+    target = '%s.%d.tmp' % (path, os.getpid()) if replace else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, 'wb') as stream:
+            stream.write(data)
+        if replace:
+            os.replace(target, path)
+    except BaseException:
+        try:
+            os.unlink(target)
+        except OSError:
+            pass
+        raise
+
+
+def dsvtool_parse_int(text, low, high, what):
+    """Parse a decimal command-line number within ``low..high``.
+
+    :raises DsvUsageError: not a number, or out of range.
+    """
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise DsvUsageError('%s must be a number from %d to %d'
+                            % (what, low, high))
+    return int(text)
+
+
+def dsvtool_parse_args(argv):
+    """Parse the position-dependent command line (protocol.md §6).
+
+    Options come in the synopsis order, each with its own argument, so a
+    bundled flag such as ``-sk`` is an unknown mode.  Returns
+    ``(mode_function, options)``.
+
+    :raises DsvUsageError: anything else.
+    """
+    args = list(argv)
+
+    def take(names, required=True):
+        """Pop ``names value`` off the front of args (None if optional)."""
+        if args and args[0] in names:
+            if len(args) < 2:
+                raise DsvUsageError('option %s needs a value' % args[0])
+            del args[0]
+            return args.pop(0)
+        if required:
+            raise DsvUsageError('expected %s' % '|'.join(names))
+        return None
+    mode = args.pop(0) if args else None
+    rest = None  # name of the option that takes the remaining arguments
+    if mode in ('-s', '--sign-payload'):
+        function, rest = dsvtool_sign, 'payloads'
+        options = {'key': take(('-k', '--key-file')),
+                   'hash': take(('-a', '--hash'), False) or 'sha256'}
+        if options['hash'] not in DSVTOOL_SIGN_HASHES:
+            raise DsvUsageError('unsupported hash %s' % options['hash'])
+    elif mode in ('-c', '--check-signature'):
+        function, rest = dsvtool_check, 'signatures'
+        if args and args[0] in ('-t', '--cert-tree'):
+            options = {'cert_tree': take(('-t', '--cert-tree'))}
+        else:
+            options = {'cert_file': take(('-f', '--cert-file'))}
+    elif mode in ('-g', '--generate-key'):
+        function = dsvtool_generate_key
+        bits = dsvtool_parse_int(take(('-b', '--bits')), 1024, 8192, 'bits')
+        if bits % 256:
+            raise DsvUsageError('bits must be a multiple of 256')
+        if take(('-t', '--type')) != 'rsa':
+            raise DsvUsageError('only rsa keys can be generated')
+        options = {'bits': bits, 'common_name': take(
+            ('-n', '--common-name'), False) or 'webjob-dsv',
+                   'prefix': take(('-o', '--output'), False) or 'webjob-dsv'}
+    elif mode in ('-p', '--generate-password'):
+        function, length = dsvtool_generate_password, take(
+            ('-l', '--length'), False)
+        options = {'length': dsvtool_parse_int(length or '20', 8, 1024,
+                                               'length')}
+    elif mode in ('-v', '--version'):
+        function, options = dsvtool_version, {}
+    else:
+        raise DsvUsageError('unknown mode %s' % mode if mode else 'no mode')
+    if rest and not args:
+        raise DsvUsageError('no %s given' % rest)
+    if rest:
+        options[rest] = args
+    elif args:
+        raise DsvUsageError('unexpected argument %s' % args[0])
+    return function, options
+
+
+def dsvtool_sign(options, stdin, stdout, stderr):
+    """Sign mode: write ``<payload>.sig`` (one base64 line) per payload, or
+    the line to stdout for ``-``.  Returns 1 if any payload failed.
+    """
+    import base64  # late import: start-up time
+    data = dsv_read_small_file(options['key'])
+    private = load_private_key(data, lambda: dsv_read_passphrase(stdin))
+    hash_name, status = options['hash'], 0
+    for payload in options['payloads']:
+        try:
+            if payload == '-':
+                digest = hash_stream_all(stdin, [hash_name])[hash_name]
+            else:
+                with open(payload, 'rb') as stream:
+                    digest = hash_stream_all(stream, [hash_name])[hash_name]
+            line = base64.b64encode(dsv_sign_digest(private, hash_name,
+                                                    digest)) + b'\n'
+            if payload == '-':
+                stdout.write(line.decode('ascii'))
+            else:
+                dsv_write_file(payload + '.sig', line)
+        except OSError as exc:
+            stderr.write('webjob-dsvtool: %s: %s\n' % (payload, exc.strerror))
+            status = 1
+    return status
+
+
+def dsvtool_check(options, stdin, stdout, stderr):
+    """Check mode: print ``<sig>: OK`` or ``<sig>: FAILED`` per signature.
+
+    The payload is the signature name minus ``.sig``.  SHA-1 signatures
+    are accepted here, unlike in the client: this tool inspects old
+    signatures too.  Returns 1 if any failed.
+
+    :raises DsvError: no usable certificate.
+    """
+    source = options.get('cert_tree') or options['cert_file']
+    try:
+        spkis = (load_certificate_tree(source) if 'cert_tree' in options
+                 else x509_load_spkis(dsv_read_small_file(source)))
+    except DsvError as exc:
+        raise DsvError('%s: %s' % (source, exc)) from None
+    if not spkis:
+        raise DsvError('%s: no usable certificate' % source)
+    status = 0
+    for sig_path in options['signatures']:
+        verdict = 'FAILED'
+        try:
+            if not sig_path.endswith('.sig'):
+                raise DsvError('signature file name must end in .sig')
+            verify_payload_file(sig_path[:-4], dsv_read_small_file(
+                sig_path, DSV_MAX_SIG_FILE), spkis, allow_sha1=True)
+            verdict = 'OK'
+        except SignatureError:
+            pass
+        except (OSError, DsvError) as exc:
+            stderr.write('webjob-dsvtool: %s: %s\n' % (
+                sig_path, getattr(exc, 'strerror', None) or exc))
+        stdout.write('%s: %s\n' % (sig_path, verdict))
+        status |= verdict != 'OK'
+    return status
+
+
+def dsvtool_generate_key(options, stdin, stdout, stderr):
+    """Generate-key mode: ``<prefix>.key`` (PKCS#1 PEM, mode 0600) and
+    ``<prefix>.crt`` (self-signed PEM certificate).  Never overwrites.
+
+    :raises DsvError: an output file exists.
+    """
+    prefix = options['prefix']
+    for suffix in ('.key', '.crt'):
+        if os.path.lexists(prefix + suffix):
+            raise DsvError('%s%s exists: not overwritten' % (prefix, suffix))
+    key = rsa_generate_key(options['bits'])
+    cert = x509_build_self_signed(key, options['common_name'])
+    private = der_encode_sequence(*[der_encode_integer(value)
+                                    for value in (0,) + key])
+    dsv_write_file(prefix + '.key', pem_encode(private, 'RSA PRIVATE KEY'),
+                   0o600, replace=False)
+    dsv_write_file(prefix + '.crt', pem_encode(cert, 'CERTIFICATE'), 0o644,
+                   replace=False)
+    return 0
+
+
+def dsvtool_generate_password(options, stdin, stdout, stderr):
+    """Generate-password mode: letters and digits drawn with ``secrets``."""
+    import secrets  # late import: start-up time
+    stdout.write(''.join(secrets.choice(DSVTOOL_PASSWORD_ALPHABET)
+                         for _ in range(options['length'])) + '\n')
+    return 0
+
+
+def dsvtool_version(options, stdin, stdout, stderr):
+    """Version mode: ``webjob-dsvtool <version>``."""
+    stdout.write('webjob-dsvtool %s\n' % DSVTOOL_VERSION)
+    return 0
+
+
+def dsvtool_main(argv, stdin=None, stdout=None, stderr=None):
+    """Run webjob-dsvtool; return its exit code (0 ok, 1 failure, 2 usage).
+
+    ``argv`` excludes the program name.  The one catch-all: errors become
+    one ``webjob-dsvtool: ...`` line on stderr, never a traceback, and
+    never key material (unexpected errors show only their type).
+    """
+    stdin = sys.stdin.buffer if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        function, options = dsvtool_parse_args(argv)
+        return function(options, stdin, stdout, stderr)
+    except DsvUsageError as exc:
+        stderr.write('webjob-dsvtool: %s\n%s' % (exc, DSVTOOL_USAGE))
+        return exc.exit_code
+    except WebJobError as exc:
+        stderr.write('webjob-dsvtool: %s\n' % exc)
+        return exc.exit_code
+    except OSError as exc:
+        stderr.write('webjob-dsvtool: %s: %s\n' % (exc.filename, exc.strerror))
+        return 1
+    except KeyboardInterrupt:
+        stderr.write('webjob-dsvtool: interrupted\n')
+        return 1
+    except Exception as exc:  # last resort: never a traceback
+        stderr.write('webjob-dsvtool: internal error: %s\n'
+                     % type(exc).__name__)
+        return 1
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -2011,6 +3681,8 @@ def dispatch(mode, arguments):
         return get_url_mode(*arguments)
     if mode == 'pad-make-script':
         return pad_make_mode(*arguments)
+    if mode == 'dsvtool':
+        return dsvtool_main(*arguments)
     raise DependencyError('%s is not available in this build' % mode)
 
 
@@ -2029,9 +3701,12 @@ def check_standard_descriptors():
 
 def main(argv=None):
     """Run the command line; return the exit code for sys.exit()."""
+    invoked = os.path.basename(sys.argv[0] if sys.argv else '')
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         check_standard_descriptors()
+        if invoked.startswith('webjob-dsvtool'):
+            return dsvtool_main(argv)
         mode, arguments = parse_args(argv)
         return dispatch(mode, arguments)
     except UsageError as exc:
