@@ -1,0 +1,487 @@
+"""Shared test fixtures: interpreters, ports, server trees, the standalone
+nph_webjob.py server, and a real Apache running nph-webjob.cgi.
+
+Everything here starts real processes on 127.0.0.1 and waits on ports or
+files, never on sleeps.  Used by test_nph_webjob.py and test_webjob.py.
+"""
+
+import glob
+import grp
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NPH_WEBJOB = os.path.join(HERE, 'nph_webjob.py')
+WEBJOB = os.path.join(HERE, 'webjob.py')
+CGI_PATH = '/cgi-client/nph-webjob.cgi'        # NPH: the CGI's own status line
+PARSED_CGI_PATH = '/cgi-client/webjob.cgi'     # parsed-header: 'Status:'
+LOOPBACK = '127.0.0.1'
+
+
+# Interpreters ################################################################
+
+def _version_of(python):
+    return tuple(int(part) for part in python.split(os.sep)[-3].split('.'))
+
+
+#: Every installed 3.x interpreter, oldest first.
+PYTHONS = sorted(glob.glob('/root/.pyenv/versions/3.*/bin/python'),
+                 key=_version_of)
+REQUIRED_PYTHONS = ('3.6.15', '3.13.0')
+_MISSING = [version for version in REQUIRED_PYTHONS
+            if '/root/.pyenv/versions/%s/bin/python' % version not in PYTHONS]
+if _MISSING or _version_of(PYTHONS[0]) != (3, 6, 15):
+    raise RuntimeError(
+        'conftest: the end-to-end tests run on the oldest and the newest '
+        'supported Python, /root/.pyenv/versions/{%s}/bin/python; missing: '
+        '%s (found: %s)' % (','.join(REQUIRED_PYTHONS),
+                            ', '.join(_MISSING) or 'an older 3.x sorts first',
+                            ', '.join(PYTHONS) or 'none'))
+OLDEST_PY = PYTHONS[0]
+NEWEST_PY = PYTHONS[-1]
+
+
+# Ports #######################################################################
+
+def free_port(host=LOOPBACK):
+    """A port nobody listens on right now (the caller retries on a race)."""
+    sock = socket.socket()
+    try:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def wait_for_port(host, port, timeout=15.0, proc=None):
+    """Return once something accepts on host:port; raise on timeout or when
+    proc (if given) exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError as exc:
+            error = exc
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError('process exited (status %s) before listening '
+                               'on %s:%d' % (proc.returncode, host, port))
+        if time.monotonic() > deadline:
+            raise RuntimeError('nothing listens on %s:%d after %.0f s: %s'
+                               % (host, port, timeout, error))
+        time.sleep(0.02)     # poll interval while waiting on the port
+
+
+def stop_process(proc, timeout=10.0):
+    """SIGTERM the process group, SIGKILL after timeout; return the status
+    of the leader."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, signum)
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+# Server trees ################################################################
+
+CLIENT_PROGRAM = b'#!/bin/sh\necho "hello from client_1 $*"\n'
+COMMON_PROGRAM = b'#!/bin/sh\necho "hello from common $*"\n'
+
+
+def write_file(path, data, mode=0o644):
+    """Create or replace a file with the given bytes and mode."""
+    with open(str(path), 'wb') as handle:
+        handle.write(data)
+    os.chmod(str(path), mode)
+    return path
+
+
+def make_server_root(root):
+    """A BaseDirectory: incoming/, logfiles/, profiles/ with a client_1
+    profile (hostname.sh) and a common one (common.sh)."""
+    root = str(root)
+    for sub in ('incoming', 'logfiles', 'profiles/client_1/commands',
+                'profiles/common/commands'):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    write_file(os.path.join(root, 'profiles/client_1/commands/hostname.sh'),
+               CLIENT_PROGRAM, 0o755)
+    write_file(os.path.join(root, 'profiles/common/commands/common.sh'),
+               COMMON_PROGRAM, 0o755)
+    return root
+
+
+def read_log_lines(root, count=0, timeout=10.0):
+    """The lines of logfiles/nph-webjob.log under a BaseDirectory, once it
+    has at least count (the server logs after it has answered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(os.path.join(str(root), 'logfiles',
+                                   'nph-webjob.log')) as log:
+                lines = log.read().splitlines()
+        except OSError:
+            lines = []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)     # poll interval while waiting on the file
+
+
+@pytest.fixture
+def server_root(tmp_path):
+    """A fresh BaseDirectory (a pathlib.Path): the layout, two profiles."""
+    make_server_root(tmp_path / 'server')
+    return tmp_path / 'server'
+
+
+# Standalone server ###########################################################
+
+class StandaloneServer(object):
+    """A running 'nph_webjob.py serve'."""
+
+    def __init__(self, proc, port, root, stderr_path):
+        self.proc = proc
+        self.port = port
+        self.root = root
+        self.stderr_path = stderr_path
+        self.url = 'http://%s:%d/' % (LOOPBACK, port)
+        self.cgi_url = 'http://%s:%d%s' % (LOOPBACK, port, CGI_PATH)
+
+    def log_lines(self, count=0):
+        """The log's lines, after waiting for at least count of them."""
+        return read_log_lines(self.root, count)
+
+    def incoming(self):
+        return sorted(os.listdir(os.path.join(str(self.root), 'incoming')))
+
+    def stderr(self):
+        with open(self.stderr_path, 'rb') as handle:
+            return handle.read().decode('utf-8', 'replace')
+
+    def stop(self, signum=signal.SIGTERM, timeout=10.0):
+        """Send signum to the server alone; return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        return stop_process(self.proc)
+
+
+@pytest.fixture
+def standalone_server(tmp_path_factory):
+    """Factory: start(python=None, root=None, args=(), cwd=None) runs
+    'python nph_webjob.py serve --root R --port P [args]', waits for the
+    port and returns a StandaloneServer; all are stopped at teardown."""
+    started = []
+
+    def start(python=None, root=None, args=(), cwd=None):
+        work = str(tmp_path_factory.mktemp('standalone'))
+        root = os.path.join(cwd or work, str(root)) if root is not None \
+            else make_server_root(os.path.join(work, 'server'))
+        stderr_path = os.path.join(work, 'serve.stderr')
+        for attempt in range(3):
+            port = free_port()
+            with open(stderr_path, 'wb') as err:
+                proc = subprocess.Popen(
+                    [python or sys.executable, NPH_WEBJOB, 'serve', '--root',
+                     root, '--port', str(port)] + list(args),
+                    cwd=cwd or work, stdin=subprocess.DEVNULL, stdout=err,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            server = StandaloneServer(proc, port, root, stderr_path)
+            started.append(server)
+            try:
+                wait_for_port(LOOPBACK, port, proc=proc)
+                return server
+            except RuntimeError:
+                stop_process(proc)
+                if attempt == 2 or 'cannot listen' not in server.stderr():
+                    raise RuntimeError('nph_webjob.py serve did not start: %s'
+                                       % server.stderr())
+
+    yield start
+    for server in started:
+        stop_process(server.proc)
+
+
+# Apache ######################################################################
+
+APACHE = shutil.which('apache2') or '/usr/sbin/apache2'
+APACHE_MODULES = '/usr/lib/apache2/modules'
+APACHE_USER = 'www-data'
+DEFAULT_USERS = (('client_1', 'secret-1'), ('client_2', 'secret-2'))
+
+APACHE_CONF = """\
+ServerRoot {top}
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {top}/run/httpd.pid
+DefaultRuntimeDir {top}/run
+Mutex file:{top}/run default
+ErrorLog {top}/logs/error_log
+LogLevel warn
+LogFormat "%h %l %u %t \\"%r\\" %>s %b" common
+CustomLog {top}/logs/access_log common
+User {user}
+Group {group}
+LoadModule mpm_prefork_module {modules}/mod_mpm_prefork.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule authn_core_module {modules}/mod_authn_core.so
+LoadModule authn_file_module {modules}/mod_authn_file.so
+LoadModule auth_basic_module {modules}/mod_auth_basic.so
+LoadModule authz_user_module {modules}/mod_authz_user.so
+LoadModule alias_module {modules}/mod_alias.so
+LoadModule cgi_module {modules}/mod_cgi.so
+LoadModule env_module {modules}/mod_env.so
+StartServers 4
+MinSpareServers 2
+MaxSpareServers 8
+KeepAlive On
+Timeout 30
+DocumentRoot {top}/htdocs
+<Directory />
+  AllowOverride None
+  Require all denied
+</Directory>
+SetEnv WEBJOB_PROPERTIES_FILE {top}/nph-webjob.cfg
+SetEnv PATH {top}/bin:/usr/bin:/bin
+SetEnv LD_LIBRARY_PATH {libdir}
+ScriptAlias /cgi-client/ {top}/cgi-client/
+<Directory {top}/cgi-client>
+  Options +FollowSymLinks
+  AuthType Basic
+  AuthName "WebJob"
+  AuthBasicProvider file
+  AuthUserFile {top}/htpasswd
+  Require valid-user
+</Directory>
+"""
+
+
+def _reachable_by_others(path):
+    """True when a user other than root can reach and read path."""
+    path = os.path.realpath(path)
+    if os.stat(path).st_mode & 0o004 == 0:
+        return False
+    folder = os.path.dirname(path)
+    while True:
+        if os.stat(folder).st_mode & 0o001 == 0:
+            return False
+        if folder == os.path.dirname(folder):
+            return True
+        folder = os.path.dirname(folder)
+
+
+def _interpreter_for_www(python, scratch):
+    """(binary, library folder) of python as www-data can run it.
+
+    pyenv lives under /root (mode 0700): its installation is hard-linked
+    (copied across file systems) into scratch, which is world-traversable.
+    """
+    real = os.path.realpath(python)
+    prefix = os.path.dirname(os.path.dirname(real))
+    if _reachable_by_others(real):
+        return real, os.path.join(prefix, 'lib')
+    dest = os.path.join(scratch, 'python-%s' % os.path.basename(
+        os.path.dirname(os.path.dirname(python))))
+    if not os.path.isdir(dest):
+        ignore = shutil.ignore_patterns('test', 'tests', 'site-packages',
+                                        'idlelib', 'tkinter', 'turtledemo',
+                                        'ensurepip', 'lib2to3', 'include')
+        try:
+            shutil.copytree(prefix, dest, symlinks=True, ignore=ignore,
+                            copy_function=os.link)
+        except (OSError, shutil.Error):
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(prefix, dest, symlinks=True, ignore=ignore)
+    return (os.path.join(dest, os.path.relpath(real, prefix)),
+            os.path.join(dest, 'lib'))
+
+
+class ApacheServer(object):
+    """Apache httpd (prefork + mod_cgi) serving nph-webjob.cgi with Basic
+    auth on a loopback port, from a world-traversable scratch folder."""
+
+    def __init__(self, scratch, python, users=DEFAULT_USERS, require_user=True,
+                 require_match=True):
+        self.top = tempfile.mkdtemp(prefix='apache-', dir=scratch)
+        os.chmod(self.top, 0o755)
+        self.users = dict(users)
+        self.python = python
+        self.root = os.path.join(self.top, 'base')
+        www = pwd.getpwnam(APACHE_USER)
+        for sub in ('run', 'logs', 'htdocs', 'cgi-client', 'bin'):
+            os.makedirs(os.path.join(self.top, sub))
+        make_server_root(self.root)
+        for sub in ('incoming', 'logfiles'):
+            os.chown(os.path.join(self.root, sub), www.pw_uid, www.pw_gid)
+        for folder, subs, files in os.walk(self.root):
+            os.chmod(folder, 0o755)
+        binary, libdir = _interpreter_for_www(python, scratch)
+        os.symlink(binary, os.path.join(self.top, 'bin', 'python3'))
+        self.cgi_target = self._install_scripts()
+        subprocess.run([binary, '-m', 'py_compile', os.path.join(
+            os.path.dirname(self.cgi_target), 'webjob.py')], check=True)
+        for name in ('nph-webjob.cgi', 'webjob.cgi'):
+            os.symlink(self.cgi_target,
+                       os.path.join(self.top, 'cgi-client', name))
+        self._write_htpasswd()
+        write_file(os.path.join(self.top, 'nph-webjob.cfg'), (
+            'BaseDirectory = %s\nRequireUser = %s\nRequireMatch = %s\n'
+            'ServerId = server_1\n' % (self.root, 'YN'[not require_user],
+                                       'YN'[not require_match])).encode())
+        self.conf = os.path.join(self.top, 'httpd.conf')
+        self.port = None
+        self.proc = None
+        self._start(www, libdir)
+
+    def _install_scripts(self):
+        """The CGI target: the repository's file when www-data can read it,
+        else copies of nph_webjob.py and webjob.py side by side."""
+        if all(_reachable_by_others(p) for p in (NPH_WEBJOB, WEBJOB)) and \
+                os.stat(NPH_WEBJOB).st_mode & 0o001:
+            return os.path.realpath(NPH_WEBJOB)
+        lib = os.path.join(self.top, 'lib')
+        os.makedirs(lib)
+        for source in (NPH_WEBJOB, WEBJOB):
+            shutil.copy(source, lib)
+            os.chmod(os.path.join(lib, os.path.basename(source)), 0o755)
+        return os.path.join(lib, 'nph_webjob.py')
+
+    def _write_htpasswd(self):
+        path = os.path.join(self.top, 'htpasswd')
+        flag = '-cb'
+        for user, password in sorted(self.users.items()):
+            subprocess.run(['htpasswd', flag, path, user, password],
+                           check=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+            flag = '-b'
+        os.chmod(path, 0o644)
+
+    def _start(self, www, libdir):
+        group = grp.getgrgid(www.pw_gid).gr_name
+        for attempt in range(3):
+            self.port = free_port()
+            with open(self.conf, 'w') as conf:
+                conf.write(APACHE_CONF.format(
+                    top=self.top, port=self.port, user=APACHE_USER,
+                    group=group, modules=APACHE_MODULES, libdir=libdir))
+            with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
+                self.proc = subprocess.Popen(
+                    [APACHE, '-f', self.conf, '-DFOREGROUND'],
+                    stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_for_port(LOOPBACK, self.port, proc=self.proc)
+                return
+            except RuntimeError as exc:
+                stop_process(self.proc)
+                if attempt == 2:
+                    raise RuntimeError('apache2 did not start: %s\n%s'
+                                       % (exc, self.error_log()))
+
+    @property
+    def url(self):
+        return 'http://%s:%d/' % (LOOPBACK, self.port)
+
+    @property
+    def cgi_url(self):
+        return 'http://%s:%d%s' % (LOOPBACK, self.port, CGI_PATH)
+
+    def log_lines(self, count=0):
+        """The log's lines, after waiting for at least count of them."""
+        return read_log_lines(self.root, count)
+
+    def incoming(self):
+        return sorted(os.listdir(os.path.join(self.root, 'incoming')))
+
+    def error_log(self):
+        text = []
+        for name in ('stdout', 'error_log'):
+            try:
+                with open(os.path.join(self.top, 'logs', name), 'rb') as log:
+                    text.append(log.read().decode('utf-8', 'replace'))
+            except OSError:
+                pass
+        return '\n'.join(text)
+
+    def clean(self):
+        """Empty incoming/ and the log, so a test sees only its own work."""
+        incoming = os.path.join(self.root, 'incoming')
+        for name in os.listdir(incoming):
+            os.unlink(os.path.join(incoming, name))
+        log = os.path.join(self.root, 'logfiles', 'nph-webjob.log')
+        if os.path.exists(log):
+            open(log, 'w').close()
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
+_APACHES = []
+
+
+@pytest.fixture(scope='session')
+def apache_server():
+    """Factory: start(python=None, users=DEFAULT_USERS, require_user=True,
+    require_match=True) returns a running ApacheServer, one per option set
+    for the whole session; all are stopped at the end, failures or not.
+
+    Needs root (Apache switches to www-data) and apache2 + htpasswd.
+    """
+    if os.geteuid() != 0 or not os.path.exists(APACHE) or not shutil.which(
+            'htpasswd'):
+        message = 'Apache tests need root, apache2 and htpasswd'
+        if os.environ.get('CI'):
+            pytest.fail(message)
+        pytest.skip(message)
+    scratch = tempfile.mkdtemp(prefix='webjob-apache-')
+    os.chmod(scratch, 0o755)
+    servers = {}
+
+    def start(python=None, users=DEFAULT_USERS, require_user=True,
+              require_match=True):
+        key = (python or NEWEST_PY, tuple(users), require_user, require_match)
+        if key not in servers:
+            server = ApacheServer(scratch, key[0], users, require_user,
+                                  require_match)
+            servers[key] = server
+            _APACHES.append(server)
+        return servers[key]
+
+    try:
+        yield start
+    finally:
+        for server in servers.values():
+            server.stop()
+            _APACHES.remove(server)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach every running Apache's error_log to a failed test's report."""
+    report = yield
+    if report.failed and 'apache_server' in getattr(item, 'fixturenames', ()):
+        for server in _APACHES:
+            report.sections.append(('Apache error_log (port %s)' % server.port,
+                                    server.error_log()))
+    return report

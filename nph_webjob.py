@@ -1,0 +1,1010 @@
+#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""nph_webjob.py -- the WebJob server: serve programs, keep every upload.
+
+One request handler behind three front ends:
+
+    nph-webjob.cgi  (a link to this file)   CGI, non-parsed-header: writes
+                                            its own 'HTTP/1.1 <code> <reason>'
+    <any other name>.cgi                    CGI, parsed-header ('Status:')
+    python3 nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
+                                [--config FILE]
+                                            standalone threaded HTTP/1.1
+
+GET returns profiles/<CLIENTID>/commands/<FILENAME> (else the same name in
+profiles/common/commands) with a Job-Id.  PUT stores the uploaded stdout,
+stderr and environment record as a new group incoming/<ClientId>_<time>_
+<NNNNN>_<FILENAME>.{out,err,env}, then .rdy last.  Every request appends one
+line to logfiles/nph-webjob.log.  Clients are hostile: every query value is
+checked against a whitelist before it reaches a path, nothing is written
+outside BaseDirectory, and an existing group is never overwritten.
+"""
+
+import os
+import sys
+
+__version__ = '1.0.0'
+__license__ = 'BSD-3-Clause'
+__all__ = ['STATUS_REASONS', 'SERVER_CONTROLS', 'HTTPStatusError', 'Site',
+           'Exchange', 'load_site', 'parse_query', 'process_request',
+           'send_response', 'log_exchange', 'handle_request', 'run_cgi',
+           'make_layout', 'serve', 'main']
+
+# INFO: the config reader and the CLIENTID/FILENAME validators are shared
+# with the client.  The CGI runs through a link (nph-webjob.cgi), so look
+# beside the real file.  Only os and sys are imported here; everything else
+# is imported where it is used, because a CGI pays start-up on every request.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import webjob  # noqa: E402
+
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+PROGRAM = 'nph_webjob'
+
+#: Status codes and reasons: the nph-ftimes 3.13 table (protocol.md 1.4)
+#: less its FTimes-only 250 and 460.  Clients key on the number.
+STATUS_REASONS = {
+    200: 'OK',
+    251: 'Link Test OK',
+    404: 'Not Found',
+    405: 'Method Not Allowed',
+    450: 'Invalid Query',
+    451: 'File Already Exists',
+    452: 'Username Undefined',
+    453: 'Username-ClientId Mismatch',
+    454: 'Content-Length Undefined',
+    455: 'Content-Length Exceeds Limit',
+    456: 'Content-Length Mismatch',
+    457: 'File Not Available',
+    500: 'Internal Server Error',
+    550: 'Internal Server Initialization Error',
+}
+
+#: nph-webjob.cfg controls: (name, kind, default), kinds as in webjob.py.
+SERVER_CONTROLS = (
+    ('BaseDirectory', 'path', '/var/webjob'),
+    ('CapContentLength', 'yn', False),
+    ('EnableLogging', 'yn', True),
+    ('MaxContentLength', 'uint', 100000000),
+    ('RequireMatch', 'yn', True),
+    ('RequireUser', 'yn', True),
+    ('ServerId', 'text', 'server_1'),
+    ('UseGMT', 'yn', False),
+)
+
+DEFAULT_CONFIG = '/var/webjob/config/nph-webjob/nph-webjob.cfg'
+CONFIG_VARIABLE = 'WEBJOB_PROPERTIES_FILE'
+LOG_NAME = 'nph-webjob.log'
+LAYOUT = ('incoming', 'logfiles', 'profiles')
+COMMON_PROFILE = 'common'
+
+BLOCK_SIZE = 1 << 20            # 1 MiB: body reads, writes and copies
+SMALL_BODY = 1 << 16            # GET bodies up to this go out with the head
+_O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)   # never write through a link
+SERIAL_MODULUS = 100000         # the 5-digit NNNNN of job ids and groups
+NAME_MAX = 255                  # longest file name in incoming/
+MAX_QUERY = 4096                # longest QUERY_STRING looked at
+MAX_SIGNATURE = 255             # WebJob-Payload-Signature (client limit)
+MAX_MESSAGE = 1024              # longest ErrorMessage in a log line
+IDLE_TIMEOUT = 120              # standalone: seconds a socket may stay silent
+
+#: Query parameters, in the client's order (protocol.md 1.1 and 2).
+GET_PARAMETERS = ('VERSION', 'SYSTEM', 'CLIENTID', 'FILENAME', 'RUNTYPE')
+LENGTH_PARAMETERS = ('STDOUT_LENGTH', 'STDERR_LENGTH', 'STDENV_LENGTH')
+PUT_PARAMETERS = GET_PARAMETERS + LENGTH_PARAMETERS
+STREAM_EXTENSIONS = ('out', 'err', 'env')       # body order: out, err, env
+GROUP_EXTENSIONS = STREAM_EXTENSIONS + ('rdy',)
+
+_ALNUM = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'
+VERSION_CHARS = frozenset(_ALNUM + '_ (),./:+-')
+SYSTEM_CHARS = frozenset(_ALNUM + '_ (),./:+#~-')
+SERVER_ID_CHARS = frozenset(_ALNUM + '_-')
+JOB_ID_CHARS = frozenset(_ALNUM + '_.-')
+BASE64_CHARS = frozenset(_ALNUM + '+/=')
+HEX_DIGITS = frozenset('0123456789abcdefABCDEF')
+
+DEFAULT_ROOT = 'webjob-server'
+DEFAULT_BIND = '127.0.0.1'
+DEFAULT_PORT = 8080
+SAMPLE_CLIENT = 'client_1'
+SAMPLE_PROGRAM = ('hostname.sh', b'#!/bin/sh\nhostname\ndate\n')
+
+USAGE = """\
+Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
+                           [--config FILE]
+       nph_webjob.py {-h|--help}
+       nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
+"""
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class HTTPStatusError(Exception):
+    """A request ends with this status (a STATUS_REASONS key); the message
+    goes to the log only, never to the client."""
+
+    def __init__(self, status, message):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+
+
+def write_stderr(message):
+    """One line on stderr (Apache's error_log under CGI), never failing."""
+    try:
+        sys.stderr.write('%s: %s\n' % (PROGRAM, webjob.one_line(message)))
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+class Site(object):
+    """The server's settings: config values, folders, job-id and group numbers.
+
+    next_serial() gives the 5-digit number of job ids and incoming groups:
+    the PID under CGI (one request per process), a counter when standalone.
+    """
+
+    def __init__(self, values, next_serial=None, clock=None):
+        import time  # late import: start-up time
+        self.values = values
+        self.base = values['BaseDirectory']
+        self.incoming, self.logfiles, self.profiles = (
+            os.path.join(self.base, name) for name in LAYOUT)
+        self.log_path = os.path.join(self.logfiles, LOG_NAME)
+        self.next_serial = next_serial or os.getpid
+        self.clock = clock or time.time
+
+    def check_layout(self):
+        """550 unless profiles/ and logfiles/ are readable, incoming/ writable.
+
+        :raises HTTPStatusError: 550, naming the folder.
+        """
+        wanted = ((self.profiles, os.R_OK | os.X_OK, 'readable'),
+                  (self.logfiles, os.X_OK, 'searchable'),
+                  (self.incoming, os.W_OK | os.X_OK, 'writable'))
+        for path, mode, what in wanted:
+            if not os.path.isdir(path) or not os.access(path, mode):
+                raise HTTPStatusError(550, 'Directory (%s) does not exist or '
+                                      'is not %s' % (path, what))
+
+
+def load_site(path, required=True, defaults=None, overrides=None, **seams):
+    """Read nph-webjob.cfg (webjob.read_config grammar) into a Site.
+
+    A missing file is an error when required, else the defaults apply.
+    defaults replace table defaults for controls the file does not set;
+    overrides win over the file (the standalone --root).
+
+    :raises HTTPStatusError: 550 naming file:line:control.
+    """
+    values = dict((name, default) for name, kind, default in SERVER_CONTROLS)
+    values['_where'] = {}
+    try:
+        if path and (required or os.path.exists(path)):
+            if '-' in path.split(','):
+                raise webjob.PropertiesError('%s: standard input is not a '
+                                             'config file here' % path)
+            values = webjob.read_config(path, SERVER_CONTROLS)
+    except webjob.PropertiesError as exc:
+        raise HTTPStatusError(550, 'Config: %s' % exc)
+    for name, value in (defaults or {}).items():
+        if name not in values['_where']:
+            values[name] = value
+    values.update(overrides or {})
+    where = values['_where']
+    server_id = values['ServerId']
+    if not (0 < len(server_id) <= 64 and set(server_id) <= SERVER_ID_CHARS):
+        raise HTTPStatusError(550, 'Config: %s: ServerId = [%s]: expected '
+                              '1-64 letters, digits, "_" or "-"' % (
+                                  where.get('ServerId', path), server_id))
+    if not os.path.isabs(values['BaseDirectory']):
+        raise HTTPStatusError(550, 'Config: %s: BaseDirectory = [%s]: '
+                              'expected an absolute path' % (
+                                  where.get('BaseDirectory', path),
+                                  values['BaseDirectory']))
+    return Site(values, **seams)
+
+
+###############################################################################
+# Request validation ##########################################################
+###############################################################################
+
+def is_version(value):
+    """VERSION: 'webjob' then 1-64 of [A-Za-z0-9_ (),./:+-]."""
+    rest = value[6:]
+    return (value.startswith('webjob') and 0 < len(rest) <= 64
+            and set(rest) <= VERSION_CHARS)
+
+
+def is_system(value):
+    """SYSTEM: uname machine, sysname and release; 1-128 plain characters."""
+    return 0 < len(value) <= 128 and set(value) <= SYSTEM_CHARS
+
+
+def _is_ascii_digits(value):
+    """1-20 ASCII digits (str.isdigit alone accepts other scripts' digits)."""
+    return 0 < len(value) <= 20 and all('0' <= c <= '9' for c in value)
+
+
+def is_job_id(value):
+    """A Job-Id we accept back and write into .rdy: 1-255 of [A-Za-z0-9_.-]."""
+    return 0 < len(value) <= 255 and set(value) <= JOB_ID_CHARS
+
+
+#: Every query parameter and its anchored check (whole value, no escapes).
+QUERY_CHECKS = {
+    'VERSION': is_version,
+    'SYSTEM': is_system,
+    'CLIENTID': webjob.is_client_id,
+    'FILENAME': webjob.is_program_name,
+    'RUNTYPE': lambda value: value in ('snapshot', 'linktest'),
+    'STDOUT_LENGTH': _is_ascii_digits,
+    'STDERR_LENGTH': _is_ascii_digits,
+    'STDENV_LENGTH': _is_ascii_digits,
+}
+
+
+def decode_query_value(text):
+    """Undo the client's HttpEscape: '+' is a space, then %xx; strict UTF-8.
+
+    :raises ValueError: on a bad escape or bytes that are not UTF-8.
+    """
+    data = text.replace('+', ' ').encode('ascii')
+    parts = data.split(b'%')
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) < 2 or not set(part[:2].decode('ascii')) <= HEX_DIGITS:
+            raise ValueError('bad %-escape')
+        out.append(bytes((int(part[:2], 16),)) + part[2:])
+    return b''.join(out).decode('utf-8')
+
+
+def parse_query(query, names):
+    """Split and check a query that must hold exactly the given parameters.
+
+    Any order is accepted; a missing, duplicate, unknown, badly escaped or
+    invalid parameter is refused.  Returns {NAME: decoded value}.
+
+    :raises HTTPStatusError: 450, saying which parameter failed.
+    """
+    shown = webjob.one_line(query[:256])
+    if len(query) > MAX_QUERY:
+        raise HTTPStatusError(450, 'Invalid query string: longer than %d '
+                              'characters (%s...)' % (MAX_QUERY, shown))
+    found = {}
+    for item in query.split('&') if query else ():
+        name, equals, raw = item.partition('=')
+        try:
+            if not equals:
+                raise ValueError('no "="')
+            if name not in names or name in found:
+                raise ValueError('duplicate' if name in found else 'unknown')
+            value = decode_query_value(raw)
+            if not QUERY_CHECKS[name](value):
+                raise ValueError('value not allowed')
+        except (ValueError, UnicodeError) as exc:
+            raise HTTPStatusError(450, 'Invalid query string: %s: %s (%s)' % (
+                webjob.one_line(name[:32]) or '-', exc, shown))
+        found[name] = value
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise HTTPStatusError(450, 'Invalid query string: %s missing (%s)'
+                              % (', '.join(missing), shown))
+    return found
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+def copy_stream(stdin, fd, length):
+    """Move exactly length bytes from stdin to fd (None: discard), 1 MiB at
+    a time.  Returns (bytes copied, why it stopped short or '')."""
+    done = 0
+    while done < length:
+        try:
+            chunk = stdin.read(min(BLOCK_SIZE, length - done))
+        except OSError as exc:      # includes socket.timeout on 3.6-3.9
+            return done, 'read error: %s' % (exc.strerror or exc)
+        if not chunk:
+            return done, 'end of input'
+        if fd is not None:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        done += len(chunk)
+    return done, ''
+
+
+def write_stream(path, stdin, length):
+    """Write the next length bytes of the body to a new file, fsynced.
+
+    :raises HTTPStatusError: 456 when the body ends early.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW,
+                 0o644)
+    try:
+        done, why = copy_stream(stdin, fd, length)
+        if done != length:
+            raise HTTPStatusError(456, 'Stream length (%d) does not equal '
+                                  'number of bytes received (%d) for %s: %s'
+                                  % (length, done, os.path.basename(path),
+                                     why))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def claim_group(incoming, prefix, suffix, first):
+    """Take the first free group name from serial number first on.
+
+    The claim is '<group>.lck' made with O_EXCL; a name whose lock or any
+    group file exists is skipped, so nothing is ever overwritten.
+    Returns (group, lock path).
+
+    :raises HTTPStatusError: 451 when all 100000 numbers are taken.
+    """
+    import errno  # late import: start-up time
+    for step in range(SERIAL_MODULUS):
+        group = '%s%05d%s' % (prefix, (first + step) % SERIAL_MODULUS, suffix)
+        lock = os.path.join(incoming, group + '.lck')
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o644))
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                continue
+            raise
+        if any(os.path.lexists(os.path.join(incoming, group + '.' + ext))
+               for ext in GROUP_EXTENSIONS):
+            os.unlink(lock)
+            continue
+        return group, lock
+    raise HTTPStatusError(451, 'File (%s*%s) already exists for every serial '
+                          'number' % (prefix, suffix))
+
+
+def store_upload(site, stdin, prefix, suffix, lengths, job_id):
+    """Store out, err and env as a new group, then .rdy; return the group.
+
+    Each file is written under a dot-prefixed temporary name, fsynced and
+    renamed; .rdy ('Jid=<job id>\\n') comes last and the folder is fsynced
+    after it.  On any failure every file of the group is removed.
+
+    :raises HTTPStatusError: 456 for a short body, 451 when no name is free.
+    """
+    import io  # late import: start-up time
+    incoming = site.incoming
+    group, lock = claim_group(incoming, prefix, suffix, site.next_serial())
+    made = []
+    try:
+        temps = []
+        for ext, length in zip(STREAM_EXTENSIONS, lengths):
+            temp = os.path.join(incoming, '.%s.%s' % (group, ext))
+            made.append(temp)
+            write_stream(temp, stdin, length)
+            temps.append((temp, os.path.join(incoming, group + '.' + ext)))
+        for temp, final in temps:
+            os.rename(temp, final)
+            made.append(final)
+        temp = os.path.join(incoming, '.%s.rdy' % group)
+        made.append(temp)
+        record = ('Jid=%s\n' % job_id).encode('ascii')
+        write_stream(temp, io.BytesIO(record), len(record))
+        os.rename(temp, os.path.join(incoming, group + '.rdy'))
+        made = []               # INFO: complete from here on; keep it all
+        fsync_folder(incoming)
+        return group
+    finally:
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        os.unlink(lock)
+
+
+def fsync_folder(path):
+    """Make renames in a folder durable (after .rdy, the commit point)."""
+    import errno  # late import: start-up time
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # EINVAL: this file system cannot
+            raise
+    finally:
+        os.close(fd)
+
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+def log_field(value):
+    """One whitespace-free log field: '-' when empty, else escaped text."""
+    text = webjob.one_line('' if value is None else value)
+    return text.replace(' ', '\\x20') if text else '-'
+
+
+def format_log_line(exchange, use_gmt):
+    """The manual's 12 fields: DateTime JobId RemoteUser RemoteAddress
+    RequestMethod ClientId ClientFilename ContentLength ServerContentLength
+    Duration ReturnStatus -- ErrorMessage (DateTime is two tokens)."""
+    import time  # late import: start-up time
+    when = (time.gmtime if use_gmt else time.localtime)(exchange.stop)
+    fields = (exchange.job_id, exchange.remote_user, exchange.remote_addr,
+              exchange.method, exchange.client_id, exchange.filename,
+              exchange.content_length, exchange.server_length,
+              exchange.duration, exchange.status)
+    message = webjob.one_line(exchange.message)[:MAX_MESSAGE]
+    return '%s %s --%s\n' % (time.strftime('%Y-%m-%d %H:%M:%S', when),
+                             ' '.join(log_field(f) for f in fields),
+                             ' ' + message if message else '')
+
+
+def append_log(path, line):
+    """Append one line with a single write under flock(LOCK_EX); False if
+    the log cannot be opened or written."""
+    import fcntl  # late import: start-up time
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, line.encode('ascii'))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)            # INFO: closing releases the flock
+
+
+def log_exchange(exchange, site=None):
+    """Write the request's log line: to the log, or stderr when that fails.
+
+    With no usable config (550) the log's place is unknown: stderr.
+    """
+    import time  # late import: start-up time
+    site = site or exchange.site
+    exchange.stop = site.clock() if site is not None else time.time()
+    exchange.duration = int(time.monotonic() - exchange.started)
+    if site is not None and not site.values['EnableLogging']:
+        return
+    line = format_log_line(exchange, site and site.values['UseGMT'])
+    if site is None or not append_log(site.log_path, line):
+        write_stderr('log unavailable: %s' % line)
+
+
+###############################################################################
+# Application #################################################################
+###############################################################################
+
+class Exchange(object):
+    """One request and its answer: what the log line and response need."""
+
+    def __init__(self, environ):
+        import time  # late import: start-up time
+        self.started = time.monotonic()
+        self.stop = self.duration = None
+        self.environ = environ
+        self.site = None
+        self.method = environ.get('REQUEST_METHOD', '')
+        self.remote_user = environ.get('REMOTE_USER', '')
+        self.remote_addr = environ.get('REMOTE_ADDR', '')
+        self.content_length = environ.get('CONTENT_LENGTH', '')
+        header = environ.get('HTTP_JOB_ID', '')
+        self.job_id = header if is_job_id(header) else None
+        self.client_id = self.filename = None
+        self.server_length = 0
+        self.status = 500
+        self.message = ''
+        self.headers = []        # extra response fields, e.g. the signature
+        self.body = None         # an open file for a GET 200
+        self.body_length = 0
+
+
+def process_request(environ, stdin, site=None):
+    """Run one request to its answer; never raises.
+
+    site None (CGI) reads the config named by $WEBJOB_PROPERTIES_FILE.  The
+    PUT body is read from stdin.  Returns the Exchange, whose status,
+    headers and body are ready for send_response.
+    """
+    exchange = Exchange(environ)
+    try:
+        if site is None:
+            path = environ.get(CONFIG_VARIABLE)
+            site = load_site(path or DEFAULT_CONFIG, required=bool(path))
+        exchange.site = site
+        site.check_layout()
+        if exchange.method not in ('GET', 'PUT'):
+            raise HTTPStatusError(405, 'Method (%s) not allowed'
+                                  % webjob.one_line(exchange.method[:32]))
+        names = GET_PARAMETERS if exchange.method == 'GET' else PUT_PARAMETERS
+        query = parse_query(environ.get('QUERY_STRING', ''), names)
+        exchange.client_id = query['CLIENTID']
+        exchange.filename = query['FILENAME']
+        check_user(site, exchange)
+        if exchange.method == 'GET':
+            serve_get(site, exchange)
+        else:
+            serve_put(site, exchange, query, stdin)
+    except HTTPStatusError as exc:
+        exchange.status, exchange.message = exc.status, exc.message
+    except Exception as exc:    # last resort: a 500 and a log line, no trace
+        exchange.status = 500
+        exchange.message = 'Internal error: %s: %s' % (type(exc).__name__, exc)
+    if exchange.status >= 300 and exchange.body is not None:
+        exchange.body.close()
+        exchange.body, exchange.body_length = None, 0
+    return exchange
+
+
+def check_user(site, exchange):
+    """RequireUser (452) and RequireMatch (453, exact compare); RequireUser=N
+    disables both, as in the original."""
+    if not site.values['RequireUser']:
+        return
+    if not exchange.remote_user:
+        raise HTTPStatusError(452, 'Remote user is undefined or null')
+    if site.values['RequireMatch'] and \
+            exchange.remote_user != exchange.client_id:
+        raise HTTPStatusError(453, 'Remote user (%s) does not match client ID '
+                              '(%s)' % (webjob.one_line(exchange.remote_user),
+                                        exchange.client_id))
+
+
+def make_job_id(site):
+    """<ServerId>_<epoch>_<NNNNN>, e.g. server_1_1085355126_00723."""
+    return '%s_%d_%05d' % (site.values['ServerId'], int(site.clock()),
+                           site.next_serial() % SERIAL_MODULUS)
+
+
+def serve_get(site, exchange):
+    """Open the client's program (or the common one) for the response.
+
+    :raises HTTPStatusError: 404 when neither exists, 457 when it exists
+        but cannot be opened as a regular file.
+    """
+    import errno  # late import: start-up time
+    import stat  # late import: start-up time
+    exchange.job_id = make_job_id(site)
+    tried = []
+    for folder in (exchange.client_id, COMMON_PROFILE):
+        shown = '/'.join(('profiles', folder, 'commands', exchange.filename))
+        path = os.path.join(site.profiles, folder, 'commands',
+                            exchange.filename)
+        tried.append(shown)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            raise HTTPStatusError(457, 'Requested file (%s) could not be '
+                                  'opened (%s)' % (shown, exc.strerror))
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise HTTPStatusError(457, 'Requested file (%s) is not a regular '
+                                  'file' % shown)
+        exchange.body = os.fdopen(fd, 'rb', 0)
+        exchange.body_length = info.st_size
+        signature = read_signature(path + '.sig')
+        if signature:
+            exchange.headers.append(('WebJob-Payload-Signature', signature))
+        exchange.status, exchange.message = 200, 'Success'
+        return
+    raise HTTPStatusError(404, 'Requested file (%s) does not exist'
+                          % ' or '.join(tried))
+
+
+def read_signature(path):
+    """The .sig beside a payload: one line of base64, at most 255 characters
+    once stripped; None when absent or not in that form (DSV, 1.9)."""
+    try:
+        with open(path, 'rb') as handle:
+            data = handle.read(MAX_SIGNATURE + 64).strip()
+    except OSError:
+        return None
+    text = data.decode('ascii', 'replace')
+    if 0 < len(text) <= MAX_SIGNATURE and set(text) <= BASE64_CHARS:
+        return text
+    return None
+
+
+def serve_put(site, exchange, query, stdin):
+    """Check the lengths, then store the upload (or discard a linktest).
+
+    :raises HTTPStatusError: 454, 455, 456, 450 or 451.
+    """
+    exchange.job_id = exchange.job_id or make_job_id(site)
+    length = exchange.content_length
+    if not length:
+        raise HTTPStatusError(454, 'Content length is undefined or null')
+    if not _is_ascii_digits(length):
+        raise HTTPStatusError(454, 'Content length (%s) is not a number'
+                              % webjob.one_line(length[:32]))
+    length = int(length)
+    cap = site.values['MaxContentLength']
+    if site.values['CapContentLength'] and length > cap:
+        raise HTTPStatusError(455, 'Content length (%d) exceeds maximum '
+                              'allowed length (%d)' % (length, cap))
+    lengths = [int(query[name]) for name in LENGTH_PARAMETERS]
+    if length != sum(lengths):
+        raise HTTPStatusError(456, 'Content length (%d) does not equal sum of '
+                              'individual stream lengths (%s)' % (
+                                  length, ' + '.join(map(str, lengths))))
+    if query['RUNTYPE'] == 'linktest':
+        done, why = copy_stream(stdin, None, length)
+        if done != length:
+            raise HTTPStatusError(456, 'Content length (%d) does not equal '
+                                  'number of bytes received (%d): %s'
+                                  % (length, done, why))
+        exchange.status, exchange.message = 251, 'Success'
+        return
+    import time  # late import: start-up time
+    now = site.clock()
+    stamp = time.strftime('%Y%m%d%H%M%S', (time.gmtime if site.values['UseGMT']
+                                           else time.localtime)(now))
+    prefix = '%s_%s_' % (exchange.client_id, stamp)
+    suffix = '_' + exchange.filename
+    if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
+        raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
+                              'for a name in incoming/')
+    store_upload(site, stdin, prefix, suffix, lengths, exchange.job_id)
+    exchange.status, exchange.message = 200, 'Success'
+
+
+def send_response(exchange, out, nph=True, extra_headers=()):
+    """Write the status line, header block and body; return body bytes sent.
+
+    nph: 'HTTP/1.1 <code> <reason>' plus Server; else 'Status: <code>
+    <reason>' for a parsed-header CGI.  Answers other than a GET's 200 carry
+    Content-Length: 0 and no body.  out needs write(); a plain socket wrapper
+    with sendfile(file, offset, count) gets the body by sendfile.
+    """
+    status = exchange.status
+    lines = [('HTTP/1.1 %d %s' if nph else 'Status: %d %s')
+             % (status, STATUS_REASONS[status])]
+    software = exchange.environ.get('SERVER_SOFTWARE')
+    if nph and software:
+        lines.append('Server: %s' % webjob.one_line(software))
+    lines.extend('%s: %s' % pair for pair in extra_headers)
+    lines.append('Content-Type: application/octet-stream')
+    lines.append('Content-Length: %d' % exchange.body_length)
+    if exchange.job_id and 200 <= status < 300:
+        lines.append('Job-Id: %s' % exchange.job_id)
+    lines.extend('%s: %s' % pair for pair in exchange.headers)
+    head = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+    body, length = exchange.body, exchange.body_length
+    try:
+        if body is None:
+            out.write(head)
+        elif length <= SMALL_BODY:
+            data = body.read(length)
+            out.write(head + data)
+            exchange.server_length = len(data)
+        else:
+            out.write(head)
+            exchange.server_length = copy_body(body, length, out)
+        if exchange.server_length != length:
+            exchange.message += '; file changed: sent %d of %d bytes' % (
+                exchange.server_length, length)
+    except OSError as exc:
+        exchange.message += '; response not delivered: %s' % (
+            exc.strerror or exc)
+    finally:
+        if body is not None:
+            body.close()
+    return exchange.server_length
+
+
+def copy_body(body, length, out):
+    """Stream a file: socket sendfile when out offers it, else 1 MiB blocks."""
+    sendfile = getattr(out, 'sendfile', None)
+    if sendfile is not None:
+        return sendfile(body, 0, length)
+    done = 0
+    while done < length:
+        chunk = body.read(min(BLOCK_SIZE, length - done))
+        if not chunk:
+            break
+        out.write(chunk)
+        done += len(chunk)
+    return done
+
+
+def handle_request(environ, stdin, stdout, site=None, nph=True,
+                   extra_headers=()):
+    """The CGI-shaped whole: process, respond, log.  Returns the status."""
+    exchange = process_request(environ, stdin, site)
+    send_response(exchange, stdout, nph, extra_headers)
+    log_exchange(exchange, site)
+    return exchange.status
+
+
+###############################################################################
+# CGI front end ###############################################################
+###############################################################################
+
+def run_cgi(environ=None, stdin=None, stdout=None):
+    """Answer the one request of a CGI process; NPH when the script's name
+    starts with 'nph-' (SCRIPT_FILENAME, else argv[0])."""
+    environ = os.environ if environ is None else environ
+    script = environ.get('SCRIPT_FILENAME') or sys.argv[0]
+    nph = os.path.basename(script).startswith('nph-')
+    os.umask(0o022)
+    stdout = stdout or sys.stdout.buffer
+    handle_request(environ, stdin or sys.stdin.buffer, stdout, nph=nph,
+                   extra_headers=[('Connection', 'close')] if nph else ())
+    stdout.flush()
+    return 0
+
+
+###############################################################################
+# Standalone front end ########################################################
+###############################################################################
+
+class _Body(object):
+    """The request body: at most Content-Length bytes of the connection."""
+
+    def __init__(self, rfile, length):
+        self.rfile = rfile
+        self.remaining = length
+
+    def read(self, size):
+        data = self.rfile.read(min(size, self.remaining))
+        self.remaining -= len(data)
+        return data
+
+
+class _SocketOut(object):
+    """Response writer for a plain socket: sendall, and sendfile for bodies."""
+
+    def __init__(self, sock):
+        self.write = sock.sendall
+        self.sendfile = sock.sendfile
+
+
+def _handler_class():
+    """Build the request handler (late: http.server costs start-up time)."""
+    import http.server  # late import: only the standalone server needs it
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        """HTTP/1.1 keep-alive; every method goes through process_request."""
+
+        protocol_version = 'HTTP/1.1'
+        disable_nagle_algorithm = True   # INFO: else ~40 ms per response
+        timeout = IDLE_TIMEOUT
+        server_version = 'nph_webjob.py/%s' % __version__
+
+        def __getattr__(self, name):
+            if name.startswith('do_'):   # any method; 405 comes from the app
+                return self.serve_webjob
+            raise AttributeError(name)
+
+        def authenticate(self, environ):
+            """Set REMOTE_USER for an authenticated peer.  No scheme exists
+            yet (a later --htpasswd or TLS client certificate adds one)."""
+
+        def build_environ(self):
+            """The CGI variables process_request reads; (environ, length)
+            with length None when the body's end is unknown."""
+            path, _, query = self.path.partition('?')
+            environ = {'REQUEST_METHOD': self.command, 'QUERY_STRING': query,
+                       'SCRIPT_NAME': path,
+                       'REMOTE_ADDR': self.client_address[0],
+                       'SERVER_SOFTWARE': self.version_string(),
+                       'SERVER_PROTOCOL': self.request_version}
+            lengths = self.headers.get_all('Content-Length') or []
+            job_id = self.headers.get('Job-Id')
+            if job_id is not None:
+                environ['HTTP_JOB_ID'] = job_id
+            length = 0
+            if self.headers.get('Transfer-Encoding') or len(lengths) > 1:
+                length = None           # unsupported framing: 454, then close
+            elif lengths:
+                environ['CONTENT_LENGTH'] = lengths[0].strip()
+                length = int(lengths[0]) if _is_ascii_digits(
+                    lengths[0].strip()) else None
+            return environ, length
+
+        def serve_webjob(self):
+            environ, length = self.build_environ()
+            self.authenticate(environ)
+            body = _Body(self.rfile, length or 0)
+            exchange = process_request(environ, body, self.server.site)
+            if length is None or body.remaining:
+                self.close_connection = True     # the body's end is unknown
+            extra = [('Date', self.date_time_string())]
+            if self.close_connection:
+                extra.append(('Connection', 'close'))
+            elif self.request_version == 'HTTP/1.0':
+                extra.append(('Connection', 'keep-alive'))  # 1.0 asked for it
+            out = _SocketOut(self.connection) if not hasattr(
+                self.connection, 'getpeercert') else self.wfile
+            send_response(exchange, out, True, extra)
+            log_exchange(exchange, self.server.site)
+
+        def log_message(self, format, *args):
+            write_stderr('%s: %s' % (self.address_string(), format % args))
+
+        def log_request(self, code='-', size='-'):
+            pass                    # INFO: nph-webjob.log is the access log
+
+    return Handler
+
+
+def make_layout(root):
+    """Create root/{incoming,logfiles,profiles}, and when profiles/ is new a
+    sample profiles/client_1/commands/hostname.sh (0755).  Nothing that
+    exists is touched.  Returns the paths created."""
+    created = []
+    for path in [root] + [os.path.join(root, name) for name in LAYOUT]:
+        if not os.path.isdir(path):
+            os.makedirs(path, 0o755)
+            created.append(path)
+    profiles = os.path.join(root, 'profiles')
+    if profiles in created:
+        commands = os.path.join(profiles, SAMPLE_CLIENT, 'commands')
+        os.makedirs(commands, 0o755)
+        name, text = SAMPLE_PROGRAM
+        sample = os.path.join(commands, name)
+        fd = os.open(sample, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        try:
+            os.write(fd, text)
+        finally:
+            os.close(fd)
+        created.append(sample)
+    return created
+
+
+def is_loopback(address):
+    """True when every address the name resolves to is a loopback one."""
+    import ipaddress  # late import: standalone only
+    import socket  # late import: standalone only
+    try:
+        infos = socket.getaddrinfo(address, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(info[4][0].split('%')[0]).is_loopback
+        for info in infos)
+
+
+def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None):
+    """Run the standalone server until SIGTERM or SIGINT; return 0.
+
+    BaseDirectory is --root, else the config's, else ./webjob-server; the
+    layout is created if missing.  RequireUser defaults to N here, because
+    no authentication exists yet, which is also why only loopback binds.
+
+    :raises webjob.WebJobError: for a refused bind, a bad config or a port
+        that cannot be opened.
+    """
+    import itertools  # late import: standalone only
+    import signal  # late import: standalone only
+    import socket  # late import: standalone only
+    import socketserver  # late import: standalone only
+    if not is_loopback(bind):
+        raise webjob.WebJobError('refusing to listen on %s: there is no '
+                                 'authentication yet, bind a loopback address'
+                                 % bind)
+    defaults = {'RequireUser': False,
+                'BaseDirectory': os.path.abspath(DEFAULT_ROOT)}
+    overrides = {'BaseDirectory': os.path.abspath(root)} if root else {}
+    counter = itertools.count(1)
+    try:
+        site = load_site(config, True, defaults, overrides,
+                         next_serial=lambda: next(counter))
+    except HTTPStatusError as exc:
+        raise webjob.WebJobError(exc.message)
+    os.umask(0o022)
+    try:
+        make_layout(site.base)
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (exc.filename, exc.strerror))
+
+    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ':' in bind else socket.AF_INET
+
+        def handle_error(self, request, client_address):
+            """A dropped connection is one line on stderr, not a traceback."""
+            exc = sys.exc_info()[1]
+            write_stderr('%s: connection error: %s: %s' % (
+                client_address[0], type(exc).__name__, exc))
+
+    try:
+        server = Server((bind, port), _handler_class())
+    except OSError as exc:
+        raise webjob.WebJobError('cannot listen on %s port %d: %s'
+                                 % (bind, port, exc.strerror or exc))
+    server.site = site
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)   # INFO: even when started ignoring it
+    host, port = server.server_address[:2]
+    write_stderr('listening on http://%s:%d/ (BaseDirectory %s)' % (
+        '[%s]' % host if ':' in host else host, port, site.base))
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    write_stderr('stopped')
+    return 0
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+def parse_serve_args(argv):
+    """The serve options (argparse: standalone only, never on the CGI path)."""
+    import argparse  # late import: start-up time
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise webjob.UsageError(message)
+
+    parser = Parser(prog='nph_webjob.py serve', add_help=False)
+    parser.add_argument('--root')
+    parser.add_argument('--bind', default=DEFAULT_BIND)
+    parser.add_argument('--port', type=int, default=DEFAULT_PORT)
+    parser.add_argument('--config')
+    options = parser.parse_args(argv)
+    if not 0 <= options.port < 65536:
+        raise webjob.UsageError('--port: expected 0-65535')
+    return options
+
+
+def main(argv=None):
+    """CGI when GATEWAY_INTERFACE is set, else the command line; exit code.
+
+    Under CGI the arguments are ignored: a web server turns a query without
+    '=' into arguments, and a hostile one must still get an HTTP answer.
+    """
+    if os.environ.get('GATEWAY_INTERFACE') and argv is None:
+        return run_cgi()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] in (['-h'], ['--help']):
+            sys.stdout.write(USAGE)
+            return 0
+        if argv[:1] != ['serve']:
+            raise webjob.UsageError('expected "serve" or -h' if argv else
+                                    'not a CGI request (GATEWAY_INTERFACE '
+                                    'is unset) and no command given')
+        options = parse_serve_args(argv[1:])
+        return serve(options.root, options.bind, options.port, options.config)
+    except webjob.UsageError as exc:
+        write_stderr(exc)
+        sys.stderr.write(USAGE)
+        return 2
+    except webjob.WebJobError as exc:
+        write_stderr(exc)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1175 @@
+"""Tests for nph_webjob.py, in the order of its sections.
+
+The handler is driven in-process (an environ dict and BytesIO streams), the
+CGI as a real subprocess with a CGI environment, the standalone server and
+real Apache over loopback sockets with requests built byte for byte as
+webjob.py sends them.  Fixtures live in conftest.py.
+"""
+
+import base64
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import nph_webjob
+from conftest import (CGI_PATH, LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY,
+                      PARSED_CGI_PATH, WEBJOB, free_port, read_log_lines,
+                      wait_for_port, write_file)
+
+VERSION = 'webjob+1.0.0+ssl+dsv+64+bit'
+SYSTEM = 'x86_64+Linux+6.18.0-1-amd64'
+ENV_RECORD = b'Version=webjob 1.0.0 ssl dsv 64 bit\nJid=x\n'
+ARTICLE_EPOCH = 1085355126          # 2004-05-23 16:32:06 PDT (the article)
+
+#: One log line: DateTime (two tokens), ten single-token fields, '--', text.
+LOG_LINE = re.compile(
+    r'(?P<date>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?P<job_id>\S+) (?P<user>\S+) '
+    r'(?P<addr>\S+) (?P<method>\S+) (?P<client_id>\S+) (?P<filename>\S+) '
+    r'(?P<length>\S+) (?P<server_length>\d+) (?P<duration>\d+) '
+    r'(?P<status>\d{3}) --(?: (?P<message>[ -~]*))?\Z')
+JOB_ID = re.compile(r'server_1_\d{10}_\d{5}\Z')
+GROUP = re.compile(r'client_1_\d{14}_\d{5}_hostname\.sh\.(out|err|env|rdy)\Z')
+
+
+def query(clientid='client_1', filename='hostname.sh', runtype='snapshot',
+          lengths=None):
+    """A query string as webjob.py escapes it (GET, or PUT with lengths)."""
+    text = 'VERSION=%s&SYSTEM=%s&CLIENTID=%s&FILENAME=%s&RUNTYPE=%s' % (
+        VERSION, SYSTEM, clientid, filename, runtype)
+    if lengths is not None:
+        text += '&STDOUT_LENGTH=%d&STDERR_LENGTH=%d&STDENV_LENGTH=%d' % lengths
+    return text
+
+
+def put_query(out, err, env, **kwargs):
+    return query(lengths=(len(out), len(err), len(env)), **kwargs)
+
+
+def client_request(method, port, query_string, body=b'', job_id=None,
+                   auth=None, path=CGI_PATH, close=True):
+    """The request bytes exactly as webjob.py writes them."""
+    lines = ['%s %s?%s HTTP/1.1' % (method, path, query_string),
+             'Host: %s:%d' % (LOOPBACK, port),
+             'Content-Type: application/octet-stream',
+             'Content-Length: %d' % len(body)]
+    if auth:
+        lines.append('Authorization: Basic %s' % base64.b64encode(
+            ('%s:%s' % auth).encode()).decode())
+    if job_id:
+        lines.append('Job-Id: %s' % job_id)
+    if close:
+        lines.append('Connection: close')
+    return ('\r\n'.join(lines) + '\r\n\r\n').encode() + body
+
+
+class Reply(object):
+    """A parsed HTTP response (or CGI output)."""
+
+    def __init__(self, status_line, fields, body):
+        self.status_line = status_line
+        self.fields = fields
+        self.body = body
+        self.status = int(status_line.split()[1])
+
+    def field(self, name):
+        values = [v for k, v in self.fields if k.lower() == name.lower()]
+        assert len(values) <= 1, (name, self.fields)
+        return values[0] if values else None
+
+
+def read_reply(reader):
+    """Read one response with a Content-Length body from a binary reader."""
+    status_line = reader.readline().decode('latin-1').rstrip('\r\n')
+    fields = []
+    while True:
+        line = reader.readline()
+        if line in (b'\r\n', b'\n', b''):
+            break
+        name, _, value = line.decode('latin-1').partition(':')
+        fields.append((name, value.strip()))
+    reply = Reply(status_line, fields, b'')
+    reply.body = reader.read(int(reply.field('Content-Length') or 0))
+    return reply
+
+
+def parse_raw(data):
+    return read_reply(io.BytesIO(data))
+
+
+def send(port, data):
+    """One request on a new connection; the reply."""
+    with socket.create_connection((LOOPBACK, port), timeout=15) as sock:
+        sock.sendall(data)
+        return read_reply(sock.makefile('rb'))
+
+
+def make_site(root, next_serial=None, clock=None, **values):
+    """A Site on root; RequireUser=N unless given."""
+    overrides = dict(BaseDirectory=str(root), RequireUser=False)
+    overrides.update(values)
+    return nph_webjob.load_site(None, overrides=overrides,
+                                next_serial=next_serial, clock=clock)
+
+
+def call(site, method='GET', query_string=None, body=b'', nph=True,
+         stdin=None, **environ):
+    """Run one request through handle_request; (status, Reply)."""
+    env = {'REQUEST_METHOD': method, 'REMOTE_ADDR': '192.0.2.7',
+           'QUERY_STRING': query() if query_string is None else query_string,
+           'CONTENT_LENGTH': str(len(body))}
+    env.update(environ)
+    env = dict((k, v) for k, v in env.items() if v is not None)
+    out = io.BytesIO()
+    status = nph_webjob.handle_request(env, stdin or io.BytesIO(body), out,
+                                       site, nph)
+    return status, parse_raw(out.getvalue())
+
+
+def put(site, out=b'hello\n', err=b'', env=ENV_RECORD, **environ):
+    body = out + err + env
+    return call(site, 'PUT', put_query(out, err, env), body, **environ)
+
+
+def incoming(root):
+    return sorted(os.listdir(os.path.join(str(root), 'incoming')))
+
+
+def tree(root):
+    """Every path under root, except the log (which a request always adds)."""
+    found = set()
+    for folder, subs, files in os.walk(str(root)):
+        for name in subs + files:
+            found.add(os.path.relpath(os.path.join(folder, name), str(root)))
+    found.discard(os.path.join('logfiles', 'nph-webjob.log'))
+    return found
+
+
+def last_log(root):
+    lines = read_log_lines(root)
+    assert lines, 'no log line'
+    match = LOG_LINE.match(lines[-1])
+    assert match, lines[-1]
+    return match
+
+
+# Constants ###################################################################
+
+def test_status_table_is_the_nph_ftimes_table():
+    assert nph_webjob.STATUS_REASONS == {
+        200: 'OK', 251: 'Link Test OK', 404: 'Not Found',
+        405: 'Method Not Allowed', 450: 'Invalid Query',
+        451: 'File Already Exists', 452: 'Username Undefined',
+        453: 'Username-ClientId Mismatch', 454: 'Content-Length Undefined',
+        455: 'Content-Length Exceeds Limit', 456: 'Content-Length Mismatch',
+        457: 'File Not Available', 500: 'Internal Server Error',
+        550: 'Internal Server Initialization Error'}
+
+
+def test_controls_table_holds_the_defaults():
+    table = dict((name, default) for name, kind, default
+                 in nph_webjob.SERVER_CONTROLS)
+    assert table == {'BaseDirectory': '/var/webjob', 'RequireUser': True,
+                     'RequireMatch': True, 'CapContentLength': False,
+                     'MaxContentLength': 100000000, 'EnableLogging': True,
+                     'UseGMT': False, 'ServerId': 'server_1'}
+
+
+# Config ######################################################################
+
+@pytest.mark.parametrize('text, words', [
+    ('Bogus = 1\n', 'Bogus'),
+    ('RequireUser = maybe\n', 'RequireUser'),
+    ('MaxContentLength = -5\n', 'MaxContentLength'),
+    ('ServerId = server one\n', 'ServerId'),
+    ('ServerId = server.1\n', 'ServerId'),
+    ('BaseDirectory = relative/dir\n', 'BaseDirectory'),
+    ('no equals sign\n', ':2:'),
+])
+def test_bad_config_is_550_naming_the_control(tmp_path, server_root, capfd,
+                                              text, words):
+    cfg = write_file(tmp_path / 'nph-webjob.cfg',
+                     ('BaseDirectory = %s\n' % server_root + text).encode())
+    status, reply = call(None, WEBJOB_PROPERTIES_FILE=str(cfg))
+    assert (status, reply.status_line) == (
+        550, 'HTTP/1.1 550 Internal Server Initialization Error')
+    assert reply.body == b''
+    err = capfd.readouterr().err
+    assert words in err and str(cfg) in err and 'Traceback' not in err
+    assert read_log_lines(server_root) == []     # config unknown: stderr only
+
+
+def test_named_config_file_that_is_missing_is_550(tmp_path, capfd):
+    status, _ = call(None, WEBJOB_PROPERTIES_FILE=str(tmp_path / 'none.cfg'))
+    assert status == 550
+    assert 'none.cfg' in capfd.readouterr().err
+
+
+def test_config_cannot_be_standard_input(capfd):
+    status, _ = call(None, WEBJOB_PROPERTIES_FILE='-')
+    assert status == 550
+
+
+def test_without_config_variable_the_defaults_apply(capfd):
+    status, _ = call(None)
+    # /var/webjob does not exist here: the default BaseDirectory was used.
+    assert status == 550
+    assert '/var/webjob/' in capfd.readouterr().err
+
+
+def test_config_file_sets_server_controls(tmp_path, server_root):
+    cfg = write_file(tmp_path / 'nph-webjob.cfg', (
+        'basedirectory = %s   # case-insensitive controls\n'
+        'ServerId = lab-7_a\nRequireUser = N\n' % server_root).encode())
+    status, reply = call(None, WEBJOB_PROPERTIES_FILE=str(cfg))
+    assert status == 200
+    assert re.match(r'lab-7_a_\d+_\d{5}\Z', reply.field('Job-Id'))
+
+
+@pytest.mark.parametrize('missing', ['incoming', 'logfiles', 'profiles', ''])
+def test_missing_layout_folder_is_550(server_root, capfd, missing):
+    import shutil
+    shutil.rmtree(os.path.join(str(server_root), missing))
+    status, reply = call(make_site(server_root))
+    assert status == 550 and reply.body == b''
+    if missing in ('incoming', 'profiles'):
+        assert missing in last_log(server_root).group('message')
+    else:                       # no log folder: the line goes to stderr
+        assert ' 550 -- Directory' in capfd.readouterr().err
+
+
+# Request validation ##########################################################
+
+HOSTILE_QUERIES = [
+    query(filename='..'),
+    query(filename='../../etc/passwd'),
+    query(filename='..%2f..%2fetc%2fpasswd'),
+    query(filename='%2e%2e%2fprofiles%2fcommon%2fcommands%2fcommon.sh'),
+    query(filename='sub/hostname.sh'),
+    query(filename='hostname.sh%00.txt'),
+    query(filename='.hidden'),
+    query(filename='-rf'),
+    query(filename='a' * 256),
+    query(clientid='..'),
+    query(clientid='%2e%2e'),
+    query(clientid='client_1%2f..%2fcommon'),
+    query(clientid='/etc'),
+    query(clientid='c' * 65),
+    query(clientid=''),
+    query() + '&FILENAME=hostname.sh',
+    query() + '&EXTRA=1',
+    query().replace('&RUNTYPE=snapshot', ''),
+    query().replace('FILENAME=', 'filename='),
+    query() + '&',
+    query() + '&FILENAME',
+    query(filename='host%zz.sh'),
+    query(filename='host%4'),
+    query(filename='host%ff.sh'),
+    query(runtype='baseline'),
+    query().replace(VERSION, 'ftimes+3.13.0'),
+    query().replace(VERSION, 'webjob+' + 'x' * 70),
+    query().replace(SYSTEM, 'Linux%0a2004-01-01+forged'),
+    query() + '&STDOUT_LENGTH=1&STDERR_LENGTH=0&STDENV_LENGTH=0',
+    query() + '&x=' + 'y' * 5000,
+    '',
+]
+
+
+@pytest.mark.parametrize('bad', HOSTILE_QUERIES)
+def test_hostile_get_query_is_450_and_writes_nothing(server_root, bad):
+    before = tree(server_root)
+    status, reply = call(make_site(server_root), query_string=bad)
+    assert (status, reply.status_line) == (450, 'HTTP/1.1 450 Invalid Query')
+    assert reply.body == b'' and reply.field('Content-Length') == '0'
+    assert tree(server_root) == before
+    entry = last_log(server_root)
+    assert (entry.group('client_id'), entry.group('filename')) == ('-', '-')
+
+
+@pytest.mark.parametrize('bad', HOSTILE_QUERIES[:-3] + [
+    put_query(b'x', b'', b'').replace('STDOUT_LENGTH=1', 'STDOUT_LENGTH=-1'),
+    put_query(b'x', b'', b'').replace('STDOUT_LENGTH=1', 'STDOUT_LENGTH=1e0'),
+    put_query(b'x', b'', b'').replace('STDOUT_LENGTH=1', 'STDOUT_LENGTH=' +
+                                      '0' * 20 + '1'),
+    put_query(b'x', b'', b'').replace('&STDENV_LENGTH=0', ''),
+])
+def test_hostile_put_query_is_450_and_writes_nothing(server_root, bad):
+    if 'STDOUT_LENGTH' not in bad:
+        bad += '&STDOUT_LENGTH=1&STDERR_LENGTH=0&STDENV_LENGTH=0'
+    before = tree(server_root)
+    status, _ = call(make_site(server_root), 'PUT', bad, b'x')
+    assert status == 450
+    assert tree(server_root) == before
+
+
+def test_query_parameters_may_come_in_any_order(server_root):
+    reordered = '&'.join(reversed(query().split('&')))
+    assert call(make_site(server_root), query_string=reordered)[0] == 200
+
+
+def test_query_values_are_unescaped_like_httpescape(server_root):
+    write_file(server_root / 'profiles/client_1/commands/c++.sh', b'cpp')
+    status, reply = call(make_site(server_root),
+                         query_string=query(filename='c%2b%2b.sh'))
+    assert (status, reply.body) == (200, b'cpp')
+    assert last_log(server_root).group('filename') == 'c++.sh'
+
+
+# GET #########################################################################
+
+def test_get_serves_the_client_program_with_a_job_id(server_root):
+    status, reply = call(make_site(server_root))
+    assert reply.status_line == 'HTTP/1.1 200 OK'
+    assert reply.body == b'#!/bin/sh\necho "hello from client_1 $*"\n'
+    assert reply.field('Content-Type') == 'application/octet-stream'
+    assert reply.field('Content-Length') == str(len(reply.body))
+    assert JOB_ID.match(reply.field('Job-Id'))
+    assert reply.field('WebJob-Payload-Signature') is None
+
+
+def test_get_falls_back_to_the_common_profile(server_root):
+    status, reply = call(make_site(server_root),
+                         query_string=query(filename='common.sh'))
+    assert (status, reply.body) == (200, b'#!/bin/sh\necho "hello from '
+                                         b'common $*"\n')
+
+
+def test_client_profile_wins_over_common(server_root):
+    write_file(server_root / 'profiles/common/commands/hostname.sh', b'common')
+    reply = call(make_site(server_root))[1]
+    assert reply.body.startswith(b'#!/bin/sh\necho "hello from client')
+
+
+def test_client_without_a_profile_gets_common(server_root):
+    status, reply = call(make_site(server_root), query_string=query(
+        clientid='client_9', filename='common.sh'))
+    assert (status, reply.body) == (200, b'#!/bin/sh\necho "hello from '
+                                         b'common $*"\n')
+
+
+def test_unknown_program_is_404(server_root):
+    status, reply = call(make_site(server_root),
+                         query_string=query(filename='nothing.sh'))
+    assert (status, reply.status_line, reply.body) == (
+        404, 'HTTP/1.1 404 Not Found', b'')
+    assert 'profiles/client_1/commands/nothing.sh' in \
+        last_log(server_root).group('message')
+
+
+def test_program_that_cannot_be_opened_is_457(server_root):
+    os.mkdir(str(server_root / 'profiles/client_1/commands/dir.sh'))
+    write_file(server_root / 'profiles/common/commands/dir.sh', b'common')
+    status, reply = call(make_site(server_root),
+                         query_string=query(filename='dir.sh'))
+    assert (status, reply.status_line) == (457,
+                                           'HTTP/1.1 457 File Not Available')
+
+
+def test_signature_file_is_sent_as_a_header(server_root):
+    signature = base64.b64encode(os.urandom(140)).decode()
+    write_file(server_root / 'profiles/client_1/commands/hostname.sh.sig',
+               ('\n%s\n\n' % signature).encode())
+    reply = call(make_site(server_root))[1]
+    assert reply.field('WebJob-Payload-Signature') == signature
+
+
+@pytest.mark.parametrize('content', [
+    base64.b64encode(os.urandom(192)) + b'\n',       # 256 characters
+    b'AAAA\nBBBB\n', b'not base64!\n', b'', b'\n'])
+def test_malformed_signature_file_sends_no_header(server_root, content):
+    write_file(server_root / 'profiles/client_1/commands/hostname.sh.sig',
+               content)
+    status, reply = call(make_site(server_root))
+    assert status == 200 and reply.field('WebJob-Payload-Signature') is None
+
+
+def test_signature_file_is_served_by_a_plain_get(server_root):
+    write_file(server_root / 'profiles/common/commands/common.sh.sig',
+               b'c2lnbmF0dXJl\n')
+    reply = call(make_site(server_root),
+                 query_string=query(filename='common.sh.sig'))[1]
+    assert reply.body == b'c2lnbmF0dXJl\n'
+
+
+# PUT #########################################################################
+
+def test_put_stores_a_group_of_four_files(server_root):
+    job_id = 'server_1_1700000000_00042'
+    status, reply = put(make_site(server_root), b'out\n', b'err\n', ENV_RECORD,
+                        HTTP_JOB_ID=job_id)
+    assert (status, reply.status_line, reply.body) == (200, 'HTTP/1.1 200 OK',
+                                                       b'')
+    names = incoming(server_root)
+    assert len(names) == 4 and all(GROUP.match(n) for n in names), names
+    group = os.path.join(str(server_root), 'incoming', names[0][:-4])
+    contents = dict((ext, open(group + '.' + ext, 'rb').read())
+                    for ext in ('out', 'err', 'env', 'rdy'))
+    assert contents == {'out': b'out\n', 'err': b'err\n', 'env': ENV_RECORD,
+                        'rdy': ('Jid=%s\n' % job_id).encode()}
+
+
+def test_group_name_and_log_match_the_article(server_root, local_tz):
+    local_tz('PST8PDT')
+    root = server_root
+    os.makedirs(str(root / 'profiles/client1/commands'))
+    write_file(root / 'profiles/client1/commands/host.sh',
+               b'#!/bin/sh\nhostname\n')
+    serials = iter([723, 724])
+    clock = iter([ARTICLE_EPOCH, ARTICLE_EPOCH, ARTICLE_EPOCH + 4,
+                  ARTICLE_EPOCH + 4])
+    site = make_site(root, next_serial=lambda: next(serials),
+                     clock=lambda: next(clock), RequireUser=True)
+    user = dict(REMOTE_USER='client1', REMOTE_ADDR='192.168.1.120')
+    status, reply = call(site, query_string=query('client1', 'host.sh'),
+                         **user)
+    job_id = reply.field('Job-Id')
+    assert job_id == 'server_1_1085355126_00723'
+    out, env = b'x' * 18, b'e' * 606
+    status, _ = call(site, 'PUT', query('client1', 'host.sh', lengths=(18, 0,
+                                                                       606)),
+                     out + env, HTTP_JOB_ID=job_id, **user)
+    assert status == 200
+    assert incoming(root) == ['client1_20040523163210_00724_host.sh.' + ext
+                              for ext in ('env', 'err', 'out', 'rdy')]
+    rdy = root / 'incoming/client1_20040523163210_00724_host.sh.rdy'
+    assert rdy.read_bytes() == b'Jid=server_1_1085355126_00723\n'
+    assert len(rdy.read_bytes()) == 30                  # the article's size
+    assert read_log_lines(root) == [
+        '2004-05-23 16:32:06 server_1_1085355126_00723 client1 192.168.1.120 '
+        'GET client1 host.sh 0 19 0 200 -- Success',
+        '2004-05-23 16:32:10 server_1_1085355126_00723 client1 192.168.1.120 '
+        'PUT client1 host.sh 624 0 0 200 -- Success']
+
+
+def test_use_gmt_stamps_groups_and_log_in_gmt(server_root, local_tz):
+    local_tz('PST8PDT')
+    site = make_site(server_root, clock=lambda: ARTICLE_EPOCH, UseGMT=True)
+    put(site)
+    assert incoming(server_root)[0].startswith('client_1_20040523233206_')
+    assert last_log(server_root).group('date') == '2004-05-23 23:32:06'
+
+
+def test_put_without_job_id_header_gets_a_new_one(server_root):
+    put(make_site(server_root))
+    rdy = [n for n in incoming(server_root) if n.endswith('.rdy')][0]
+    text = (server_root / 'incoming' / rdy).read_text()
+    assert re.match(r'Jid=server_1_\d{10}_\d{5}\n\Z', text)
+
+
+@pytest.mark.parametrize('header', ['bad id', 'a/b', 'x' * 256, 'a\tb'])
+def test_put_with_an_unsafe_job_id_header_gets_a_new_one(server_root, header):
+    status, reply = put(make_site(server_root), HTTP_JOB_ID=header)
+    assert status == 200 and JOB_ID.match(reply.field('Job-Id'))
+
+
+def test_existing_group_is_never_overwritten(server_root):
+    site = make_site(server_root, next_serial=lambda: 7,
+                     clock=lambda: ARTICLE_EPOCH, UseGMT=True)
+    put(site, out=b'first\n')
+    put(site, out=b'second\n')
+    names = incoming(server_root)
+    assert [n for n in names if n.endswith('.out')] == [
+        'client_1_20040523233206_00007_hostname.sh.out',
+        'client_1_20040523233206_00008_hostname.sh.out']
+    assert (server_root / 'incoming' / names[2]).read_bytes() == b'first\n'
+    assert len(names) == 8
+
+
+def test_stale_lock_file_makes_the_upload_take_the_next_number(server_root):
+    site = make_site(server_root, next_serial=lambda: 99999,
+                     clock=lambda: ARTICLE_EPOCH, UseGMT=True)
+    stale = server_root / 'incoming' / (
+        'client_1_20040523233206_99999_hostname.sh.lck')
+    write_file(stale, b'')
+    assert put(site)[0] == 200
+    assert 'client_1_20040523233206_00000_hostname.sh.rdy' in \
+        incoming(server_root)
+    assert stale.exists()
+
+
+def test_every_group_name_taken_is_451(server_root, monkeypatch):
+    monkeypatch.setattr(nph_webjob, 'SERIAL_MODULUS', 2)  # a 2-number space
+    site = make_site(server_root, next_serial=lambda: 0,
+                     clock=lambda: ARTICLE_EPOCH, UseGMT=True)
+    assert put(site)[0] == 200 and put(site)[0] == 200
+    before = incoming(server_root)
+    status, reply = put(site)
+    assert (status, reply.status_line) == (
+        451, 'HTTP/1.1 451 File Already Exists')
+    assert incoming(server_root) == before
+
+
+def test_linktest_discards_the_body_with_251(server_root):
+    body = b'o' * 10 + b'e' * 5
+    status, reply = call(make_site(server_root), 'PUT', query(
+        runtype='linktest', lengths=(10, 5, 0)), body)
+    assert (status, reply.status_line) == (251, 'HTTP/1.1 251 Link Test OK')
+    assert incoming(server_root) == []
+
+
+def test_put_without_content_length_is_454(server_root):
+    status, reply = call(make_site(server_root), 'PUT',
+                         put_query(b'', b'', b''), CONTENT_LENGTH=None)
+    assert (status, reply.status_line) == (
+        454, 'HTTP/1.1 454 Content-Length Undefined')
+
+
+def test_get_without_content_length_is_served(server_root):
+    assert call(make_site(server_root), CONTENT_LENGTH=None)[0] == 200
+
+
+def test_upload_over_the_cap_is_455(server_root):
+    site = make_site(server_root, CapContentLength=True, MaxContentLength=10)
+    status, reply = put(site, out=b'x' * 11, env=b'')
+    assert (status, reply.status_line) == (
+        455, 'HTTP/1.1 455 Content-Length Exceeds Limit')
+    assert put(site, out=b'x' * 10, env=b'')[0] == 200
+
+
+def test_cap_applies_only_when_enabled(server_root):
+    site = make_site(server_root, MaxContentLength=10)
+    assert put(site, out=b'x' * 100)[0] == 200
+
+
+def test_content_length_not_the_sum_of_lengths_is_456(server_root):
+    status, reply = call(make_site(server_root), 'PUT', query(
+        lengths=(3, 0, 0)), b'four')
+    assert (status, reply.status_line) == (
+        456, 'HTTP/1.1 456 Content-Length Mismatch')
+    assert incoming(server_root) == []
+
+
+def test_short_body_is_456_and_leaves_no_files(server_root):
+    status, reply = call(make_site(server_root), 'PUT', query(
+        lengths=(4, 4, 4)), b'out\nerr\n', CONTENT_LENGTH='12')
+    assert status == 456
+    assert incoming(server_root) == []
+
+
+def test_missing_remote_user_is_452(server_root):
+    status, reply = call(make_site(server_root, RequireUser=True))
+    assert (status, reply.status_line) == (
+        452, 'HTTP/1.1 452 Username Undefined')
+
+
+@pytest.mark.parametrize('user', ['client_2', 'Client_1', 'client_1 ',
+                                  'client'])
+def test_remote_user_must_equal_client_id_exactly_453(server_root, user):
+    site = make_site(server_root, RequireUser=True)
+    status, reply = call(site, REMOTE_USER=user)
+    assert (status, reply.status_line) == (
+        453, 'HTTP/1.1 453 Username-ClientId Mismatch')
+    status, _ = put(site, REMOTE_USER=user)
+    assert status == 453 and incoming(server_root) == []
+
+
+def test_matching_remote_user_is_served(server_root):
+    site = make_site(server_root, RequireUser=True)
+    assert call(site, REMOTE_USER='client_1')[0] == 200
+    assert last_log(server_root).group('user') == 'client_1'
+
+
+def test_require_match_off_lets_any_user_in(server_root):
+    site = make_site(server_root, RequireUser=True, RequireMatch=False)
+    assert call(site, REMOTE_USER='client_2')[0] == 200
+
+
+def test_require_user_off_disables_require_match(server_root):
+    site = make_site(server_root, RequireUser=False, RequireMatch=True)
+    assert call(site, REMOTE_USER='client_2')[0] == 200
+
+
+@pytest.mark.parametrize('method', ['POST', 'DELETE', 'HEAD', 'JOB', 'get'])
+def test_other_methods_are_405(server_root, method):
+    status, reply = call(make_site(server_root), method)
+    assert (status, reply.status_line, reply.body) == (
+        405, 'HTTP/1.1 405 Method Not Allowed', b'')
+    assert last_log(server_root).group('method') == method
+
+
+def test_write_failure_is_500_and_removes_the_group(server_root):
+    site = make_site(server_root, next_serial=lambda: 5,
+                     clock=lambda: ARTICLE_EPOCH, UseGMT=True)
+    blocker = server_root / 'incoming' / (
+        '.client_1_20040523233206_00005_hostname.sh.err')
+    os.mkdir(str(blocker))
+    status, reply = put(site)
+    assert (status, reply.status_line) == (
+        500, 'HTTP/1.1 500 Internal Server Error')
+    assert incoming(server_root) == [blocker.name]
+    assert 'Internal error' in last_log(server_root).group('message')
+
+
+def test_unexpected_exception_is_500_without_a_traceback(server_root):
+    closed = io.BytesIO(b'x')
+    closed.close()
+    status, reply = call(make_site(server_root), 'PUT',
+                         put_query(b'x', b'', b''), b'x', stdin=closed)
+    assert (status, reply.body) == (500, b'')
+    assert 'ValueError' in last_log(server_root).group('message')
+    assert incoming(server_root) == []
+
+
+def test_answers_other_than_get_200_have_an_empty_body(server_root):
+    for status, reply in (put(make_site(server_root)),
+                          call(make_site(server_root), 'DELETE')):
+        assert reply.field('Content-Length') == '0' and reply.body == b''
+
+
+def test_parsed_header_mode_writes_a_status_field(server_root):
+    out = io.BytesIO()
+    nph_webjob.handle_request({'REQUEST_METHOD': 'GET', 'QUERY_STRING':
+                               query(filename='none.sh')}, io.BytesIO(), out,
+                              make_site(server_root), nph=False)
+    assert out.getvalue().startswith(b'Status: 404 Not Found\r\n')
+
+
+# Logging #####################################################################
+
+def test_log_line_has_the_twelve_fields(server_root):
+    call(make_site(server_root), REMOTE_USER='client_1')
+    entry = last_log(server_root)
+    assert entry.group('user', 'addr', 'method', 'client_id', 'filename',
+                       'length', 'duration', 'status', 'message') == (
+        'client_1', '192.0.2.7', 'GET', 'client_1', 'hostname.sh', '0', '0',
+        '200', 'Success')
+    assert JOB_ID.match(entry.group('job_id'))
+    assert int(entry.group('server_length')) == 40
+    assert read_log_lines(server_root)[-1].count(' ') == 13
+
+
+def test_empty_log_fields_are_dashes(server_root):
+    call(make_site(server_root), 'DELETE', '', REMOTE_USER=None,
+         REMOTE_ADDR=None, CONTENT_LENGTH=None)
+    entry = last_log(server_root)
+    assert entry.group('job_id', 'user', 'addr', 'client_id', 'filename',
+                       'length') == ('-',) * 6
+
+
+def test_client_controlled_log_fields_cannot_forge_lines(server_root):
+    call(make_site(server_root), 'G E\nT', REMOTE_USER='evil user\n2004 x',
+         CONTENT_LENGTH='1 2')
+    lines = read_log_lines(server_root)
+    assert len(lines) == 1
+    entry = LOG_LINE.match(lines[0])
+    assert entry and entry.group('method') == 'G\\x20E\\x20T'
+    assert entry.group('user') == 'evil\\x20user\\x202004\\x20x'
+
+
+def test_enable_logging_off_writes_no_log(server_root):
+    call(make_site(server_root, EnableLogging=False))
+    assert read_log_lines(server_root) == []
+
+
+def test_unopenable_log_goes_to_stderr(server_root, capfd):
+    os.mkdir(str(server_root / 'logfiles/nph-webjob.log'))
+    assert call(make_site(server_root))[0] == 200
+    err = capfd.readouterr().err
+    assert 'log unavailable:' in err and 'GET client_1 hostname.sh' in err
+
+
+def test_concurrent_log_appends_stay_whole(tmp_path):
+    path = str(tmp_path / 'log')
+    line = 'x' * 3000 + '\n'
+
+    def writer():
+        for _ in range(100):
+            assert nph_webjob.append_log(path, line)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with open(path) as log:
+        assert log.read().splitlines() == [line[:-1]] * 800
+
+
+# CGI front end ###############################################################
+
+def run_cgi(tmp_path, name, environ, body=b'', python=None, args=(),
+            umask=None):
+    """Run nph_webjob.py through a link called name, as a web server would."""
+    link = tmp_path / name
+    if not link.exists():
+        os.symlink(NPH_WEBJOB, str(link))
+    env = {'GATEWAY_INTERFACE': 'CGI/1.1', 'SCRIPT_FILENAME': str(link),
+           'SERVER_SOFTWARE': 'TestServer/1.0', 'REMOTE_ADDR': '192.0.2.9',
+           'PATH': os.environ.get('PATH', '/usr/bin:/bin'),
+           'CONTENT_LENGTH': str(len(body))}
+    env.update(environ)
+    prefix = ['sh', '-c', 'umask %03o; exec "$0" "$@"' % umask] \
+        if umask else []
+    return subprocess.run(prefix + [python or sys.executable, str(link)] +
+                          list(args), input=body, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=30)
+
+
+def cgi_config(tmp_path, root, **controls):
+    text = 'BaseDirectory = %s\n' % root + ''.join(
+        '%s = %s\n' % item for item in controls.items())
+    return str(write_file(tmp_path / 'nph-webjob.cfg', text.encode()))
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY])
+def test_cgi_nph_mode_writes_the_whole_response(tmp_path, server_root, python):
+    cfg = cgi_config(tmp_path, server_root)
+    result = run_cgi(tmp_path, 'nph-webjob.cgi', {
+        'REQUEST_METHOD': 'GET', 'QUERY_STRING': query(),
+        'REMOTE_USER': 'client_1', 'WEBJOB_PROPERTIES_FILE': cfg},
+        python=python)
+    assert result.stderr == b''
+    head, _, body = result.stdout.partition(b'\r\n\r\n')
+    lines = head.split(b'\r\n')
+    assert lines[:5] == [b'HTTP/1.1 200 OK', b'Server: TestServer/1.0',
+                         b'Connection: close',
+                         b'Content-Type: application/octet-stream',
+                         b'Content-Length: 40']
+    assert re.match(br'Job-Id: server_1_\d{10}_\d{5}\Z', lines[5])
+    assert len(lines) == 6
+    assert body == b'#!/bin/sh\necho "hello from client_1 $*"\n'
+    assert last_log(server_root).group('user') == 'client_1'
+
+
+def test_cgi_job_id_number_is_the_pid(tmp_path, server_root):
+    cfg = cgi_config(tmp_path, server_root)
+    os.symlink(NPH_WEBJOB, str(tmp_path / 'nph-webjob.cgi'))
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / 'nph-webjob.cgi')],
+        env={'GATEWAY_INTERFACE': 'CGI/1.1', 'REQUEST_METHOD': 'GET',
+             'QUERY_STRING': query(), 'REMOTE_USER': 'client_1',
+             'WEBJOB_PROPERTIES_FILE': cfg}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE)
+    job_id = parse_raw(proc.communicate(timeout=30)[0]).field('Job-Id')
+    assert job_id.endswith('_%05d' % (proc.pid % 100000))
+    assert last_log(server_root).group('job_id') == job_id
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY])
+def test_cgi_parsed_header_mode_writes_a_status_field(tmp_path, server_root,
+                                                      python):
+    cfg = cgi_config(tmp_path, server_root)
+    result = run_cgi(tmp_path, 'webjob.cgi', {
+        'REQUEST_METHOD': 'GET', 'QUERY_STRING': query(filename='none.sh'),
+        'REMOTE_USER': 'client_1', 'WEBJOB_PROPERTIES_FILE': cfg},
+        python=python)
+    assert result.stdout == (b'Status: 404 Not Found\r\n'
+                             b'Content-Type: application/octet-stream\r\n'
+                             b'Content-Length: 0\r\n\r\n')
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY])
+def test_cgi_put_stores_files_readable_by_all(tmp_path, server_root, python):
+    cfg = cgi_config(tmp_path, server_root)
+    body = b'out\n' + b'err\n' + ENV_RECORD
+    result = run_cgi(tmp_path, 'nph-webjob.cgi', {
+        'REQUEST_METHOD': 'PUT', 'REMOTE_USER': 'client_1',
+        'QUERY_STRING': put_query(b'out\n', b'err\n', ENV_RECORD),
+        'HTTP_JOB_ID': 'server_1_1700000000_00001',
+        'WEBJOB_PROPERTIES_FILE': cfg}, body, python=python, umask=0o077)
+    assert result.stdout.startswith(b'HTTP/1.1 200 OK\r\n'), result.stderr
+    names = incoming(server_root)
+    assert len(names) == 4
+    for name in names:
+        mode = os.stat(str(server_root / 'incoming' / name)).st_mode & 0o777
+        assert mode == 0o644, (name, oct(mode))
+    assert (server_root / 'incoming' / names[3]).read_bytes() == \
+        b'Jid=server_1_1700000000_00001\n'
+
+
+def test_cgi_ignores_command_line_arguments(tmp_path, server_root):
+    cfg = cgi_config(tmp_path, server_root)
+    result = run_cgi(tmp_path, 'nph-webjob.cgi', {
+        'REQUEST_METHOD': 'GET', 'QUERY_STRING': 'serve',
+        'WEBJOB_PROPERTIES_FILE': cfg}, args=['serve'])
+    assert result.stdout.startswith(b'HTTP/1.1 450 Invalid Query\r\n')
+
+
+def test_cgi_bad_config_answers_550_and_logs_to_stderr(tmp_path, server_root):
+    cfg = write_file(tmp_path / 'bad.cfg', b'RequireUser = perhaps\n')
+    result = run_cgi(tmp_path, 'nph-webjob.cgi', {
+        'REQUEST_METHOD': 'GET', 'QUERY_STRING': query(),
+        'WEBJOB_PROPERTIES_FILE': str(cfg)})
+    assert result.stdout.startswith(
+        b'HTTP/1.1 550 Internal Server Initialization Error\r\n')
+    assert b'RequireUser' in result.stderr
+    assert b'Traceback' not in result.stderr
+
+
+def test_cgi_path_imports_no_heavy_modules(tmp_path, server_root):
+    cfg = cgi_config(tmp_path, server_root, RequireUser='N')
+    code = ('import io, sys; sys.path.insert(0, %r); import nph_webjob; '
+            'out = io.BytesIO(); nph_webjob.run_cgi({"REQUEST_METHOD": "GET", '
+            '"QUERY_STRING": %r, "WEBJOB_PROPERTIES_FILE": %r, '
+            '"SCRIPT_FILENAME": "/cgi/nph-webjob.cgi"}, io.BytesIO(), '
+            'out); assert out.getvalue().startswith(b"HTTP/1.1 200"); '
+            'heavy = {"argparse", "http.server", "http.client", "socket", '
+            '"ssl", "re", "subprocess", "urllib.parse", "typing"}; '
+            'print(sorted(heavy & set(sys.modules)))'
+            % (os.path.dirname(NPH_WEBJOB), query(), cfg))
+    result = subprocess.run([NEWEST_PY, '-I', '-c', code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert result.stdout == b'[]\n', result.stderr
+
+
+# Standalone front end ########################################################
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY])
+def test_standalone_get_then_put_over_raw_sockets(standalone_server, python):
+    server = standalone_server(python)
+    reply = send(server.port, client_request('GET', server.port, query()))
+    assert reply.status_line == 'HTTP/1.1 200 OK'
+    assert reply.body == b'#!/bin/sh\necho "hello from client_1 $*"\n'
+    job_id = reply.field('Job-Id')
+    assert JOB_ID.match(job_id)
+    out, err = b'client_1\n', b''
+    body = out + err + ENV_RECORD
+    reply = send(server.port, client_request(
+        'PUT', server.port, put_query(out, err, ENV_RECORD), body, job_id))
+    assert (reply.status_line, reply.body) == ('HTTP/1.1 200 OK', b'')
+    names = server.incoming()
+    assert len(names) == 4 and all(GROUP.match(n) for n in names), names
+    group = os.path.join(server.root, 'incoming', names[0][:-4])
+    assert [open(group + ext, 'rb').read() for ext in
+            ('.out', '.err', '.env', '.rdy')] == [
+        out, err, ENV_RECORD, ('Jid=%s\n' % job_id).encode()]
+    entries = [LOG_LINE.match(line) for line in server.log_lines(2)]
+    assert [(e.group('job_id'), e.group('method'), e.group('status'))
+            for e in entries] == [(job_id, 'GET', '200'),
+                                  (job_id, 'PUT', '200')]
+    assert entries[1].group('length') == str(len(body))
+
+
+def test_standalone_two_puts_in_one_second_make_two_groups(standalone_server):
+    server = standalone_server()
+    out = b'same\n'
+    request = client_request('PUT', server.port, put_query(out, b'', b''), out)
+    for attempt in range(5):         # again if a second boundary fell between
+        before = set(server.incoming())
+        assert send(server.port, request).status == 200
+        assert send(server.port, request).status == 200
+        ready = sorted(n for n in set(server.incoming()) - before
+                       if n.endswith('.rdy'))
+        if len(set(name.split('_')[2] for name in ready)) == 1:
+            break
+    assert len(ready) == 2 and ready[0].split('_')[2] == ready[1].split('_')[2]
+    for name in ready:
+        group = os.path.join(server.root, 'incoming', name[:-4])
+        assert open(group + '.out', 'rb').read() == out
+        assert all(os.path.exists(group + ext) for ext in ('.err', '.env'))
+
+
+def test_standalone_short_body_is_456_and_leaves_nothing(standalone_server):
+    server = standalone_server()
+    request = client_request('PUT', server.port, query(lengths=(100, 0, 0)),
+                             b'x' * 100)[:-60]
+    with socket.create_connection((LOOPBACK, server.port), timeout=15) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        reply = read_reply(sock.makefile('rb'))
+    assert reply.status_line == 'HTTP/1.1 456 Content-Length Mismatch'
+    assert server.incoming() == []
+    assert '456 -- Stream length (100)' in server.log_lines(1)[-1]
+
+
+def test_standalone_keeps_the_connection_alive(standalone_server):
+    server = standalone_server()
+    request = client_request('GET', server.port, query(), close=False)
+    with socket.create_connection((LOOPBACK, server.port), timeout=15) as sock:
+        reader = sock.makefile('rb')
+        sock.sendall(request)
+        first = read_reply(reader)
+        sock.sendall(request)
+        second = read_reply(reader)
+    assert first.status == second.status == 200
+    assert first.field('Connection') is None
+    assert first.body == second.body and first.body.startswith(b'#!/bin/sh')
+    assert first.field('Job-Id') != second.field('Job-Id')
+
+
+def test_standalone_answers_http_1_0_keep_alive_in_kind(standalone_server):
+    server = standalone_server()
+    request = ('GET %s?%s HTTP/1.0\r\nConnection: keep-alive\r\n\r\n'
+               % (CGI_PATH, query())).encode()
+    with socket.create_connection((LOOPBACK, server.port), timeout=15) as sock:
+        reader = sock.makefile('rb')
+        sock.sendall(request)
+        first = read_reply(reader)
+        sock.sendall(request)
+        second = read_reply(reader)
+    assert first.field('Connection') == 'keep-alive'
+    assert first.status == second.status == 200
+
+
+def test_standalone_closes_after_an_unread_body(standalone_server):
+    server = standalone_server()
+    request = client_request('PUT', server.port, query(lengths=(1, 0, 0)),
+                             b'four', close=False)
+    with socket.create_connection((LOOPBACK, server.port), timeout=15) as sock:
+        sock.sendall(request)
+        reader = sock.makefile('rb')
+        reply = read_reply(reader)
+        assert reply.status == 456 and reply.field('Connection') == 'close'
+        assert reader.read() == b''
+
+
+def test_standalone_streams_large_bodies_intact(standalone_server):
+    server = standalone_server()
+    big = os.urandom(3 * 1024 * 1024 + 17)
+    write_file(os.path.join(server.root, 'profiles/common/commands/big.bin'),
+               big)
+    reply = send(server.port, client_request('GET', server.port,
+                                             query(filename='big.bin')))
+    assert reply.body == big
+    out, err = big, os.urandom(2 * 1024 * 1024 + 3)
+    reply = send(server.port, client_request(
+        'PUT', server.port, put_query(out, err, ENV_RECORD),
+        out + err + ENV_RECORD))
+    assert reply.status == 200
+    names = server.incoming()
+    with open(os.path.join(server.root, 'incoming', names[1]), 'rb') as handle:
+        assert handle.read() == err                   # the .err file
+
+
+def test_standalone_other_methods_are_405(standalone_server):
+    server = standalone_server()
+    reply = send(server.port, client_request('DELETE', server.port, query()))
+    assert reply.status_line == 'HTTP/1.1 405 Method Not Allowed'
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_standalone_stops_cleanly_on_a_signal(standalone_server, signum):
+    server = standalone_server()
+    assert server.stop(signum) == 0
+    assert 'Traceback' not in server.stderr()
+
+
+@pytest.mark.parametrize('bind', ['0.0.0.0', '::', '192.0.2.1'])
+def test_serve_refuses_to_bind_a_non_loopback_address(tmp_path, bind):
+    result = subprocess.run([sys.executable, NPH_WEBJOB, 'serve', '--root',
+                             str(tmp_path / 'root'), '--bind', bind],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=30)
+    err = result.stderr.decode()
+    assert result.returncode != 0
+    assert err.count('\n') == 1 and 'refusing to listen' in err, err
+    assert not (tmp_path / 'root').exists()
+
+
+def test_serve_creates_the_default_tree(standalone_server, tmp_path):
+    server = standalone_server(root='webjob-server', cwd=str(tmp_path))
+    root = tmp_path / 'webjob-server'
+    assert sorted(os.listdir(str(root))) == ['incoming', 'logfiles',
+                                             'profiles']
+    sample = root / 'profiles/client_1/commands/hostname.sh'
+    assert sample.read_bytes() == b'#!/bin/sh\nhostname\ndate\n'
+    assert os.stat(str(sample)).st_mode & 0o777 == 0o755
+    assert 'http://127.0.0.1:%d/' % server.port in server.stderr()
+    assert str(root) in server.stderr()
+    reply = send(server.port, client_request('GET', server.port, query()))
+    assert reply.body == b'#!/bin/sh\nhostname\ndate\n'
+
+
+def test_serve_without_root_uses_webjob_server_in_the_cwd(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'serve', '--port',
+                             str(port)], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(LOOPBACK, port, proc=proc)
+        assert (tmp_path / 'webjob-server/profiles/client_1/commands/'
+                'hostname.sh').is_file()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
+
+
+def test_serve_leaves_an_existing_tree_alone(standalone_server, server_root):
+    mine = server_root / 'profiles/client_1/commands/hostname.sh'
+    write_file(mine, b'mine')
+    before = tree(server_root)
+    standalone_server(root=server_root)
+    assert mine.read_bytes() == b'mine' and tree(server_root) == before
+
+
+def test_serve_reads_a_config_file(standalone_server, server_root, tmp_path):
+    cfg = write_file(tmp_path / 'serve.cfg', b'ServerId = lab_7\n')
+    server = standalone_server(root=server_root, args=['--config', str(cfg)])
+    reply = send(server.port, client_request('GET', server.port, query()))
+    assert reply.field('Job-Id').startswith('lab_7_')
+
+
+def test_serve_with_a_bad_config_exits_with_one_line(tmp_path):
+    cfg = write_file(tmp_path / 'serve.cfg', b'UseGMT = often\n')
+    result = subprocess.run([sys.executable, NPH_WEBJOB, 'serve', '--config',
+                             str(cfg), '--root', str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.count(b'\n') == 1 and b'UseGMT' in result.stderr
+
+
+def test_real_client_job_against_the_standalone_server(standalone_server,
+                                                       tmp_path):
+    server = standalone_server()
+    job_dir = tmp_path / 'job'
+    job_dir.mkdir()
+    cfg = write_file(tmp_path / 'webjob.cfg', (
+        'ClientId=client_1\nURLGetURL=%s\nURLPutURL=%s\nTempDirectory=%s\n'
+        % (server.cgi_url, server.cgi_url, job_dir)).encode())
+    result = subprocess.run([sys.executable, WEBJOB, '-e', '-f', str(cfg),
+                             'hostname.sh', 'arg'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=60)
+    assert result.returncode == 0, result.stderr
+    names = server.incoming()
+    group = os.path.join(server.root, 'incoming', names[0][:-4])
+    job_id = LOG_LINE.match(server.log_lines(1)[0]).group('job_id')
+    assert open(group + '.out', 'rb').read() == b'hello from client_1 arg\n'
+    assert open(group + '.rdy').read() == 'Jid=%s\n' % job_id
+    assert ('Jid=%s\n' % job_id) in open(group + '.env').read()
+
+
+# Command line ################################################################
+
+def test_help_prints_usage(capsys):
+    assert nph_webjob.main(['--help']) == 0
+    assert 'serve [--root DIR]' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv', [[], ['bogus'], ['serve', '--port', 'x'],
+                                  ['serve', '--port', '70000'],
+                                  ['serve', '--nope']])
+def test_bad_command_line_is_a_usage_error(capsys, argv):
+    assert nph_webjob.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('nph_webjob: ') and 'Usage:' in err
+
+
+# Real Apache #################################################################
+
+CLIENT_1 = ('client_1', 'secret-1')
+
+
+def test_apache_serves_a_get_with_basic_auth(apache_server):
+    apache = apache_server()
+    apache.clean()
+    reply = send(apache.port, client_request('GET', apache.port, query(),
+                                             auth=CLIENT_1))
+    assert reply.fields[:3] == [('Server', reply.field('Server')),
+                                ('Connection', 'close'),
+                                ('Content-Type', 'application/octet-stream')]
+    assert reply.status_line == 'HTTP/1.1 200 OK'
+    assert reply.body == b'#!/bin/sh\necho "hello from client_1 $*"\n'
+    assert JOB_ID.match(reply.field('Job-Id'))
+    entry = LOG_LINE.match(apache.log_lines(1)[-1])
+    assert entry.group('user', 'addr', 'method', 'status') == (
+        'client_1', '127.0.0.1', 'GET', '200')
+
+
+def test_apache_put_stores_the_group_as_the_web_server_user(apache_server):
+    apache = apache_server()
+    apache.clean()
+    out = b'uploaded\n'
+    reply = send(apache.port, client_request(
+        'PUT', apache.port, put_query(out, b'', ENV_RECORD), out + ENV_RECORD,
+        'server_1_1700000000_00009', CLIENT_1))
+    assert reply.status_line == 'HTTP/1.1 200 OK'
+    names = apache.incoming()
+    assert len(names) == 4 and all(GROUP.match(n) for n in names), names
+    for name in names:
+        info = os.stat(os.path.join(apache.root, 'incoming', name))
+        assert info.st_uid != 0 and info.st_mode & 0o777 == 0o644
+    with open(os.path.join(apache.root, 'incoming', names[3])) as rdy:
+        assert rdy.read() == 'Jid=server_1_1700000000_00009\n'
+
+
+def test_apache_refuses_a_request_without_credentials(apache_server):
+    apache = apache_server()
+    reply = send(apache.port, client_request('GET', apache.port, query()))
+    assert reply.status == 401 and reply.field('WWW-Authenticate')
+
+
+def test_apache_user_other_than_the_client_id_is_453(apache_server):
+    apache = apache_server()
+    apache.clean()
+    reply = send(apache.port, client_request('GET', apache.port, query(),
+                                             auth=('client_2', 'secret-2')))
+    assert reply.status_line == 'HTTP/1.1 453 Username-ClientId Mismatch'
+    assert LOG_LINE.match(apache.log_lines(1)[-1]).group('user') == 'client_2'
+
+
+def test_apache_passes_450_and_its_reason_through_nph(apache_server):
+    apache = apache_server()
+    reply = send(apache.port, client_request(
+        'GET', apache.port, query(filename='..%2fhostname.sh'), auth=CLIENT_1))
+    assert reply.status_line == 'HTTP/1.1 450 Invalid Query'
+    assert reply.field('Content-Length') == '0'
+
+
+def test_apache_parsed_header_cgi_keeps_status_and_job_id(apache_server):
+    apache = apache_server()
+    reply = send(apache.port, client_request('GET', apache.port, query(),
+                                             auth=CLIENT_1,
+                                             path=PARSED_CGI_PATH))
+    assert reply.status_line == 'HTTP/1.1 200 OK'
+    assert JOB_ID.match(reply.field('Job-Id')) and reply.field('Date')
+    reply = send(apache.port, client_request(
+        'GET', apache.port, query(filename='none.sh'), auth=CLIENT_1,
+        path=PARSED_CGI_PATH))
+    assert reply.status_line == 'HTTP/1.1 404 Not Found'
+
+
+def test_apache_cgi_runs_on_the_oldest_python(apache_server):
+    apache = apache_server(OLDEST_PY)
+    apache.clean()
+    reply = send(apache.port, client_request('GET', apache.port, query(),
+                                             auth=CLIENT_1))
+    assert reply.status == 200
+    out = b'old python\n'
+    reply = send(apache.port, client_request(
+        'PUT', apache.port, put_query(out, b'', b''), out,
+        reply.field('Job-Id'), CLIENT_1))
+    assert reply.status == 200 and len(apache.incoming()) == 4
+
+
+def test_real_client_job_through_apache(apache_server, tmp_path):
+    apache = apache_server()
+    apache.clean()
+    job_dir = tmp_path / 'job'
+    job_dir.mkdir()
+    cfg = write_file(tmp_path / 'webjob.cfg', (
+        'ClientId=client_1\nURLGetURL=%s\nURLPutURL=%s\nTempDirectory=%s\n'
+        'URLAuthType=basic\nURLUsername=client_1\nURLPassword=secret-1\n'
+        % (apache.cgi_url, apache.cgi_url, job_dir)).encode())
+    result = subprocess.run([sys.executable, WEBJOB, '-e', '-f', str(cfg),
+                             'hostname.sh', 'via', 'apache'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    names = apache.incoming()
+    with open(os.path.join(apache.root, 'incoming', names[2]), 'rb') as out:
+        assert out.read() == b'hello from client_1 via apache\n'
+    job_ids = set(LOG_LINE.match(line).group('job_id')
+                  for line in apache.log_lines(2))
+    assert len(job_ids) == 1
+
+
+# Fixtures used above #########################################################
+
+@pytest.fixture
+def local_tz(monkeypatch):
+    """Switch the process's local time zone for one test."""
+    def switch(zone):
+        monkeypatch.setenv('TZ', zone)
+        time.tzset()
+    yield switch
+    monkeypatch.undo()
+    time.tzset()
