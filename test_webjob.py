@@ -2478,3 +2478,245 @@ def test_sha1_signature_needs_dsv_allow_sha1(tmp_path, scripted, job_dir, signer
     assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 8
     cfg = dsv_cfg(tmp_path, scripted, job_dir, signer.tree, DsvAllowSHA1='Y')
     assert run_webjob(['-e', '-f', cfg, 'job.sh']).returncode == 0
+
+
+# End to end against nph_webjob.py ############################################
+
+from conftest import OLDEST_PY, NEWEST_PY, PYTHONS  # noqa: E402
+
+
+def server_cfg(tmp_path, url, job_dir, **extra):
+    controls = dict(ClientId='client_1', URLGetURL=url, URLPutURL=url,
+                    TempDirectory=str(job_dir), OverwriteExecutable='Y',
+                    HashType='SHA256')
+    controls.update(extra)
+    return write_cfg(tmp_path, **controls)
+
+
+def read_group(incoming, program='hostname.sh'):
+    """The one upload group in incoming/, as {extension: bytes}."""
+    names = sorted(n for n in os.listdir(str(incoming)) if n.endswith(
+        '_' + program + '.rdy'))
+    assert len(names) == 1, os.listdir(str(incoming))
+    stem = os.path.join(str(incoming), names[0][:-len('.rdy')])
+    assert re.match(r'client_1_\d{14}_\d{5}_%s\Z' % re.escape(program),
+                    os.path.basename(stem))
+    group = {}
+    for ext in ('out', 'err', 'env', 'rdy'):
+        with open('%s.%s' % (stem, ext), 'rb') as handle:
+            group[ext] = handle.read()
+    return group
+
+
+def assert_evidence(group, out_contains=b''):
+    env = dict(line.split('=', 1) for line in group['env'].decode().splitlines())
+    assert group['rdy'] == ('Jid=%s\n' % env['Jid']).encode()
+    assert re.match(r'server_1_\d+_\d{5}\Z', env['Jid'])
+    assert env['StdOutHash'] == hashlib.sha256(group['out']).hexdigest()
+    assert env['StdErrHash'] == hashlib.sha256(group['err']).hexdigest()
+    assert out_contains in group['out']
+    return env
+
+
+@pytest.mark.parametrize('python', PYTHONS, ids=lambda p: p.split('/')[-3])
+def test_job_end_to_end_under_every_python(tmp_path, job_dir, standalone_server,
+                                           python):
+    server = standalone_server(python=NEWEST_PY)
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'], python=python)
+    assert result.returncode == 0, result.stderr
+    env = assert_evidence(read_group(os.path.join(str(server.root), 'incoming')),
+                          b'hello from client_1')
+    lines = server.log_lines(2)
+    assert [line.split()[5] for line in lines] == ['GET', 'PUT']
+    assert lines[0].split()[2] == lines[1].split()[2] == env['Jid']
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_server_under_oldest_and_newest_python(tmp_path, job_dir,
+                                               standalone_server, python):
+    server = standalone_server(python=python)
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'])
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(str(server.root), 'incoming')))
+
+
+def test_common_profile_serves_every_client(tmp_path, job_dir, standalone_server):
+    server = standalone_server()
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'common.sh'])
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_program_is_a_404_get_failure(tmp_path, job_dir, standalone_server):
+    server = standalone_server()
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'absent.sh'])
+    assert_clean_error(result, 8, 'Status = [404]')
+
+
+def test_linktest_upload_is_discarded_by_the_server(tmp_path, job_dir,
+                                                    standalone_server):
+    server = standalone_server()
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, RunType='linktest')
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'])
+    assert result.returncode == 0, result.stderr
+    assert server.incoming() == []
+    assert server.log_lines(2)[1].split()[11] == '251'
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_job_end_to_end_under_apache(tmp_path, job_dir, apache_server, python):
+    server = apache_server()
+    server.clean()
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, URLAuthType='basic',
+                     URLUsername='client_1', URLPassword='secret-1')
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'], python=python)
+    assert result.returncode == 0, result.stderr
+    env = assert_evidence(read_group(os.path.join(server.root, 'incoming')),
+                          b'hello from client_1')
+    lines = server.log_lines(2)
+    assert [line.split()[2] for line in lines] == [env['Jid'], env['Jid']]
+    assert [line.split()[3] for line in lines] == ['client_1', 'client_1']
+
+
+def test_apache_refuses_a_wrong_password(tmp_path, job_dir, apache_server):
+    server = apache_server()
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, URLAuthType='basic',
+                     URLUsername='client_1', URLPassword='wrong')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [401]')
+
+
+def test_apache_refuses_another_clients_identity(tmp_path, job_dir, apache_server):
+    server = apache_server()
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, URLAuthType='basic',
+                     URLUsername='client_2', URLPassword='secret-2')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [453]')
+
+
+def test_readme_quick_start(tmp_path):
+    """python3 nph_webjob.py serve & then webjob.py -e -f sample.cfg."""
+    from conftest import NPH_WEBJOB, wait_for_port, stop_process
+    probe = socket.socket()
+    try:
+        assert probe.connect_ex(('127.0.0.1', 8080)) != 0, \
+            'port 8080 is taken: the quick start needs it'
+    finally:
+        probe.close()
+    shutil.copy(os.path.join(HERE, 'sample.cfg'), str(tmp_path / 'sample.cfg'))
+    server = subprocess.Popen([sys.executable, NPH_WEBJOB, 'serve'],
+                              cwd=str(tmp_path), stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        wait_for_port('127.0.0.1', 8080, proc=server)
+        result = run_webjob(['-e', '-f', 'sample.cfg', 'hostname.sh'],
+                            cwd=str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        group = read_group(tmp_path / 'webjob-server' / 'incoming')
+        assert_evidence(group, socket.gethostname().encode())
+    finally:
+        stop_process(server)
+
+
+# End to end: the standalone server with TLS and authentication ###############
+
+def htpasswd_file(folder, *entries):
+    path = os.path.join(str(folder), 'htpasswd')
+    open(path, 'w').close()
+    for flag, user, password in entries:
+        subprocess.run(['htpasswd', '-b', flag, path, user, password], check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return path
+
+
+@pytest.fixture
+def tls_standalone(standalone_server, pki, tmp_path):
+    passwords = htpasswd_file(tmp_path, ('-m', 'client_1', 'access'),
+                              ('-s', 'client_2', 'other'),
+                              ('-B', 'client_3', 'bcrypt'))
+    return standalone_server(args=['--tls-cert', pki.path('server.crt'),
+                                   '--tls-key', pki.path('server.key'),
+                                   '--client-ca', pki.path('ca.crt'),
+                                   '--htpasswd', passwords])
+
+
+def secure_cfg(tmp_path, server, job_dir, pki, **extra):
+    url = 'https://127.0.0.1:%d%s' % (server.port, CGI_PATH)
+    controls = dict(SSLVerifyPeerCert='Y', SSLBundledCAsFile=pki.path('ca.crt'),
+                    SSLExpectedPeerCN='webjob.test', SSLUseCertificate='Y',
+                    SSLPublicCertFile=pki.path('client.crt'),
+                    SSLPrivateKeyFile=pki.path('client-encrypted.key'),
+                    SSLPassPhrase='flimflam', URLAuthType='basic',
+                    URLUsername='client_1', URLPassword='access')
+    controls.update(extra)
+    return server_cfg(tmp_path, url, job_dir, **controls)
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_job_over_tls_with_client_certificate_and_password(
+        tmp_path, job_dir, tls_standalone, pki, python):
+    cfg = secure_cfg(tmp_path, tls_standalone, job_dir, pki)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'], python=python)
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(str(tls_standalone.root), 'incoming')))
+    assert tls_standalone.log_lines(2)[0].split()[3] == 'client_1'
+
+
+def test_wrong_password_gets_401(tmp_path, job_dir, tls_standalone, pki):
+    cfg = secure_cfg(tmp_path, tls_standalone, job_dir, pki, URLPassword='nope')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [401]')
+    assert 'wrong or unknown credentials' in tls_standalone.log_lines(1)[0]
+
+
+def test_unsupported_htpasswd_entry_is_refused_and_logged(tmp_path, job_dir,
+                                                          tls_standalone, pki):
+    cfg = secure_cfg(tmp_path, tls_standalone, job_dir, pki, ClientId='client_3',
+                     URLUsername='client_3', URLPassword='bcrypt')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [401]')
+    assert 'cannot be checked (bcrypt)' in tls_standalone.log_lines(1)[0]
+
+
+def test_basic_user_must_match_the_certificate(tmp_path, job_dir, tls_standalone,
+                                               pki):
+    cfg = secure_cfg(tmp_path, tls_standalone, job_dir, pki,
+                     URLUsername='client_2', URLPassword='other')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [401]')
+
+
+def test_certificate_cn_must_match_the_client_id(tmp_path, job_dir,
+                                                 standalone_server, pki):
+    server = standalone_server(args=['--tls-cert', pki.path('server.crt'),
+                                     '--tls-key', pki.path('server.key'),
+                                     '--client-ca', pki.path('ca.crt')])
+    cfg = secure_cfg(tmp_path, server, job_dir, pki, ClientId='client_2',
+                     URLAuthType='none')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [453]')
+
+
+def test_client_without_certificate_is_refused(tmp_path, job_dir, tls_standalone,
+                                               pki):
+    cfg = secure_cfg(tmp_path, tls_standalone, job_dir, pki,
+                     SSLUseCertificate='N')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'GetStage')
+
+
+@pytest.mark.parametrize('args', [[], ['--htpasswd', '/dev/null']])
+def test_non_loopback_bind_needs_tls_and_authentication(tmp_path, args):
+    from conftest import NPH_WEBJOB
+    result = subprocess.run([sys.executable, NPH_WEBJOB, 'serve', '--root',
+                             str(tmp_path / 'r'), '--bind', '0.0.0.0', '--port',
+                             '0'] + args, stderr=subprocess.PIPE, timeout=30)
+    assert result.returncode == 1
+    assert b'refusing to listen on 0.0.0.0 without TLS and authentication' \
+        in result.stderr
