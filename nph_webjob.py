@@ -47,10 +47,12 @@ import webjob  # noqa: E402
 PROGRAM = 'nph_webjob'
 
 #: Status codes and reasons: the nph-ftimes 3.13 table (protocol.md 1.4)
-#: less its FTimes-only 250 and 460.  Clients key on the number.
+#: less its FTimes-only 250 and 460, plus 401 for the standalone server's
+#: own Basic authentication.  Clients key on the number.
 STATUS_REASONS = {
     200: 'OK',
     251: 'Link Test OK',
+    401: 'Unauthorized',
     404: 'Not Found',
     405: 'Method Not Allowed',
     450: 'Invalid Query',
@@ -116,7 +118,8 @@ SAMPLE_PROGRAM = ('hostname.sh', b'#!/bin/sh\nhostname\ndate\n')
 
 USAGE = """\
 Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
-                           [--config FILE]
+                           [--config FILE] [--tls-cert FILE --tls-key FILE
+                           [--client-ca FILE]] [--htpasswd FILE] [--force]
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
 """
@@ -756,6 +759,206 @@ def run_cgi(environ=None, stdin=None, stdout=None):
 
 
 ###############################################################################
+# htpasswd verification (standalone server) ###################################
+###############################################################################
+
+# Verify-only: no hash is ever made here, so salts need no randomness.
+CRYPT_ALPHABET = ('./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                  'abcdefghijklmnopqrstuvwxyz')
+HTPASSWD_MAX_PASSWORD = 1024    # SHA-crypt costs O(len**2): cap client input
+SHACRYPT_ROUNDS_DEFAULT = 5000  # the spec's default and minimum
+SHACRYPT_ROUNDS_MIN = 1000
+SHACRYPT_ROUNDS_MAX = 1000000   # ours, not the spec's: about 1 s per check
+# Byte order of the final encoding, in 3-byte groups (spec: SHA-crypt).
+_SHA256_ORDER = ((0, 10, 20), (21, 1, 11), (12, 22, 2), (3, 13, 23),
+                 (24, 4, 14), (15, 25, 5), (6, 16, 26), (27, 7, 17),
+                 (18, 28, 8), (9, 19, 29), (None, 31, 30))
+_SHA512_ORDER = ((0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45),
+                 (25, 46, 4), (47, 5, 26), (6, 27, 48), (28, 49, 7),
+                 (50, 8, 29), (9, 30, 51), (31, 52, 10), (53, 11, 32),
+                 (12, 33, 54), (34, 55, 13), (56, 14, 35), (15, 36, 57),
+                 (37, 58, 16), (59, 17, 38), (18, 39, 60), (40, 61, 19),
+                 (62, 20, 41), (None, None, 63))
+_MD5_ORDER = ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5),
+              (None, None, 11))
+
+
+class UnsupportedHashError(Exception):
+    """A stored hash is in a format this module cannot check; refuse it."""
+
+
+def read_htpasswd(path):
+    """Return {user: hash} from an Apache htpasswd file.
+
+    Like mod_authn_file: skip blanks and # comments, the hash ends at the
+    next ':', the first entry for a user wins; lines without ':' are skipped.
+    """
+    users = {}
+    try:
+        with open(path, encoding='utf-8', errors='surrogateescape') as f:
+            for line in f:
+                line = line.strip()
+                if not line or line.startswith('#') or ':' not in line:
+                    continue
+                user, stored = line.split(':', 2)[:2]
+                users.setdefault(user, stored)
+    except OSError as exc:
+        raise webjob.WebJobError('htpasswd: %s: %s'
+                          % (path, exc.strerror or exc)) from exc
+    return users
+
+
+def _encode_crypt64(digest, order):
+    """Encode digest bytes, 3 at a time in order, low 6 bits first."""
+    chars = []
+    for group in order:
+        value = 0
+        for index in group:
+            value = (value << 8) | (0 if index is None else digest[index])
+        for _ in range(4 - group.count(None)):
+            chars.append(CRYPT_ALPHABET[value & 0x3f])
+            value >>= 6
+    return ''.join(chars)
+
+
+def _repeat_to(block, length):
+    """Return block repeated and cut to exactly length bytes."""
+    return (block * (length // len(block) + 1))[:length]
+
+
+def md5_crypt(password, salt, magic):
+    """Return the MD5-crypt digest text ($1$ glibc, $apr1$ Apache)."""
+    import hashlib  # late import: start-up time
+    salt = salt[:8]
+    alt = hashlib.md5(password + salt + password).digest()
+    ctx = hashlib.md5(password + magic + salt)
+    ctx.update(_repeat_to(alt, len(password)))
+    n = len(password)
+    while n:
+        ctx.update(b'\0' if n & 1 else password[:1])
+        n >>= 1
+    final = ctx.digest()
+    for i in range(1000):  # the spec's fixed stretch loop
+        ctx = hashlib.md5(password if i & 1 else final)
+        if i % 3:
+            ctx.update(salt)
+        if i % 7:
+            ctx.update(password)
+        ctx.update(final if i & 1 else password)
+        final = ctx.digest()
+    return _encode_crypt64(final, _MD5_ORDER)
+
+
+def sha_crypt(password, salt, rounds, algorithm):
+    """Return the SHA-crypt ($5$ sha256 / $6$ sha512) digest text."""
+    import hashlib  # late import: start-up time
+    new = getattr(hashlib, algorithm)
+    salt = salt[:16]
+    size = len(password)
+    alt = new(password + salt + password).digest()
+    ctx = new(password + salt + _repeat_to(alt, size))
+    n = size
+    while n:
+        ctx.update(alt if n & 1 else password)
+        n >>= 1
+    digest = ctx.digest()
+    p_bytes = _repeat_to(new(password * size).digest(), size)
+    s_bytes = _repeat_to(new(salt * (16 + digest[0])).digest(), len(salt))
+    for i in range(rounds):
+        ctx = new(p_bytes if i & 1 else digest)
+        if i % 3:
+            ctx.update(s_bytes)
+        if i % 7:
+            ctx.update(p_bytes)
+        ctx.update(digest if i & 1 else p_bytes)
+        digest = ctx.digest()
+    order = _SHA256_ORDER if algorithm == 'sha256' else _SHA512_ORDER
+    return _encode_crypt64(digest, order)
+
+
+def _parse_rounds(text, name):
+    """Return the rounds= value, clamped up to the spec's minimum."""
+    digits = text[len('rounds='):]
+    if not digits or not set(digits) <= set('0123456789'):
+        raise UnsupportedHashError(name + ' (malformed rounds)')
+    rounds = max(int(digits), SHACRYPT_ROUNDS_MIN)
+    if rounds > SHACRYPT_ROUNDS_MAX:  # a stored hash must not stall the server
+        raise UnsupportedHashError('%s (rounds above %d)'
+                                   % (name, SHACRYPT_ROUNDS_MAX))
+    return rounds
+
+
+def _equal_text(computed, stored):
+    """Compare in constant time; stored may hold any (escaped) text."""
+    import hmac  # late import: start-up time
+    return hmac.compare_digest(computed.encode('ascii'),
+                               stored.encode('utf-8', 'surrogateescape'))
+
+
+def _check_crypt_style(stored, password, prefix, name):
+    """Split '$id$[rounds=N$]salt$digest' and compare a recomputed digest."""
+    fields = stored[len(prefix):].split('$')
+    rounds = SHACRYPT_ROUNDS_DEFAULT
+    if (len(fields) == 3 and fields[0].startswith('rounds=')
+            and name != 'md5-crypt'):
+        rounds = _parse_rounds(fields.pop(0), name)
+    if len(fields) != 2:
+        raise UnsupportedHashError(name + ' (malformed)')
+    salt = fields[0].encode('utf-8', 'surrogateescape')
+    if name == 'md5-crypt':
+        computed = md5_crypt(password, salt, prefix.encode('ascii'))
+    else:
+        computed = sha_crypt(password, salt, rounds,
+                             'sha256' if prefix == '$5$' else 'sha512')
+    return _equal_text(computed, fields[1])
+
+
+def _check_sha1(stored, password):
+    """Check htpasswd -s: '{SHA}' + base64(SHA-1(password)), unsalted."""
+    import base64  # late import: start-up time
+    import hashlib  # late import: start-up time
+    computed = base64.b64encode(hashlib.sha1(password).digest())
+    return _equal_text(computed.decode('ascii'), stored[len('{SHA}'):])
+
+
+_CRYPT_PREFIXES = (('$apr1$', 'md5-crypt'), ('$1$', 'md5-crypt'),
+                   ('$5$', 'sha256-crypt'), ('$6$', 'sha512-crypt'))
+_UNSUPPORTED_PREFIXES = (('$2y$', 'bcrypt'), ('$2a$', 'bcrypt'),
+                         ('$2b$', 'bcrypt'), ('$2x$', 'bcrypt'),
+                         ('_', 'bsdi-crypt'))
+
+
+def name_htpasswd_hash(stored):
+    """Return a short name for the format of a stored hash (for logs)."""
+    if stored.startswith('{SHA}'):
+        return 'sha1'
+    for prefix, name in _CRYPT_PREFIXES + _UNSUPPORTED_PREFIXES:
+        if stored.startswith(prefix):
+            return name
+    if len(stored) == 13 and set(stored) <= set(CRYPT_ALPHABET):
+        return 'des-crypt'
+    return 'plaintext or unknown'
+
+
+def check_htpasswd_password(stored_hash, password):
+    """Return True only if password matches stored_hash.
+
+    Raise UnsupportedHashError(format name) for a format that cannot be
+    checked here (bcrypt, DES crypt, plaintext...), so it is never accepted.
+    """
+    if not isinstance(password, bytes):
+        password = password.encode('utf-8', 'surrogateescape')
+    if stored_hash.startswith('{SHA}'):
+        return _check_sha1(stored_hash, password)
+    for prefix, name in _CRYPT_PREFIXES:
+        if stored_hash.startswith(prefix):
+            if len(password) > HTPASSWD_MAX_PASSWORD:
+                return False
+            return _check_crypt_style(stored_hash, password, prefix, name)
+    raise UnsupportedHashError(name_htpasswd_hash(stored_hash))
+
+
+###############################################################################
 # Standalone front end ########################################################
 ###############################################################################
 
@@ -798,8 +1001,39 @@ def _handler_class():
             raise AttributeError(name)
 
         def authenticate(self, environ):
-            """Set REMOTE_USER for an authenticated peer.  No scheme exists
-            yet (a later --htpasswd or TLS client certificate adds one)."""
+            """Set REMOTE_USER for an authenticated peer; return None, or
+            why the request must be refused with 401.
+
+            A client certificate (--client-ca) names the user by its subject
+            CN; with --htpasswd too, the Basic user must be that same name.
+            """
+            auth = self.server.auth
+            cert_user = None
+            if auth.client_ca:
+                cert_user = certificate_common_name(self.connection)
+                if not cert_user:
+                    return 'client certificate has no subject CN'
+                environ['REMOTE_USER'] = cert_user
+            if auth.passwords is None:
+                return None
+            user, password = parse_basic_auth(self.headers.get('Authorization'))
+            if user is None:
+                return 'Basic credentials missing or malformed'
+            stored = auth.passwords.get(user)
+            try:
+                ok = stored is not None and check_htpasswd_password(stored,
+                                                                    password)
+            except UnsupportedHashError as exc:
+                return 'user (%s): htpasswd entry in a format that cannot be '\
+                    'checked (%s): refused' % (webjob.one_line(user)[:64], exc)
+            if not ok:
+                return 'user (%s): wrong or unknown credentials' % (
+                    webjob.one_line(user)[:64])
+            if cert_user is not None and cert_user != user:
+                return 'Basic user (%s) differs from certificate CN (%s)' % (
+                    webjob.one_line(user)[:64], webjob.one_line(cert_user)[:64])
+            environ['REMOTE_USER'] = user
+            return None
 
         def build_environ(self):
             """The CGI variables process_request reads; (environ, length)
@@ -825,9 +1059,13 @@ def _handler_class():
 
         def serve_webjob(self):
             environ, length = self.build_environ()
-            self.authenticate(environ)
+            refused = self.authenticate(environ)
             body = _Body(self.rfile, length or 0)
-            exchange = process_request(environ, body, self.server.site)
+            if refused is None:
+                exchange = process_request(environ, body, self.server.site)
+            else:
+                exchange = refuse_unauthorized(environ, self.server.site,
+                                               refused)
             if length is None or body.remaining:
                 self.close_connection = True     # the body's end is unknown
             extra = [('Date', self.date_time_string())]
@@ -847,6 +1085,73 @@ def _handler_class():
             pass                    # INFO: nph-webjob.log is the access log
 
     return Handler
+
+
+class Authentication(object):
+    """The standalone server's schemes: client certificates and htpasswd."""
+
+    def __init__(self, client_ca=None, htpasswd=None):
+        self.client_ca = client_ca
+        self.passwords = read_htpasswd(htpasswd) if htpasswd else None
+
+    @property
+    def enabled(self):
+        return bool(self.client_ca) or self.passwords is not None
+
+
+def refuse_unauthorized(environ, site, message):
+    """A 401 with a Basic challenge, logged like every other answer."""
+    exchange = Exchange(environ)
+    exchange.site = site
+    exchange.status = 401
+    exchange.message = message
+    exchange.headers.append(('WWW-Authenticate', 'Basic realm="WebJob"'))
+    return exchange
+
+
+def parse_basic_auth(header):
+    """(user, password) from 'Basic <base64(user:password)>', or (None, None)."""
+    import base64  # late import: standalone only
+    import binascii  # late import: standalone only
+    scheme, _, value = (header or '').strip().partition(' ')
+    if scheme.lower() != 'basic' or len(value) > 4096:
+        return None, None
+    try:
+        pair = base64.b64decode(value.strip(), validate=True).decode('utf-8')
+    except (binascii.Error, ValueError):
+        return None, None
+    user, colon, password = pair.partition(':')
+    return (user, password) if colon and user else (None, None)
+
+
+def certificate_common_name(connection):
+    """The subject CN of a verified client certificate, or None."""
+    getpeercert = getattr(connection, 'getpeercert', None)
+    if getpeercert is None:
+        return None
+    names = [value for rdn in (getpeercert() or {}).get('subject', ())
+             for key, value in rdn if key == 'commonName']
+    return names[0] if len(names) == 1 else None
+
+
+def build_tls_context(cert, key, client_ca=None):
+    """A TLS 1.2+ server context; client certificates required with a CA."""
+    import ssl  # late import: standalone with TLS only
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    if hasattr(context, 'minimum_version') and hasattr(ssl, 'TLSVersion'):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    else:  # COMPAT(3.6)
+        context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise webjob.WebJobError('TLS: cannot load %s: %s' % (
+            ', '.join(p for p in (cert, key, client_ca) if p),
+            webjob.describe_ssl_error(exc)))
+    return context
 
 
 def make_layout(root):
@@ -886,12 +1191,16 @@ def is_loopback(address):
         for info in infos)
 
 
-def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None):
+def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
+          tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
+          force=False):
     """Run the standalone server until SIGTERM or SIGINT; return 0.
 
     BaseDirectory is --root, else the config's, else ./webjob-server; the
-    layout is created if missing.  RequireUser defaults to N here, because
-    no authentication exists yet, which is also why only loopback binds.
+    layout is created if missing.  RequireUser defaults to N without
+    authentication and to Y with it.  A non-loopback address needs TLS and
+    authentication, unless forced: evidence and credentials would otherwise
+    cross the network in the clear or be open to anyone.
 
     :raises webjob.WebJobError: for a refused bind, a bad config or a port
         that cannot be opened.
@@ -900,11 +1209,17 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None):
     import signal  # late import: standalone only
     import socket  # late import: standalone only
     import socketserver  # late import: standalone only
-    if not is_loopback(bind):
-        raise webjob.WebJobError('refusing to listen on %s: there is no '
-                                 'authentication yet, bind a loopback address'
-                                 % bind)
-    defaults = {'RequireUser': False,
+    if bool(tls_cert) != bool(tls_key) or (client_ca and not tls_cert):
+        raise webjob.UsageError('--tls-cert and --tls-key go together, and '
+                                '--client-ca needs them')
+    auth = Authentication(client_ca, htpasswd)
+    if not is_loopback(bind) and not force and not (tls_cert and auth.enabled):
+        raise webjob.WebJobError('refusing to listen on %s without TLS and '
+                                 'authentication (--tls-cert/--tls-key and '
+                                 '--htpasswd or --client-ca); --force '
+                                 'overrides' % bind)
+    tls = build_tls_context(tls_cert, tls_key, client_ca) if tls_cert else None
+    defaults = {'RequireUser': auth.enabled,
                 'BaseDirectory': os.path.abspath(DEFAULT_ROOT)}
     overrides = {'BaseDirectory': os.path.abspath(root)} if root else {}
     counter = itertools.count(1)
@@ -924,6 +1239,14 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None):
         daemon_threads = True
         address_family = socket.AF_INET6 if ':' in bind else socket.AF_INET
 
+        def finish_request(self, request, client_address):
+            """Shake hands in the connection's own thread, time-limited, so a
+            silent or hostile client never holds up the accept loop."""
+            if tls is not None:
+                request.settimeout(IDLE_TIMEOUT)
+                request = tls.wrap_socket(request, server_side=True)
+            socketserver.TCPServer.finish_request(self, request, client_address)
+
         def handle_error(self, request, client_address):
             """A dropped connection is one line on stderr, not a traceback."""
             exc = sys.exc_info()[1]
@@ -936,6 +1259,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None):
         raise webjob.WebJobError('cannot listen on %s port %d: %s'
                                  % (bind, port, exc.strerror or exc))
     server.site = site
+    server.auth = auth
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -943,8 +1267,9 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None):
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)   # INFO: even when started ignoring it
     host, port = server.server_address[:2]
-    write_stderr('listening on http://%s:%d/ (BaseDirectory %s)' % (
-        '[%s]' % host if ':' in host else host, port, site.base))
+    write_stderr('listening on %s://%s:%d/ (BaseDirectory %s)' % (
+        'https' if tls else 'http', '[%s]' % host if ':' in host else host,
+        port, site.base))
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
@@ -972,6 +1297,11 @@ def parse_serve_args(argv):
     parser.add_argument('--bind', default=DEFAULT_BIND)
     parser.add_argument('--port', type=int, default=DEFAULT_PORT)
     parser.add_argument('--config')
+    parser.add_argument('--tls-cert')
+    parser.add_argument('--tls-key')
+    parser.add_argument('--client-ca')
+    parser.add_argument('--htpasswd')
+    parser.add_argument('--force', action='store_true')
     options = parser.parse_args(argv)
     if not 0 <= options.port < 65536:
         raise webjob.UsageError('--port: expected 0-65535')
@@ -996,7 +1326,9 @@ def main(argv=None):
                                     'not a CGI request (GATEWAY_INTERFACE '
                                     'is unset) and no command given')
         options = parse_serve_args(argv[1:])
-        return serve(options.root, options.bind, options.port, options.config)
+        return serve(options.root, options.bind, options.port, options.config,
+                     options.tls_cert, options.tls_key, options.client_ca,
+                     options.htpasswd, options.force)
     except webjob.UsageError as exc:
         write_stderr(exc)
         sys.stderr.write(USAGE)

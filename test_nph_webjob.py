@@ -163,8 +163,9 @@ def last_log(root):
 # Constants ###################################################################
 
 def test_status_table_is_the_nph_ftimes_table():
+    """Plus 401, which only the standalone server's own Basic auth sends."""
     assert nph_webjob.STATUS_REASONS == {
-        200: 'OK', 251: 'Link Test OK', 404: 'Not Found',
+        200: 'OK', 251: 'Link Test OK', 401: 'Unauthorized', 404: 'Not Found',
         405: 'Method Not Allowed', 450: 'Invalid Query',
         451: 'File Already Exists', 452: 'Username Undefined',
         453: 'Username-ClientId Mismatch', 454: 'Content-Length Undefined',
@@ -1173,3 +1174,95 @@ def local_tz(monkeypatch):
     yield switch
     monkeypatch.undo()
     time.tzset()
+
+
+# htpasswd (the standalone server's Basic authentication) #####################
+
+HTPASSWD_PASSWORD = 'pa:ss w\xf6rd'
+
+
+def htpasswd_usage():
+    """Return htpasswd's usage text (it prints it for an unknown option)."""
+    result = subprocess.run(['htpasswd', '-h'], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    return result.stdout.decode('ascii', 'replace')
+
+
+FORMATS = [['-m'], ['-s']]
+if ' -2 ' in htpasswd_usage():
+    FORMATS += [['-2'], ['-5'], ['-5', '-r', '1000']]
+
+
+def make_hash(flags, password=HTPASSWD_PASSWORD, user='user'):
+    """Return the hash htpasswd -nb writes for password."""
+    out = subprocess.check_output(['htpasswd', '-nb'] + flags
+                                  + [user, password],
+                                  stderr=subprocess.DEVNULL)
+    return out.decode('utf-8').strip().split(':', 1)[1]
+
+
+@pytest.mark.parametrize('flags', FORMATS, ids=' '.join)
+def test_right_password_accepted(flags):
+    assert nph_webjob.check_htpasswd_password(make_hash(flags), HTPASSWD_PASSWORD) is True
+
+
+@pytest.mark.parametrize('flags', FORMATS, ids=' '.join)
+def test_wrong_password_refused(flags):
+    assert nph_webjob.check_htpasswd_password(make_hash(flags), HTPASSWD_PASSWORD + 'x') is False
+
+
+@pytest.mark.parametrize('flags', FORMATS, ids=' '.join)
+def test_empty_password_round_trips(flags):
+    stored = make_hash(flags, password='')
+    assert nph_webjob.check_htpasswd_password(stored, '') is True
+    assert nph_webjob.check_htpasswd_password(stored, ' ') is False
+
+
+def test_bytes_password_accepted():
+    stored = make_hash(['-m'])
+    assert nph_webjob.check_htpasswd_password(stored, HTPASSWD_PASSWORD.encode('utf-8')) is True
+
+
+@pytest.mark.parametrize('flags,name', [(['-B'], 'bcrypt'),
+                                        (['-d'], 'des-crypt'),
+                                        (['-p'], 'plaintext or unknown')])
+def test_uncheckable_format_raises(flags, name):
+    stored = make_hash(flags, password='secret')
+    with pytest.raises(nph_webjob.UnsupportedHashError) as info:
+        nph_webjob.check_htpasswd_password(stored, 'secret')
+    assert str(info.value) == name
+
+
+@pytest.mark.parametrize('stored', ['$5$rounds=1x$salt$abc',
+                                    '$6$rounds=2000000$salt$abc',
+                                    '$apr1$saltonly', '$6$a$b$c$d'])
+def test_malformed_or_costly_hash_raises(stored):
+    with pytest.raises(nph_webjob.UnsupportedHashError):
+        nph_webjob.check_htpasswd_password(stored, 'x')
+
+
+def test_overlong_password_refused_without_hashing():
+    stored = make_hash(['-5'])
+    assert nph_webjob.check_htpasswd_password(stored, 'x' * 100000) is False
+
+
+def test_thousand_user_file_parses(tmp_path):
+    stored = make_hash(['-m'])
+    lines = ['# made by test', '', 'no colon here']
+    lines += ['user%04d:%s' % (i, stored) for i in range(1000)]
+    path = tmp_path / 'htpasswd'
+    path.write_bytes('\r\n'.join(lines + ['']).encode('utf-8'))
+    users = nph_webjob.read_htpasswd(str(path))
+    assert len(users) == 1000
+    assert nph_webjob.check_htpasswd_password(users['user0999'], HTPASSWD_PASSWORD) is True
+
+
+def test_first_entry_wins_and_hash_ends_at_colon(tmp_path):
+    path = tmp_path / 'htpasswd'
+    path.write_bytes(b'u:{SHA}first:comment\nu:{SHA}second\n')
+    assert nph_webjob.read_htpasswd(str(path)) == {'u': '{SHA}first'}
+
+
+def test_unreadable_file_raises_webjob_error(tmp_path):
+    with pytest.raises(nph_webjob.webjob.WebJobError):
+        nph_webjob.read_htpasswd(str(tmp_path / 'missing'))
