@@ -339,6 +339,69 @@ def test_bad_value_names_file_line_and_control(tmp_path, line, control):
     assert_clean_error(result, 5, '%s:3' % cfg, control)
 
 
+# The man page's URL grammar as a regular expression: the hand-written
+# parser (webjob.py avoids importing re) must agree with it everywhere.
+MAN_PAGE_URL = re.compile(r'(https?)://(?:([^:@/?#\s]*)(?::([^@/?#\s]*))?@)?'
+                          r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)'
+                          r'(?::([0-9]{1,5}))?(/[^\s#]*)\Z')
+
+
+def parse_url_by_regex(url):
+    match = MAN_PAGE_URL.match(url)
+    if match is None:
+        return None
+    scheme, user, password, host, port, path = match.groups()
+    port = int(port) if port else (443 if scheme == 'https' else 80)
+    return (scheme, user, password, host, port, path) if 0 < port < 65536 \
+        else None
+
+
+def make_url_like(rng):
+    """URL-shaped strings, most of them near the grammar's edges."""
+    def piece(chars, most):
+        return ''.join(rng.choice(chars) for _ in range(rng.randint(0, most)))
+    url = rng.choice(['http://', 'https://', 'ftp://', 'http:/'])
+    if rng.random() < 0.5:
+        url += piece('ab:@#?% \u00e9', 4) + '@'
+    url += rng.choice([piece('ab.-_9@#?[]:', 5), '[' + piece('0f:.g]', 5)
+                       + ']'])
+    if rng.random() < 0.5:
+        url += ':' + piece('0123456789a', 7)
+    if rng.random() < 0.8:
+        url += '/' + piece('ab/?#& \u2003\n', 5)
+    return url
+
+
+def test_url_parser_agrees_with_the_man_page_grammar():
+    import random
+    rng = random.Random(20261123)
+    urls = [make_url_like(rng) for _ in range(50000)] + [
+        'http://u:p:q@host:8080/a?b', 'https://[::1]/', 'http://@h/',
+        'http://h:0/', 'http://h:65535/', 'http://h:/', 'http://[]/']
+    differ = [u for u in urls if webjob.parse_url(u) != parse_url_by_regex(u)]
+    assert differ == []
+    assert sum(1 for u in urls if parse_url_by_regex(u)) > 500
+
+
+@pytest.mark.parametrize('line, expected', [
+    ('HTTP/1.1 200 OK', (200, 'OK')),
+    ('HTTP/1.0 450 Bad Thing here', (450, 'Bad Thing here')),
+    ('HTTP/10.23 999', (999, '')),
+    ('HTTP/1.1 200 ', (200, '')),
+])
+def test_status_line_is_parsed(line, expected):
+    assert webjob.parse_status_line(line) == expected
+
+
+@pytest.mark.parametrize('line', [
+    'HTTP/1.1 2000 OK', 'HTTP/1.1  200 OK', 'HTTP/1 200 OK', 'HTTP/.1 200',
+    'http/1.1 200 OK', 'HTTP/1.1 20x OK', 'HTTP/1.1 200 O\nK',
+    'HTTP/\u0661.1 200 OK', 'HTTP/1.1 200\tOK', ''])
+def test_malformed_status_line_is_refused(line):
+    with pytest.raises(webjob.TransportError):
+        webjob.parse_status_line(line)
+
+
 def test_unknown_control_is_refused(tmp_path):
     cfg = tmp_path / 'u.cfg'
     cfg.write_text('ClientId=c\nURLGetURL=http://127.0.0.1:9/x\nFrobnicate=Y\n')

@@ -213,6 +213,16 @@ AUTH_TYPES = ('basic', 'none')
 DIGITS = '0123456789'
 NAME_CHARS = frozenset('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
                        '0123456789_-.')
+URL_HOST_CHARS = frozenset('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+                           '0123456789._-')
+URL_IPV6_CHARS = frozenset('0123456789ABCDEFabcdef:.')
+URL_USERINFO_STOPS = frozenset('@/?#')
+URL_PATH_STOPS = frozenset('#')
+
+
+def is_digits(text):
+    """True for one or more ASCII digits (str.isdigit also takes others)."""
+    return bool(text) and all(c in DIGITS for c in text)
 
 
 def parse_url(url):
@@ -220,27 +230,51 @@ def parse_url(url):
 
     scheme://(user(:pass)?@)?host(:port)?/(path(\\?query)?)? with scheme http
     or https.  Returns (scheme, user, password, host, port, path_and_query)
-    where user/password are None when absent and port is an int.
+    where user/password are None when absent and port is an int.  Parsed by
+    hand: importing re would cost every job about 4 ms of start-up.
     """
-    import re  # late import: start-up time
-    match = re.match(
-        r'(https?)://'
-        r'(?:([^:@/?#\s]*)(?::([^@/?#\s]*))?@)?'
-        r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)'
-        r'(?::([0-9]{1,5}))?'
-        r'(/[^\s#]*)?\Z', url)
-    if match is None:
+    scheme, _, rest = url.partition('://')
+    if scheme not in ('http', 'https') or not _:
         return None
-    scheme, user, password, host, port, path = match.groups()
-    if path is None:
+    authority, slash, path = rest.partition('/')
+    if not slash or any(c in URL_PATH_STOPS or c.isspace() for c in path):
+        return None
+    user = password = None
+    userinfo, at, hostport = authority.rpartition('@')
+    if at:
+        if any(c in URL_USERINFO_STOPS or c.isspace() for c in userinfo):
+            return None
+        user, colon, password = userinfo.partition(':')
+        password = password if colon else None
+    host, port = split_host_port(hostport)
+    if host is None:
         return None
     if port is None:
         port = 443 if scheme == 'https' else 80
+    elif not 0 < port < 65536:
+        return None
+    return scheme, user, password, host, port, '/' + path
+
+
+def split_host_port(hostport):
+    """(host, port or None) for host(:port)?, port 1-5 digits; (None, None)
+    when the host is neither [IPv6] nor made of letters, digits, '._-'."""
+    if hostport.startswith('['):
+        end = hostport.find(']') + 1
+        host, rest = hostport[:end], hostport[end:]
+        if end < 3 or not all(c in URL_IPV6_CHARS for c in host[1:-1]):
+            return None, None
     else:
-        port = int(port)
-        if not 0 < port < 65536:
-            return None
-    return scheme, user, password, host, port, path
+        host, colon, port = hostport.partition(':')
+        rest = colon + port
+        if not host or not all(c in URL_HOST_CHARS for c in host):
+            return None, None
+    if not rest:
+        return host, None
+    digits = rest[1:]
+    if rest[0] != ':' or len(digits) > 5 or not is_digits(digits):
+        return None, None
+    return host, int(digits)
 
 
 def check_value(kind, value):
@@ -259,7 +293,7 @@ def check_value(kind, value):
             raise ValueError("expected 'Y' or 'N'")
         return value in ('Y', 'y')
     if kind == 'uint':
-        if not value or not all(c in DIGITS for c in value):
+        if not is_digits(value):
             raise ValueError('expected a non-negative integer')
         number = int(value)
         if number > MAX_UINT:
@@ -562,7 +596,9 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     if target.scheme == 'https' and not raw:
         tls_context.prepare(target, deadline)
     try:
-        sock = socket.create_connection((target.host.strip('[]'), target.port),
+        # bytes, not str: a str host makes getaddrinfo import the idna codec
+        host = target.host.strip('[]').encode('ascii')
+        sock = socket.create_connection((host, target.port),
                                         timeout=deadline.remaining())
     except socket.timeout:
         raise TransportError('%s: connect: %s expired'
@@ -685,11 +721,14 @@ def find_head_end(data):
 
 def parse_status_line(line):
     """HTTP/<digits>.<digits> <3 digits> <reason>; any code 000-999."""
-    import re  # late import: start-up time
-    match = re.match(r'HTTP/[0-9]+\.[0-9]+ ([0-9]{3})(?: (.*))?\Z', line)
-    if match is None:
+    version, _, rest = line.partition(' ')
+    major, dot, minor = version[5:].partition('.')
+    code, _, reason = rest.partition(' ')
+    if (not version.startswith('HTTP/') or not dot or not is_digits(major)
+            or not is_digits(minor) or len(code) != 3 or not is_digits(code)
+            or '\n' in reason):
         raise TransportError('malformed status line [%s]' % one_line(line)[:80])
-    return int(match.group(1)), one_line(match.group(2) or '')
+    return int(code), one_line(reason)
 
 
 def parse_fields(lines):
@@ -709,7 +748,7 @@ def parse_fields(lines):
         if key in fields:
             raise TransportError('%s: field already defined' % name.strip())
         if key == 'content-length':
-            if not value or not all(c in DIGITS for c in value):
+            if not is_digits(value):
                 raise TransportError('Content-Length = [%s]: value must '
                                      'contain all digits' % one_line(value)[:40])
             fields[key] = int(value)
@@ -2119,9 +2158,10 @@ def version_string(_cache={}):
     signatures can be verified (always: the verifier is pure Python).
     """
     if 'value' not in _cache:
-        import importlib.util  # late import: start-up time
+        import importlib.machinery  # late import: start-up time
         parts = [PROGRAM, __version__]
-        if importlib.util.find_spec('ssl') is not None:
+        if ('_ssl' in sys.builtin_module_names or importlib.machinery
+                .PathFinder.find_spec('_ssl') is not None):
             parts.append('ssl')
         parts.append('dsv')
         parts.append('%d bit' % (64 if sys.maxsize > 2 ** 32 else 32))
