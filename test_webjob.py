@@ -214,6 +214,21 @@ def test_version_prints_the_originals_form():
                     result.stdout.decode())
 
 
+def test_output_to_a_closed_pipe_is_one_clear_line():
+    """A reader that went away (| head) is reported, not a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, WEBJOB, '-v'],
+                                stdout=write_end, stderr=subprocess.PIPE,
+                                timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        'webjob: stdout: the reader went away (broken pipe)']
+
+
 def test_version_long_form_matches_short_form():
     assert run_webjob(['--version']).stdout == run_webjob(['-v']).stdout
 

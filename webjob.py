@@ -3772,6 +3772,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         write_stderr('interrupted')
         return XER_ABORT
+    except BrokenPipeError:
+        write_stderr('stdout: the reader went away (broken pipe)')
+        return XER_ABORT
     except Exception as exc:  # last resort: never a traceback
         if os.environ.get('WEBJOB_DEBUG'):
             import traceback  # late import: debugging only
