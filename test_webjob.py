@@ -2701,6 +2701,115 @@ def test_readme_quick_start(tmp_path):
         stop_process(server)
 
 
+# DSV, GetHook and PaD end to end against nph_webjob.py #######################
+
+def publish(server, files, client='client_1'):
+    """Put files in the server's profiles/<client>/commands/."""
+    commands = os.path.join(str(server.root), 'profiles', client, 'commands')
+    for name, data in files.items():
+        with open(os.path.join(commands, name), 'wb') as handle:
+            handle.write(data)
+
+
+def marked_program(tmp_path, words=b'hello'):
+    """A program that leaves tmp_path/ran behind, so running is visible."""
+    marker = tmp_path / 'ran'
+    return (b'#!/bin/sh\ntouch %s\necho "%s $1"\n' % (str(marker).encode(),
+                                                       words)), marker
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+@pytest.mark.parametrize('in_header', [True, False],
+                         ids=['signature-header', 'signature-second-get'])
+def test_signed_job_runs_against_the_server(tmp_path, job_dir, standalone_server,
+                                            signer, small_signer, python,
+                                            in_header):
+    signer = small_signer if in_header else signer
+    server = standalone_server()
+    body, marker = marked_program(tmp_path)
+    publish(server, {'job.sh': body, 'job.sh.sig': signer.sign(body)})
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, DsvVerifySignature='Y',
+                     DsvCertificateTree=str(signer.tree))
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'signed'], python=python)
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(str(server.root), 'incoming'),
+                               'job.sh'), b'hello signed')
+    requests = [line.split()[7] for line in server.log_lines()]
+    assert requests == (['job.sh', 'job.sh'] if in_header else
+                        ['job.sh', 'job.sh.sig', 'job.sh'])
+
+
+def test_payload_tampered_on_the_server_is_never_run(tmp_path, job_dir,
+                                                     standalone_server, signer):
+    server = standalone_server()
+    body, marker = marked_program(tmp_path)
+    evil, _ = marked_program(tmp_path, b'EVIL')
+    publish(server, {'job.sh': evil, 'job.sh.sig': signer.sign(body)})
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, DsvVerifySignature='Y',
+                     DsvCertificateTree=str(signer.tree))
+    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    assert_clean_error(result, 8, 'signature verification failed')
+    assert not marker.exists()
+    assert server.incoming() == [] and os.listdir(str(job_dir)) == []
+
+
+def test_example6_gzip_hook_against_the_server(tmp_path, job_dir,
+                                               standalone_server):
+    server = standalone_server()
+    body, marker = marked_program(tmp_path)
+    publish(server, {'job.sh.gz': subprocess.run(
+        ['gzip', '-c'], input=body, stdout=subprocess.PIPE, check=True).stdout})
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, GetHookEnable='Y',
+                     GetHookCommandLine='gzip -d %vp', GetHookStatus='0',
+                     GetHookSuffix='.gz')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'gz'])
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(str(server.root), 'incoming'),
+                               'job.sh'), b'hello gz')
+    assert [line.split()[7] for line in server.log_lines(2)] == \
+        ['job.sh.gz', 'job.sh']
+
+
+@pytest.mark.parametrize('tampered', [False, True], ids=['signed', 'tampered'])
+def test_example7_gpg_hook_against_the_server(tmp_path, job_dir,
+                                              standalone_server, gpg_home,
+                                              tampered):
+    server = standalone_server()
+    body, marker = marked_program(tmp_path)
+    signed = bytearray(gpg_sign(gpg_home, body))
+    if tampered:
+        signed[len(signed) // 2] ^= 0x01
+    publish(server, {'job.sh.gpg': bytes(signed)})
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir, GetHookEnable='Y',
+                     GetHookCommandLine='gpg --batch --decrypt %vp > %tp',
+                     GetHookStatus='0', GetHookSuffix='.gpg')
+    result = run_webjob(['-e', '-f', cfg, 'job.sh', 'gpg'],
+                        env={'GNUPGHOME': gpg_home['GNUPGHOME']})
+    if tampered:    # gpg's own complaint comes first on stderr
+        assert result.returncode == 8
+        assert 'GetHookStatus' in result.stderr.decode().splitlines()[-1]
+        assert not marker.exists() and server.incoming() == []
+    else:
+        assert result.returncode == 0, result.stderr
+        assert_evidence(read_group(os.path.join(str(server.root), 'incoming'),
+                                   'job.sh'), b'hello gpg')
+
+
+def test_pad_job_against_the_server(tmp_path, job_dir, standalone_server):
+    server = standalone_server()
+    data = bytes(range(256)) * 4099
+    publish(server, {'blob.bin.pad': make_pad_bytes(tmp_path, 'blob.bin', data)})
+    cfg = server_cfg(tmp_path, server.cgi_url, job_dir)
+    result = run_webjob(['-e', '-f', cfg, 'blob.bin.pad', 'sha256sum',
+                         '%payload'])
+    assert result.returncode == 0, result.stderr
+    group = read_group(os.path.join(str(server.root), 'incoming'),
+                       'blob.bin.pad')
+    assert_evidence(group, ('%s  blob.bin\n' % hashlib.sha256(data).hexdigest())
+                    .encode())
+
+
 # End to end: the standalone server with TLS and authentication ###############
 
 def htpasswd_file(folder, *entries):
