@@ -1,5 +1,6 @@
 """Shared test fixtures: interpreters, ports, server trees, the standalone
-nph_webjob.py server, and a real Apache running nph-webjob.cgi.
+nph_webjob.py server, the test PKI, a real Apache running nph-webjob.cgi
+(plain HTTP and mod_ssl vhosts), and nginx + fcgiwrap running webjob.cgi.
 
 Everything here starts real processes on 127.0.0.1 and waits on ports or
 files, never on sleeps.  Used by test_nph_webjob.py and test_webjob.py.
@@ -220,6 +221,107 @@ def standalone_server(tmp_path_factory):
         stop_process(server.proc)
 
 
+# Test PKI ####################################################################
+
+CA_CONFIG = '''[ ca ]
+default_ca = test_ca
+[ test_ca ]
+dir = .
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any
+copy_extensions = none
+unique_subject = no
+[ any ]
+commonName = supplied
+[ v3_ca ]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+[ v3_leaf ]
+basicConstraints = CA:FALSE
+'''
+
+
+class PKI(object):
+    """Test CAs and certificates, made by the real openssl at test time.
+
+    In dir: ca and rogue-ca (self-signed, same CN), inter (an intermediate
+    under ca); server certificates for CN webjob.test from ca (server), via
+    inter (server-via-inter), from rogue-ca (server-rogue), expired
+    (server-expired), and CN other.test (server-wrong-cn); client
+    certificates for CN client_1 from ca (client, with client.key and
+    client-encrypted.key, passphrase flimflam) and rogue-ca (client-rogue).
+    Each NAME has NAME.crt, NAME.key and NAME-chain.pem (leaf first).
+    """
+
+    def __init__(self, folder):
+        self.dir = str(folder)
+        with open(self.path('ca.cnf'), 'w') as handle:
+            handle.write(CA_CONFIG)
+        open(self.path('index.txt'), 'w').close()
+        with open(self.path('serial'), 'w') as handle:
+            handle.write('1000\n')
+        self.self_signed('ca', 'WebJob-Test-CA')
+        self.self_signed('rogue-ca', 'WebJob-Test-CA')
+        self.issue('inter', 'WebJob-Test-Intermediate', 'ca', ca=True)
+        self.issue('server', 'webjob.test', 'ca')
+        self.issue('server-via-inter', 'webjob.test', 'inter',
+                   chain=['inter'])
+        self.issue('server-wrong-cn', 'other.test', 'ca')
+        self.issue('server-expired', 'webjob.test', 'ca',
+                   dates=('20000101000000Z', '20010101000000Z'))
+        self.issue('server-rogue', 'webjob.test', 'rogue-ca')
+        self.issue('client', 'client_1', 'ca')
+        self.issue('client-rogue', 'client_1', 'rogue-ca')
+        self.openssl('pkey', '-in', 'client.key', '-aes256', '-passout',
+                     'pass:flimflam', '-out', 'client-encrypted.key')
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def openssl(self, *args):
+        subprocess.run(('openssl',) + args, cwd=self.dir, check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def self_signed(self, name, cn):
+        self.openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout',
+                     name + '.key', '-out', name + '.crt', '-subj', '/CN=' + cn,
+                     '-days', '30', '-addext', 'basicConstraints=critical,CA:TRUE',
+                     '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
+
+    def issue(self, name, cn, issuer, ca=False, dates=None, chain=()):
+        self.openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout',
+                     name + '.key', '-out', name + '.csr', '-subj', '/CN=' + cn)
+        validity = ['-startdate', dates[0], '-enddate', dates[1]] if dates \
+            else ['-days', '30']
+        self.openssl('ca', '-batch', '-config', 'ca.cnf', '-cert', issuer + '.crt',
+                     '-keyfile', issuer + '.key', '-in', name + '.csr', '-out',
+                     name + '.crt', '-notext', '-extensions',
+                     'v3_ca' if ca else 'v3_leaf', *validity)
+        with open(self.path(name + '-chain.pem'), 'wb') as out:
+            for part in [name] + list(chain):
+                with open(self.path(part + '.crt'), 'rb') as handle:
+                    out.write(handle.read())
+
+    def server_context(self, name='server', require_client=False):
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.path(name + '-chain.pem'),
+                                self.path(name + '.key'))
+        if require_client:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.path('ca.crt'))
+        return context
+
+
+@pytest.fixture(scope='session')
+def pki(tmp_path_factory):
+    """The session's test PKI (see PKI), made once."""
+    return PKI(tmp_path_factory.mktemp('pki'))
+
+
 # Apache ######################################################################
 
 APACHE = shutil.which('apache2') or '/usr/sbin/apache2'
@@ -314,26 +416,30 @@ def _interpreter_for_www(python, scratch):
             os.path.join(dest, 'lib'))
 
 
-class ApacheServer(object):
-    """Apache httpd (prefork + mod_cgi) serving nph-webjob.cgi with Basic
-    auth on a loopback port, from a world-traversable scratch folder."""
+class CgiSite(object):
+    """A world-traversable scratch tree from which a web server running as
+    www-data serves nph_webjob.py as a CGI: base/ (the BaseDirectory, whose
+    incoming/ and logfiles/ www-data owns), bin/python3, cgi-client/
+    nph-webjob.cgi and webjob.cgi (links to nph_webjob.py), htpasswd and
+    nph-webjob.cfg.  The web server itself is the subclass's business."""
 
     def __init__(self, scratch, python, users=DEFAULT_USERS, require_user=True,
-                 require_match=True):
-        self.top = tempfile.mkdtemp(prefix='apache-', dir=scratch)
+                 require_match=True, prefix='site-'):
+        self.top = tempfile.mkdtemp(prefix=prefix, dir=scratch)
         os.chmod(self.top, 0o755)
         self.users = dict(users)
         self.python = python
         self.root = os.path.join(self.top, 'base')
-        www = pwd.getpwnam(APACHE_USER)
+        self.www = pwd.getpwnam(APACHE_USER)
         for sub in ('run', 'logs', 'htdocs', 'cgi-client', 'bin'):
             os.makedirs(os.path.join(self.top, sub))
         make_server_root(self.root)
         for sub in ('incoming', 'logfiles'):
-            os.chown(os.path.join(self.root, sub), www.pw_uid, www.pw_gid)
+            os.chown(os.path.join(self.root, sub), self.www.pw_uid,
+                     self.www.pw_gid)
         for folder, subs, files in os.walk(self.root):
             os.chmod(folder, 0o755)
-        binary, libdir = _interpreter_for_www(python, scratch)
+        binary, self.libdir = _interpreter_for_www(python, scratch)
         os.symlink(binary, os.path.join(self.top, 'bin', 'python3'))
         self.cgi_target = self._install_scripts()
         subprocess.run([binary, '-m', 'py_compile', os.path.join(
@@ -342,14 +448,11 @@ class ApacheServer(object):
             os.symlink(self.cgi_target,
                        os.path.join(self.top, 'cgi-client', name))
         self._write_htpasswd()
-        write_file(os.path.join(self.top, 'nph-webjob.cfg'), (
+        self.properties = os.path.join(self.top, 'nph-webjob.cfg')
+        write_file(self.properties, (
             'BaseDirectory = %s\nRequireUser = %s\nRequireMatch = %s\n'
             'ServerId = server_1\n' % (self.root, 'YN'[not require_user],
                                        'YN'[not require_match])).encode())
-        self.conf = os.path.join(self.top, 'httpd.conf')
-        self.port = None
-        self.proc = None
-        self._start(www, libdir)
 
     def _install_scripts(self):
         """The CGI target: the repository's file when www-data can read it,
@@ -374,36 +477,6 @@ class ApacheServer(object):
             flag = '-b'
         os.chmod(path, 0o644)
 
-    def _start(self, www, libdir):
-        group = grp.getgrgid(www.pw_gid).gr_name
-        for attempt in range(3):
-            self.port = free_port()
-            with open(self.conf, 'w') as conf:
-                conf.write(APACHE_CONF.format(
-                    top=self.top, port=self.port, user=APACHE_USER,
-                    group=group, modules=APACHE_MODULES, libdir=libdir))
-            with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
-                self.proc = subprocess.Popen(
-                    [APACHE, '-f', self.conf, '-DFOREGROUND'],
-                    stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                wait_for_port(LOOPBACK, self.port, proc=self.proc)
-                return
-            except RuntimeError as exc:
-                stop_process(self.proc)
-                if attempt == 2:
-                    raise RuntimeError('apache2 did not start: %s\n%s'
-                                       % (exc, self.error_log()))
-
-    @property
-    def url(self):
-        return 'http://%s:%d/' % (LOOPBACK, self.port)
-
-    @property
-    def cgi_url(self):
-        return 'http://%s:%d%s' % (LOOPBACK, self.port, CGI_PATH)
-
     def log_lines(self, count=0):
         """The log's lines, after waiting for at least count of them."""
         return read_log_lines(self.root, count)
@@ -411,9 +484,10 @@ class ApacheServer(object):
     def incoming(self):
         return sorted(os.listdir(os.path.join(self.root, 'incoming')))
 
-    def error_log(self):
+    def read_logs(self, *names):
+        """The named files of logs/, one after the other, for a report."""
         text = []
-        for name in ('stdout', 'error_log'):
+        for name in names:
             try:
                 with open(os.path.join(self.top, 'logs', name), 'rb') as log:
                     text.append(log.read().decode('utf-8', 'replace'))
@@ -430,6 +504,115 @@ class ApacheServer(object):
         if os.path.exists(log):
             open(log, 'w').close()
 
+
+APACHE_TLS_CONF = """\
+LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so
+LoadModule ssl_module {modules}/mod_ssl.so
+SSLSessionCache shmcb:{top}/run/ssl_scache(512000)
+SSLProtocol -all +TLSv1.2 +TLSv1.3
+SSLCACertificateFile {ca}
+"""
+
+APACHE_TLS_VHOST = """\
+Listen 127.0.0.1:{port}
+<VirtualHost 127.0.0.1:{port}>
+  ServerName webjob.test
+  SSLEngine on
+  SSLCertificateFile {chain}
+  SSLCertificateKeyFile {key}
+  SSLVerifyClient require
+  SSLVerifyDepth 1
+  SSLOptions +StdEnvVars
+  <Location /cgi-client/>
+    <RequireAll>
+      Require valid-user
+      Require expr "%{{SSL_CLIENT_S_DN_CN}} == %{{REMOTE_USER}}"
+    </RequireAll>
+  </Location>
+</VirtualHost>
+"""
+
+
+def apache_tls_sites(pki):
+    """The mod_ssl vhosts of the TLS Apache, as ApacheServer's tls argument:
+    (CA file, ((vhost name, certificate chain, key), ...)); every vhost
+    requires a client certificate from ca and Basic auth by its CN."""
+    return (pki.path('ca.crt'), tuple(
+        (name, pki.path(cert + '-chain.pem'), pki.path(cert + '.key'))
+        for name, cert in (('main', 'server'), ('wrong-cn', 'server-wrong-cn'),
+                           ('via-inter', 'server-via-inter'),
+                           ('expired', 'server-expired'))))
+
+
+class ApacheServer(CgiSite):
+    """Apache httpd (prefork + mod_cgi) serving nph-webjob.cgi with Basic
+    auth on a loopback port, from a world-traversable scratch folder; with
+    tls (see apache_tls_sites), also mod_ssl vhosts on ports of their own
+    (tls_ports: vhost name -> port)."""
+
+    def __init__(self, scratch, python, users=DEFAULT_USERS, require_user=True,
+                 require_match=True, tls=None):
+        CgiSite.__init__(self, scratch, python, users, require_user,
+                         require_match, prefix='apache-')
+        self.tls = tls
+        self.tls_ports = {}
+        self.conf = os.path.join(self.top, 'httpd.conf')
+        self.port = None
+        self.proc = None
+        self._start(self.www, self.libdir)
+
+    def _write_conf(self, group, libdir):
+        text = APACHE_CONF.format(
+            top=self.top, port=self.port, user=APACHE_USER, group=group,
+            modules=APACHE_MODULES, libdir=libdir)
+        if self.tls:
+            ca, sites = self.tls
+            text += APACHE_TLS_CONF.format(modules=APACHE_MODULES,
+                                           top=self.top, ca=ca)
+            for name, chain, key in sites:
+                text += APACHE_TLS_VHOST.format(port=self.tls_ports[name],
+                                                chain=chain, key=key)
+        with open(self.conf, 'w') as conf:
+            conf.write(text)
+
+    def _start(self, www, libdir):
+        group = grp.getgrgid(www.pw_gid).gr_name
+        for attempt in range(3):
+            self.port = free_port()
+            self.tls_ports = dict((name, free_port())
+                                  for name, chain, key in (self.tls or
+                                                           (None, ()))[1])
+            self._write_conf(group, libdir)
+            with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
+                self.proc = subprocess.Popen(
+                    [APACHE, '-f', self.conf, '-DFOREGROUND'],
+                    stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                for port in [self.port] + sorted(self.tls_ports.values()):
+                    wait_for_port(LOOPBACK, port, proc=self.proc)
+                return
+            except RuntimeError as exc:
+                stop_process(self.proc)
+                if attempt == 2:
+                    raise RuntimeError('apache2 did not start: %s\n%s'
+                                       % (exc, self.error_log()))
+
+    @property
+    def url(self):
+        return 'http://%s:%d/' % (LOOPBACK, self.port)
+
+    @property
+    def cgi_url(self):
+        return 'http://%s:%d%s' % (LOOPBACK, self.port, CGI_PATH)
+
+    def https_url(self, vhost='main', path=CGI_PATH):
+        """The URL of path on the named mod_ssl vhost."""
+        return 'https://%s:%d%s' % (LOOPBACK, self.tls_ports[vhost], path)
+
+    def error_log(self):
+        return self.read_logs('stdout', 'error_log')
+
     def stop(self):
         if self.proc is not None:
             stop_process(self.proc)
@@ -439,30 +622,42 @@ class ApacheServer(object):
 _APACHES = []
 
 
+def fail_without(what, *programs):
+    """Fail (never skip) when not root or a program is missing: these tests
+    start real servers that switch to www-data, and CI installs them all."""
+    missing = [name for name in programs if not (
+        shutil.which(name) or os.path.exists(name))]
+    if os.geteuid() != 0 or missing:
+        pytest.fail('%s tests need root and %s; %s (run .ci/run as root, '
+                    'which installs them with apt-get)' % (
+                        what, ', '.join(programs),
+                        'missing: ' + ', '.join(missing) if missing
+                        else 'running as uid %d' % os.geteuid()),
+                    pytrace=False)
+
+
 @pytest.fixture(scope='session')
 def apache_server():
     """Factory: start(python=None, users=DEFAULT_USERS, require_user=True,
-    require_match=True) returns a running ApacheServer, one per option set
-    for the whole session; all are stopped at the end, failures or not.
+    require_match=True, tls=None) returns a running ApacheServer, one per
+    option set for the whole session; all are stopped at the end, failures
+    or not.
 
-    Needs root (Apache switches to www-data) and apache2 + htpasswd.
+    Needs root (Apache switches to www-data) and apache2 + htpasswd: fails,
+    never skips, without them.
     """
-    if os.geteuid() != 0 or not os.path.exists(APACHE) or not shutil.which(
-            'htpasswd'):
-        message = 'Apache tests need root, apache2 and htpasswd'
-        if os.environ.get('CI'):
-            pytest.fail(message)
-        pytest.skip(message)
+    fail_without('Apache', APACHE, 'htpasswd')
     scratch = tempfile.mkdtemp(prefix='webjob-apache-')
     os.chmod(scratch, 0o755)
     servers = {}
 
     def start(python=None, users=DEFAULT_USERS, require_user=True,
-              require_match=True):
-        key = (python or NEWEST_PY, tuple(users), require_user, require_match)
+              require_match=True, tls=None):
+        key = (python or NEWEST_PY, tuple(users), require_user, require_match,
+               tls)
         if key not in servers:
             server = ApacheServer(scratch, key[0], users, require_user,
-                                  require_match)
+                                  require_match, tls)
             servers[key] = server
             _APACHES.append(server)
         return servers[key]
@@ -476,12 +671,218 @@ def apache_server():
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+@pytest.fixture(scope='session')
+def apache_tls_server(apache_server, pki):
+    """The session's Apache with mod_ssl (see apache_tls_sites): vhosts
+    main, wrong-cn, via-inter and expired, plus the plain HTTP port."""
+    return apache_server(tls=apache_tls_sites(pki))
+
+
+# nginx + fcgiwrap ############################################################
+
+NGINX = shutil.which('nginx') or '/usr/sbin/nginx'
+FCGIWRAP = shutil.which('fcgiwrap') or '/usr/sbin/fcgiwrap'
+
+NGINX_CONF = """\
+user {user} {group};
+worker_processes 1;
+pid {top}/run/nginx.pid;
+error_log {top}/logs/nginx-error.log warn;
+events {{
+    worker_connections 64;
+}}
+http {{
+    access_log {top}/logs/nginx-access.log;
+    client_body_temp_path {top}/nginx/body;
+    fastcgi_temp_path {top}/nginx/fastcgi;
+    proxy_temp_path {top}/nginx/proxy;
+    uwsgi_temp_path {top}/nginx/uwsgi;
+    scgi_temp_path {top}/nginx/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        server_name webjob.test;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {ca};
+        ssl_verify_client on;
+        client_max_body_size 0;     # the CGI enforces PutLimit (455)
+        location /cgi-client/ {{
+            auth_basic "WebJob";
+            auth_basic_user_file {top}/htpasswd;
+            root {top};
+            fastcgi_pass unix:{socket};
+            fastcgi_param GATEWAY_INTERFACE CGI/1.1;
+            fastcgi_param SERVER_SOFTWARE nginx/$nginx_version;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param SERVER_NAME $server_name;
+            fastcgi_param SERVER_ADDR $server_addr;
+            fastcgi_param SERVER_PORT $server_port;
+            fastcgi_param HTTPS on;
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param REQUEST_URI $request_uri;
+            fastcgi_param SCRIPT_NAME $fastcgi_script_name;
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param REMOTE_ADDR $remote_addr;
+            fastcgi_param REMOTE_PORT $remote_port;
+            fastcgi_param REMOTE_USER $remote_user;
+            fastcgi_param SSL_CLIENT_S_DN $ssl_client_s_dn;
+            fastcgi_param WEBJOB_PROPERTIES_FILE {top}/nph-webjob.cfg;
+            fastcgi_param PATH {top}/bin:/usr/bin:/bin;
+            fastcgi_param LD_LIBRARY_PATH {libdir};
+        }}
+    }}
+}}
+"""
+
+
+def wait_for_unix_socket(path, timeout=15.0, proc=None):
+    """Return once something accepts on the unix socket path; raise on
+    timeout or when proc (if given) exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(path)
+            return
+        except OSError as exc:
+            error = exc
+        finally:
+            sock.close()
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError('process exited (status %s) before listening '
+                               'on %s' % (proc.returncode, path))
+        if time.monotonic() > deadline:
+            raise RuntimeError('nothing listens on %s after %.0f s: %s'
+                               % (path, timeout, error))
+        time.sleep(0.02)     # poll interval while waiting on the socket
+
+
+def drop_to(user):
+    """A preexec_fn that makes the child run as user (from root)."""
+    def demote():
+        os.setgroups([])
+        os.setgid(user.pw_gid)
+        os.setuid(user.pw_uid)
+    return demote
+
+
+class NginxServer(CgiSite):
+    """nginx (TLS, client certificate, auth_basic) in front of fcgiwrap on
+    a unix socket, which runs cgi-client/webjob.cgi (parsed-header mode);
+    both are children of this process, workers and CGI run as www-data."""
+
+    def __init__(self, scratch, python, pki, users=DEFAULT_USERS):
+        CgiSite.__init__(self, scratch, python, users, prefix='nginx-')
+        self.pki = pki
+        self.socket = os.path.join(self.top, 'fcgi', 'fcgiwrap.sock')
+        os.makedirs(os.path.join(self.top, 'nginx'))
+        os.makedirs(os.path.dirname(self.socket))
+        os.chown(os.path.dirname(self.socket), self.www.pw_uid,
+                 self.www.pw_gid)
+        self.conf = os.path.join(self.top, 'nginx.conf')
+        self.port = None
+        self.fcgiwrap = self.proc = None
+        self._start_fcgiwrap()
+        self._start_nginx()
+
+    def _start_fcgiwrap(self):
+        env = {'PATH': '%s/bin:/usr/bin:/bin' % self.top,
+               'LD_LIBRARY_PATH': self.libdir}
+        with open(os.path.join(self.top, 'logs', 'fcgiwrap'), 'wb') as out:
+            self.fcgiwrap = subprocess.Popen(
+                [FCGIWRAP, '-c', '2', '-s', 'unix:' + self.socket],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=self.top, preexec_fn=drop_to(self.www),
+                start_new_session=True)
+        try:
+            wait_for_unix_socket(self.socket, proc=self.fcgiwrap)
+        except RuntimeError as exc:
+            stop_process(self.fcgiwrap)
+            raise RuntimeError('fcgiwrap did not start: %s\n%s'
+                               % (exc, self.error_log()))
+
+    def _start_nginx(self):
+        group = grp.getgrgid(self.www.pw_gid).gr_name
+        for attempt in range(3):
+            self.port = free_port()
+            with open(self.conf, 'w') as conf:
+                conf.write(NGINX_CONF.format(
+                    user=APACHE_USER, group=group, top=self.top,
+                    port=self.port, cert=self.pki.path('server-chain.pem'),
+                    key=self.pki.path('server.key'),
+                    ca=self.pki.path('ca.crt'), socket=self.socket,
+                    libdir=self.libdir))
+            with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
+                self.proc = subprocess.Popen(
+                    [NGINX, '-c', self.conf, '-p', self.top + '/',
+                     '-e', os.path.join(self.top, 'logs', 'nginx-error.log'),
+                     '-g', 'daemon off;'],
+                    stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_for_port(LOOPBACK, self.port, proc=self.proc)
+                return
+            except RuntimeError as exc:
+                stop_process(self.proc)
+                if attempt == 2:
+                    raise RuntimeError('nginx did not start: %s\n%s'
+                                       % (exc, self.error_log()))
+
+    @property
+    def cgi_url(self):
+        """The parsed-header CGI over HTTPS."""
+        return 'https://%s:%d%s' % (LOOPBACK, self.port, PARSED_CGI_PATH)
+
+    def error_log(self):
+        return self.read_logs('stdout', 'nginx-error.log', 'fcgiwrap',
+                              'nginx-access.log')
+
+    def stop(self):
+        for proc in (self.proc, self.fcgiwrap):
+            if proc is not None:
+                stop_process(proc)
+        self.proc = self.fcgiwrap = None
+
+
+_NGINXES = []
+
+
+@pytest.fixture(scope='session')
+def nginx_server(pki):
+    """The session's nginx + fcgiwrap (see NginxServer), the CGI on
+    NEWEST_PY.  Needs root, nginx, fcgiwrap and htpasswd: fails, never
+    skips, without them."""
+    fail_without('nginx', NGINX, FCGIWRAP, 'htpasswd')
+    scratch = tempfile.mkdtemp(prefix='webjob-nginx-')
+    os.chmod(scratch, 0o755)
+    server = None
+    try:
+        server = NginxServer(scratch, NEWEST_PY, pki)
+        _NGINXES.append(server)
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+            _NGINXES.remove(server)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Attach every running Apache's error_log to a failed test's report."""
+    """Attach every running Apache's or nginx's logs to a failed test's
+    report."""
     report = yield
-    if report.failed and 'apache_server' in getattr(item, 'fixturenames', ()):
+    names = getattr(item, 'fixturenames', ())
+    if report.failed and 'apache_server' in names:
         for server in _APACHES:
             report.sections.append(('Apache error_log (port %s)' % server.port,
                                     server.error_log()))
+    if report.failed and 'nginx_server' in names:
+        for server in _NGINXES:
+            report.sections.append(('nginx and fcgiwrap logs (port %s)'
+                                    % server.port, server.error_log()))
     return report

@@ -1168,92 +1168,7 @@ def test_get_url_refuses_a_bad_url():
 
 # HTTPS #######################################################################
 
-CA_CONFIG = '''[ ca ]
-default_ca = test_ca
-[ test_ca ]
-dir = .
-database = index.txt
-new_certs_dir = .
-serial = serial
-default_md = sha256
-policy = any
-copy_extensions = none
-unique_subject = no
-[ any ]
-commonName = supplied
-[ v3_ca ]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-[ v3_leaf ]
-basicConstraints = CA:FALSE
-'''
-
-
-class PKI(object):
-    """Test CAs and certificates, made by the real openssl at test time."""
-
-    def __init__(self, folder):
-        self.dir = str(folder)
-        with open(self.path('ca.cnf'), 'w') as handle:
-            handle.write(CA_CONFIG)
-        open(self.path('index.txt'), 'w').close()
-        with open(self.path('serial'), 'w') as handle:
-            handle.write('1000\n')
-        self.self_signed('ca', 'WebJob-Test-CA')
-        self.self_signed('rogue-ca', 'WebJob-Test-CA')
-        self.issue('inter', 'WebJob-Test-Intermediate', 'ca', ca=True)
-        self.issue('server', 'webjob.test', 'ca')
-        self.issue('server-via-inter', 'webjob.test', 'inter',
-                   chain=['inter'])
-        self.issue('server-wrong-cn', 'other.test', 'ca')
-        self.issue('server-expired', 'webjob.test', 'ca',
-                   dates=('20000101000000Z', '20010101000000Z'))
-        self.issue('server-rogue', 'webjob.test', 'rogue-ca')
-        self.issue('client', 'client_1', 'ca')
-        self.openssl('pkey', '-in', 'client.key', '-aes256', '-passout',
-                     'pass:flimflam', '-out', 'client-encrypted.key')
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def openssl(self, *args):
-        subprocess.run(('openssl',) + args, cwd=self.dir, check=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def self_signed(self, name, cn):
-        self.openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout',
-                     name + '.key', '-out', name + '.crt', '-subj', '/CN=' + cn,
-                     '-days', '30', '-addext', 'basicConstraints=critical,CA:TRUE',
-                     '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
-
-    def issue(self, name, cn, issuer, ca=False, dates=None, chain=()):
-        self.openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout',
-                     name + '.key', '-out', name + '.csr', '-subj', '/CN=' + cn)
-        validity = ['-startdate', dates[0], '-enddate', dates[1]] if dates \
-            else ['-days', '30']
-        self.openssl('ca', '-batch', '-config', 'ca.cnf', '-cert', issuer + '.crt',
-                     '-keyfile', issuer + '.key', '-in', name + '.csr', '-out',
-                     name + '.crt', '-notext', '-extensions',
-                     'v3_ca' if ca else 'v3_leaf', *validity)
-        with open(self.path(name + '-chain.pem'), 'wb') as out:
-            for part in [name] + list(chain):
-                with open(self.path(part + '.crt'), 'rb') as handle:
-                    out.write(handle.read())
-
-    def server_context(self, name='server', require_client=False):
-        import ssl
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.path(name + '-chain.pem'),
-                                self.path(name + '.key'))
-        if require_client:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(self.path('ca.crt'))
-        return context
-
-
-@pytest.fixture(scope='session')
-def pki(tmp_path_factory):
-    return PKI(tmp_path_factory.mktemp('pki'))
+# The test CA and its certificates: conftest.PKI, the session fixture pki.
 
 
 @pytest.fixture
@@ -2907,3 +2822,209 @@ def test_non_loopback_bind_needs_tls_and_authentication(tmp_path, args):
     assert result.returncode == 1
     assert b'refusing to listen on 0.0.0.0 without TLS and authentication' \
         in result.stderr
+
+
+# Deployments: Apache mod_ssl and nginx + fcgiwrap ############################
+# One Apache (conftest.apache_tls_server: a plain port and four mod_ssl vhosts)
+# and one nginx + fcgiwrap (conftest.nginx_server) serve the whole session;
+# last, the standalone TLS server on the oldest and the newest Python.  The
+# TLS handshake timeout is pinned against a silent socket above
+# (test_get_time_limit_bounds_the_tls_handshake): no web server is needed.
+
+from conftest import PARSED_CGI_PATH  # noqa: E402
+
+
+def deployed_cfg(tmp_path, url, job_dir, pki, **extra):
+    """A job config with every SSL control on, as client_1 (certificate and
+    Basic auth password secret-1) against a web server's CGI URL."""
+    controls = dict(SSLVerifyPeerCert='Y',
+                    SSLBundledCAsFile=pki.path('ca.crt'),
+                    SSLExpectedPeerCN='webjob.test', SSLMaxChainLength='1',
+                    SSLUseCertificate='Y',
+                    SSLPublicCertFile=pki.path('client.crt'),
+                    SSLPrivateKeyFile=pki.path('client-encrypted.key'),
+                    SSLPassPhrase='flimflam', URLAuthType='basic',
+                    URLUsername='client_1', URLPassword='secret-1')
+    controls.update(extra)
+    return server_cfg(tmp_path, url, job_dir, **controls)
+
+
+def assert_nothing_reached_the_cgi(server, job_dir):
+    """The request died before the CGI: no program, no log, no upload."""
+    assert not os.path.exists(str(job_dir / 'hostname.sh'))
+    assert server.log_lines() == []
+    assert server.incoming() == []
+
+
+@pytest.fixture
+def apache_tls(apache_tls_server):
+    """The session's mod_ssl Apache, its incoming/ and log emptied."""
+    apache_tls_server.clean()
+    return apache_tls_server
+
+
+@pytest.fixture
+def nginx(nginx_server):
+    """The session's nginx + fcgiwrap, its incoming/ and log emptied."""
+    nginx_server.clean()
+    return nginx_server
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_job_through_apache_mod_ssl_with_every_ssl_control(
+        tmp_path, job_dir, apache_tls, pki, python):
+    cfg = deployed_cfg(tmp_path, apache_tls.https_url(), job_dir, pki)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh', 'tls'], python=python)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b''
+    group = read_group(os.path.join(apache_tls.root, 'incoming'))
+    env = assert_evidence(group, b'hello from client_1 tls')
+    lines = apache_tls.log_lines(2)
+    assert [line.split()[2] for line in lines] == [env['Jid'], env['Jid']]
+    assert [line.split()[3] for line in lines] == ['client_1', 'client_1']
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_apache_chain_through_an_intermediate_passes_with_max_chain_length_2(
+        tmp_path, job_dir, apache_tls, pki, python):
+    cfg = deployed_cfg(tmp_path, apache_tls.https_url('via-inter'), job_dir,
+                       pki, SSLMaxChainLength='2')
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'], python=python)
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(apache_tls.root, 'incoming')))
+
+
+APACHE_TLS_FAILURES = [
+    ('unknown-ca', 'main', {'SSLBundledCAsFile': 'rogue-ca.crt'},
+     ['certificate verify failed']),
+    ('expected-cn-differs', 'main', {'SSLExpectedPeerCN': 'other.test'},
+     ['SSLExpectedPeerCN', 'webjob.test']),
+    ('server-cn-differs', 'wrong-cn', {}, ['SSLExpectedPeerCN', 'other.test']),
+    ('chain-too-long', 'via-inter', {}, ['SSLMaxChainLength is 1']),
+    ('expired', 'expired', {}, ['expired']),
+    ('no-client-certificate', 'main', {'SSLUseCertificate': 'N'},
+     ['alert certificate required']),
+    ('rogue-client-certificate', 'main',
+     {'SSLPublicCertFile': 'client-rogue.crt',
+      'SSLPrivateKeyFile': 'client-rogue.key'}, ['alert unknown ca']),
+]
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+@pytest.mark.parametrize('vhost,controls,words',
+                         [case[1:] for case in APACHE_TLS_FAILURES],
+                         ids=[case[0] for case in APACHE_TLS_FAILURES])
+def test_apache_tls_failure_fails_the_get_stage(tmp_path, job_dir, apache_tls,
+                                                pki, python, vhost, controls,
+                                                words):
+    controls = dict((name, pki.path(value) if name.endswith('File') else value)
+                    for name, value in controls.items())
+    cfg = deployed_cfg(tmp_path, apache_tls.https_url(vhost), job_dir, pki,
+                       **controls)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'], python=python)
+    assert_clean_error(result, 8, 'GetStage', *words)
+    assert_nothing_reached_the_cgi(apache_tls, job_dir)
+
+
+def test_apache_refuses_a_basic_user_other_than_the_certificate_cn(
+        tmp_path, job_dir, apache_tls, pki):
+    """Require expr: client_2's password with client_1's certificate is
+    refused with a 401 (AuthzSendForbiddenOnFailure Off), though
+    RequireMatch alone would let client_2 in."""
+    cfg = deployed_cfg(tmp_path, apache_tls.https_url(), job_dir, pki,
+                       ClientId='client_2', URLUsername='client_2',
+                       URLPassword='secret-2')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [401]')
+    assert_nothing_reached_the_cgi(apache_tls, job_dir)
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_job_through_nginx_and_fcgiwrap_in_parsed_header_mode(
+        tmp_path, job_dir, nginx, pki, python):
+    cfg = deployed_cfg(tmp_path, nginx.cgi_url, job_dir, pki)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh', 'fcgi'],
+                        python=python)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b''
+    env = assert_evidence(read_group(os.path.join(nginx.root, 'incoming')),
+                          b'hello from client_1 fcgi')
+    lines = nginx.log_lines(2)
+    assert [line.split()[2] for line in lines] == [env['Jid'], env['Jid']]
+    assert [line.split()[3] for line in lines] == ['client_1', 'client_1']
+
+
+def test_nginx_passes_a_custom_status_and_its_reason_through(
+        tmp_path, job_dir, nginx, pki):
+    cfg = deployed_cfg(tmp_path, nginx.cgi_url + '?EXTRA=1', job_dir, pki)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'])
+    assert_clean_error(result, 8, 'GetStage',
+                       'Status = [450], Reason = [Invalid Query]')
+    assert nginx.log_lines(1)[0].split()[11] == '450'
+
+
+def test_nginx_keeps_the_cgi_content_length(nginx, pki):
+    """The client requires Content-Length: nginx must not rechunk."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(pki.path('ca.crt'))
+    context.load_cert_chain(pki.path('client.crt'), pki.path('client.key'))
+    query = ('VERSION=webjob-1.9.0&SYSTEM=Linux&CLIENTID=client_1'
+             '&FILENAME=hostname.sh&RUNTYPE=snapshot')
+    request = ('GET %s?%s HTTP/1.1\r\nHost: webjob.test\r\n'
+               'Authorization: Basic %s\r\nConnection: close\r\n\r\n' % (
+                   PARSED_CGI_PATH, query,
+                   base64.b64encode(b'client_1:secret-1').decode()))
+    with socket.create_connection(('127.0.0.1', nginx.port), 10) as raw:
+        with context.wrap_socket(raw, server_hostname='webjob.test') as sock:
+            sock.sendall(request.encode())
+            reply = b''.join(iter(lambda: sock.recv(65536), b''))
+    head, body = reply.split(b'\r\n\r\n', 1)
+    fields = head.decode().lower().split('\r\n')
+    assert fields[0] == 'http/1.1 200 ok'
+    assert 'content-length: %d' % len(body) in fields
+    assert not any(f.startswith('transfer-encoding') for f in fields)
+    assert body == b'#!/bin/sh\necho "hello from client_1 $*"\n'
+
+
+def test_nginx_answers_400_to_a_client_without_a_certificate(
+        tmp_path, job_dir, nginx, pki):
+    """ssl_verify_client on: nginx completes the handshake and refuses with
+    a 400, where Apache's SSLVerifyClient require aborts the handshake."""
+    cfg = deployed_cfg(tmp_path, nginx.cgi_url, job_dir, pki,
+                       SSLUseCertificate='N')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [400]')
+    assert_nothing_reached_the_cgi(nginx, job_dir)
+
+
+def test_nginx_refuses_a_wrong_password(tmp_path, job_dir, nginx, pki):
+    cfg = deployed_cfg(tmp_path, nginx.cgi_url, job_dir, pki,
+                       URLPassword='wrong')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [401]')
+    assert_nothing_reached_the_cgi(nginx, job_dir)
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_tls_standalone_server_under_oldest_and_newest_python(
+        tmp_path, job_dir, standalone_server, pki, python):
+    """The e2e tests above run the TLS server on the test runner's Python;
+    here the server itself runs on the oldest and the newest."""
+    passwords = htpasswd_file(tmp_path, ('-m', 'client_1', 'secret-1'))
+    server = standalone_server(python=python, args=[
+        '--tls-cert', pki.path('server-chain.pem'),
+        '--tls-key', pki.path('server.key'), '--client-ca', pki.path('ca.crt'),
+        '--htpasswd', passwords])
+    url = 'https://127.0.0.1:%d%s' % (server.port, CGI_PATH)
+    cfg = deployed_cfg(tmp_path, url, job_dir, pki)
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'], python=python)
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(str(server.root), 'incoming')))
+    users = [line.split()[3] for line in server.log_lines(2)]
+    assert users == ['client_1', 'client_1']
