@@ -72,12 +72,56 @@ SERVER_CONTROLS = (
     ('BaseDirectory', 'path', '/var/webjob'),
     ('CapContentLength', 'yn', False),
     ('EnableLogging', 'yn', True),
+    ('GetHookCommandLine', 'text', ''),
+    ('GetHookEnable', 'yn', False),
+    ('GetHookSuffix', 'text', ''),
+    ('GetHookTimeLimit', 'uint', 60),
+    ('GetTriggerCommandLine', 'text', ''),
+    ('GetTriggerEnable', 'yn', False),
+    ('IntegrityEnable', 'yn', True),
     ('MaxContentLength', 'uint', 100000000),
+    ('OverrideDirectory', 'text', ''),
+    ('PutTriggerCommandLine', 'text', ''),
+    ('PutTriggerEnable', 'yn', False),
     ('RequireMatch', 'yn', True),
     ('RequireUser', 'yn', True),
     ('ServerId', 'text', 'server_1'),
+    ('TriggerTimeLimit', 'uint', 600),
     ('UseGMT', 'yn', False),
 )
+
+#: Controls an override file may set.  Those in TIGHTEN_ONLY may only move
+#: the safe way: a yn control from N to Y, MaxContentLength downwards.
+OVERRIDABLE = frozenset((
+    'CapContentLength', 'GetHookCommandLine', 'GetHookEnable', 'GetHookSuffix',
+    'GetHookTimeLimit', 'GetTriggerCommandLine', 'GetTriggerEnable',
+    'IntegrityEnable', 'MaxContentLength', 'PutTriggerCommandLine',
+    'PutTriggerEnable', 'RequireMatch', 'RequireUser', 'TriggerTimeLimit'))
+TIGHTEN_ONLY = ('CapContentLength', 'IntegrityEnable', 'MaxContentLength',
+                'RequireMatch', 'RequireUser')
+OVERRIDE_FOLDER = 'clients'             # <config folder>/clients/<ClientId>/
+CLIENT_OVERRIDE = 'nph-webjob.cfg'      # .../<ClientId>/nph-webjob.cfg
+COMMAND_OVERRIDES = 'commands'          # .../commands/<FILENAME>.cfg
+
+#: Command lines and the %tokens each may use (%% is a literal '%').
+#: Trigger tokens: ready file, job id, client id, file name, the three
+#: stream files, client address.  GetHook: the stored program (%tp).
+TRIGGER_TOKENS = ('rdy', 'jid', 'cid', 'cmd', 'out', 'err', 'env', 'ip')
+HOOK_TOKENS = ('tp', 'jid', 'cid', 'cmd', 'ip')
+COMMAND_CONTROLS = (('GetTrigger', TRIGGER_TOKENS),
+                    ('PutTrigger', TRIGGER_TOKENS),
+                    ('GetHook', HOOK_TOKENS))
+TRIGGER_LOG_NAME = 'nph-webjob-trigger.log'
+TRIGGER_PID_LABEL = 'KidPid'            # the .env's name for a child's pid
+TRIGGER_ENVIRONMENT = ('PATH', 'TZ', 'LANG', 'LC_ALL')   # all they inherit
+ADDRESS_CHARS = frozenset('0123456789abcdefABCDEF.:')
+
+MANIFEST_NAME = 'nph-webjob-manifest.sha256'
+FLAG_EXTENSION = 'bad'                  # sidecar: the hashes differ
+HASH_NAMES = ('MD5', 'SHA1', 'SHA256')  # the client's HashType values
+ASIDE_HASHES = ('MD5',)                 # taken while copying, with SHA256
+THREAD_HASH_MIN = 4 << 20               # larger streams hash those aside
+MAX_ENV_SCAN = 1 << 16                  # bytes of .env searched for hashes
 
 DEFAULT_CONFIG = '/var/webjob/config/nph-webjob/nph-webjob.cfg'
 CONFIG_VARIABLE = 'WEBJOB_PROPERTIES_FILE'
@@ -100,7 +144,7 @@ GET_PARAMETERS = ('VERSION', 'SYSTEM', 'CLIENTID', 'FILENAME', 'RUNTYPE')
 LENGTH_PARAMETERS = ('STDOUT_LENGTH', 'STDERR_LENGTH', 'STDENV_LENGTH')
 PUT_PARAMETERS = GET_PARAMETERS + LENGTH_PARAMETERS
 STREAM_EXTENSIONS = ('out', 'err', 'env')       # body order: out, err, env
-GROUP_EXTENSIONS = STREAM_EXTENSIONS + ('rdy',)
+GROUP_EXTENSIONS = STREAM_EXTENSIONS + ('rdy', 'bad')
 
 _ALNUM = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'
 VERSION_CHARS = frozenset(_ALNUM + '_ (),./:+-')
@@ -120,6 +164,9 @@ USAGE = """\
 Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
+       nph_webjob.py verify [--root DIR | --config FILE]
+       nph_webjob.py list [--root DIR | --config FILE] [--client ID]
+                          [--since YYYY-MM-DD[ HH:MM[:SS]]]
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
 """
@@ -149,6 +196,54 @@ def write_stderr(message):
 
 
 ###############################################################################
+# Command lines (triggers and GetHook) ########################################
+###############################################################################
+
+def shell_quote(value):
+    """One /bin/sh word holding value exactly (single quotes)."""
+    return "'%s'" % value.replace("'", "'\"'\"'")
+
+
+def expand_tokens(text, values):
+    """Replace each %token by its value as one quoted shell word; '%%' is a
+    literal '%'.  Only the server's own validated names are ever values.
+
+    :raises ValueError: for a '%' that starts no known token.
+    """
+    names = sorted(values, key=len, reverse=True)
+    out = []
+    start = 0
+    while True:
+        index = text.find('%', start)
+        if index < 0:
+            out.append(text[start:])
+            return ''.join(out)
+        out.append(text[start:index])
+        if text.startswith('%', index + 1):
+            out.append('%')
+            start = index + 2
+            continue
+        for name in names:
+            if text.startswith(name, index + 1):
+                out.append(shell_quote(values[name]))
+                start = index + 1 + len(name)
+                break
+        else:
+            raise ValueError('unknown token at [%s]; expected %s or %%%%' % (
+                text[index:index + 8], ', '.join('%' + n for n in sorted(
+                    values))))
+
+
+def command_environment():
+    """The environment of a trigger or hook: a few server variables only,
+    never the request's (under CGI, HTTP_* are the client's words)."""
+    env = dict((name, os.environ[name]) for name in TRIGGER_ENVIRONMENT
+               if name in os.environ)
+    env.setdefault('PATH', '/usr/local/bin:/usr/bin:/bin')
+    return env
+
+
+###############################################################################
 # Config ######################################################################
 ###############################################################################
 
@@ -159,15 +254,27 @@ class Site(object):
     the PID under CGI (one request per process), a counter when standalone.
     """
 
-    def __init__(self, values, next_serial=None, clock=None):
+    def __init__(self, values, next_serial=None, clock=None,
+                 config_dir=None):
         import time  # late import: start-up time
         self.values = values
         self.base = values['BaseDirectory']
         self.incoming, self.logfiles, self.profiles = (
             os.path.join(self.base, name) for name in LAYOUT)
         self.log_path = os.path.join(self.logfiles, LOG_NAME)
+        self.trigger_log_path = os.path.join(self.logfiles, TRIGGER_LOG_NAME)
+        self.manifest_path = os.path.join(self.logfiles, MANIFEST_NAME)
+        self.override_dir = values['OverrideDirectory'] or os.path.join(
+            config_dir or os.path.join(self.base, 'config'), OVERRIDE_FOLDER)
         self.next_serial = next_serial or os.getpid
         self.clock = clock or time.time
+
+    def with_values(self, values):
+        """The same site with other control values (an override's)."""
+        clone = object.__new__(Site)
+        clone.__dict__.update(self.__dict__)
+        clone.values = values
+        return clone
 
     def check_layout(self):
         """550 unless profiles/ and logfiles/ are readable, incoming/ writable.
@@ -217,7 +324,118 @@ def load_site(path, required=True, defaults=None, overrides=None, **seams):
                               'expected an absolute path' % (
                                   where.get('BaseDirectory', path),
                                   values['BaseDirectory']))
+    if values['OverrideDirectory'] and \
+            not os.path.isabs(values['OverrideDirectory']):
+        raise HTTPStatusError(550, 'Config: %s: OverrideDirectory = [%s]: '
+                              'expected an absolute path' % (
+                                  where.get('OverrideDirectory', path),
+                                  values['OverrideDirectory']))
+    try:
+        check_commands(values, where, path or '-')
+    except ValueError as exc:
+        raise HTTPStatusError(550, 'Config: %s' % exc)
+    seams.setdefault('config_dir', os.path.dirname(os.path.abspath(path))
+                     if path else None)
     return Site(values, **seams)
+
+
+def check_commands(values, where, path):
+    """Each enabled trigger or hook has a command line whose %tokens exist;
+    GetHookSuffix is empty or a '.name' a file name may end with.
+
+    :raises ValueError: 'file:line: Control = [value]: why'.
+    """
+    for prefix, tokens in COMMAND_CONTROLS:
+        enable, control = prefix + 'Enable', prefix + 'CommandLine'
+        text = values[control]
+        if values[enable] and not text.strip():
+            raise ValueError('%s: %s = [Y]: %s is required' % (
+                where.get(enable, path), enable, control))
+        try:
+            expand_tokens(text, dict((name, '') for name in tokens))
+        except ValueError as exc:
+            raise ValueError('%s: %s = [%s]: %s' % (
+                where.get(control, path), control, text, exc))
+    suffix = values['GetHookSuffix']
+    if suffix and not (suffix.startswith('.') and len(suffix) <= 32 and
+                       webjob.is_program_name('x' + suffix)):
+        raise ValueError('%s: GetHookSuffix = [%s]: expected "." then letters,'
+                         ' digits, "_", "-", "." or "+"' % (
+                             where.get('GetHookSuffix', path), suffix))
+
+
+def apply_overrides(site, client_id, filename):
+    """The site as this client and command see it: the global config, then
+    <OverrideDirectory>/<ClientId>/nph-webjob.cfg, then
+    <OverrideDirectory>/<ClientId>/commands/<FILENAME>.cfg, later winning.
+
+    Both names are validated query values.  Absent files cost one stat each.
+
+    :raises HTTPStatusError: 550 for a file that cannot be read, sets a
+        control that is not overridable, or loosens a tighten-only one.
+    """
+    folder = os.path.join(site.override_dir, client_id)
+    values = None
+    for path in (os.path.join(folder, CLIENT_OVERRIDE),
+                 os.path.join(folder, COMMAND_OVERRIDES, filename + '.cfg')):
+        if not override_exists(path):
+            continue
+        values = merge_override(dict(values or site.values), path)
+    return site if values is None else site.with_values(values)
+
+
+def override_exists(path):
+    """False for a name that is not there (or could not be); 550 when the
+    override cannot even be looked at, so a client never slips past it."""
+    import errno  # late import: start-up time
+    try:
+        os.stat(path)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return False
+        raise HTTPStatusError(550, 'Override: %s: %s' % (path, exc.strerror))
+
+
+def merge_override(values, path):
+    """Apply one override file to values (a copy); return it."""
+    table = webjob.build_control_table(SERVER_CONTROLS)
+    found, where = {}, {}
+    try:
+        webjob.read_config_file(path, table, found, where, None, ())
+    except webjob.PropertiesError as exc:
+        raise HTTPStatusError(550, 'Override: %s' % exc)
+    for name in sorted(found):
+        value, here = found[name], where[name]
+        if name not in OVERRIDABLE:
+            raise HTTPStatusError(550, 'Override: %s: %s: not overridable '
+                                  '(global only)' % (here, name))
+        if name in TIGHTEN_ONLY and loosens(name, values[name], value):
+            raise HTTPStatusError(550, 'Override: %s: %s = [%s]: may only '
+                                  'tighten (in effect: %s)' % (
+                                      here, name, show_value(value),
+                                      show_value(values[name])))
+        values[name] = value
+    values['_where'] = dict(values.get('_where', {}), **where)
+    try:
+        check_commands(values, values['_where'], path)
+    except ValueError as exc:
+        raise HTTPStatusError(550, 'Override: %s' % exc)
+    return values
+
+
+def loosens(name, current, wanted):
+    """True when wanted is less safe than current."""
+    if name == 'MaxContentLength':
+        return wanted > current
+    return current and not wanted
+
+
+def show_value(value):
+    """A control value as the config file spells it."""
+    if value is True or value is False:
+        return 'Y' if value else 'N'
+    return str(value)
 
 
 ###############################################################################
@@ -309,12 +527,145 @@ def parse_query(query, names):
 
 
 ###############################################################################
+# Integrity ###################################################################
+###############################################################################
+
+class StreamDigests(object):
+    """The digests of one uploaded stream, fed the blocks the copy loop has.
+
+    SHA-256 (the manifest's) is taken in the loop.  The HashType out and
+    err must match is named only by the .env, the last stream, so the
+    client's default, MD5, is taken too (aside); above THREAD_HASH_MIN bytes
+    a helper thread takes it (hashlib releases the GIL), so a spare core
+    pays.  A SHA1 upload is hashed again from the file (check_stream_hash).
+    """
+
+    def __init__(self, length, aside=()):
+        import hashlib  # late import: PUT with IntegrityEnable only
+        self.sha256 = hashlib.sha256()
+        self.others = [(name, hashlib.new(name.lower())) for name in aside]
+        self.queue = self.thread = None
+        if self.others and length > THREAD_HASH_MIN:
+            import queue  # late import: large uploads only
+            import threading  # late import: large uploads only
+            self.queue = queue.Queue(8)
+            self.thread = threading.Thread(target=self.hash_aside)
+            self.thread.daemon = True
+            self.thread.start()
+
+    def update(self, chunk):
+        self.sha256.update(chunk)
+        if self.queue is not None:
+            self.queue.put(chunk)
+        else:
+            for name, digest in self.others:
+                digest.update(chunk)
+
+    def hash_aside(self):
+        """The helper thread: the aside digests of each block until None."""
+        while True:
+            chunk = self.queue.get()
+            if chunk is None:
+                return
+            for name, digest in self.others:
+                digest.update(chunk)
+
+    def finish(self):
+        """{HashType: lower-case hex} once every block is in."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        found = dict((name, digest.hexdigest()) for name, digest
+                     in self.others)
+        found['SHA256'] = self.sha256.hexdigest()
+        return found
+
+
+def sha256_hex(data):
+    import hashlib  # late import: PUT with IntegrityEnable only
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_file(path, names):
+    """{name: hex} of a file in one streamed pass; hashlib names as in
+    HASH_NAMES."""
+    import hashlib  # late import: tools only
+    digests = [(name, hashlib.new(name.lower())) for name in names]
+    with open(path, 'rb') as handle:
+        while True:
+            chunk = handle.read(BLOCK_SIZE)
+            if not chunk:
+                break
+            for name, digest in digests:
+                digest.update(chunk)
+    return dict((name, digest.hexdigest()) for name, digest in digests)
+
+
+def read_key_values(path, limit=MAX_ENV_SCAN):
+    """Key=Value lines from the first limit bytes of a file (.env, .rdy,
+    .bad); later keys win.  Undecodable bytes are kept escaped."""
+    with open(path, 'rb') as handle:
+        data = handle.read(limit)
+    found = {}
+    for line in data.decode('utf-8', 'surrogateescape').splitlines():
+        key, equals, value = line.partition('=')
+        if equals:
+            found[key.strip()] = value.strip()
+    return found
+
+
+def read_declared_hashes(env_path):
+    """(HashType, StdOutHash, StdErrHash) from an .env; None for a value
+    that is absent, NA or not a hex digest of that type."""
+    values = read_key_values(env_path)
+    hash_type = values.get('HashType', '').upper()
+    if hash_type not in HASH_NAMES:
+        return None, None, None
+    size = {'MD5': 32, 'SHA1': 40, 'SHA256': 64}[hash_type]
+
+    def digest(key):
+        value = values.get(key, '').lower()
+        return value if len(value) == size and set(value) <= HEX_DIGITS \
+            else None
+    return hash_type, digest('StdOutHash'), digest('StdErrHash')
+
+
+def check_upload_hashes(declared, out_sums, err_sums):
+    """Compare the declared hashes with the received ones.
+
+    Returns (log note, .bad sidecar bytes or None).  A stream whose hash is
+    not declared is unchecked, not wrong: the client may be old or failed.
+    """
+    hash_type, out_hash, err_hash = declared
+    if hash_type is None or (out_hash is None and err_hash is None):
+        return '', None
+    wrong = []
+    lines = ['HashType=%s\n' % hash_type]
+    for key, want, sums in (('StdOutHash', out_hash, out_sums),
+                            ('StdErrHash', err_hash, err_sums)):
+        got = sums[hash_type]
+        lines.append('%s=%s\n' % (key, want or 'NA'))
+        lines.append('%sReceived=%s\n' % (key[:-4], got))
+        if want is not None and want != got:
+            wrong.append(key)
+    if not wrong:
+        return '; hashes match (%s)' % hash_type, None
+    lines.append('Result=mismatch: %s\n' % ' '.join(wrong))
+    return ('; hash mismatch: %s (%s) differ from the bytes received; '
+            'kept, flagged in .%s' % (' and '.join(wrong), hash_type,
+                                      FLAG_EXTENSION),
+            ''.join(lines).encode('ascii'))
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
-def copy_stream(stdin, fd, length):
+def copy_stream(stdin, fd, length, digests=None):
     """Move exactly length bytes from stdin to fd (None: discard), 1 MiB at
-    a time.  Returns (bytes copied, why it stopped short or '')."""
+    a time, feeding each block to digests when given.  Returns (bytes
+    copied, why it stopped short or '')."""
     done = 0
     while done < length:
         try:
@@ -327,11 +678,13 @@ def copy_stream(stdin, fd, length):
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view):]
+        if digests is not None:
+            digests.update(chunk)
         done += len(chunk)
     return done, ''
 
 
-def write_stream(path, stdin, length):
+def write_stream(path, stdin, length, digests=None):
     """Write the next length bytes of the body to a new file, fsynced.
 
     :raises HTTPStatusError: 456 when the body ends early.
@@ -339,7 +692,7 @@ def write_stream(path, stdin, length):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW,
                  0o644)
     try:
-        done, why = copy_stream(stdin, fd, length)
+        done, why = copy_stream(stdin, fd, length, digests)
         if done != length:
             raise HTTPStatusError(456, 'Stream length (%d) does not equal '
                                   'number of bytes received (%d) for %s: %s'
@@ -380,36 +733,71 @@ def claim_group(incoming, prefix, suffix, first):
 
 
 def store_upload(site, stdin, prefix, suffix, lengths, job_id):
-    """Store out, err and env as a new group, then .rdy; return the group.
+    """Store out, err and env as a new group, then .rdy; return (group,
+    integrity note for the log message).
 
     Each file is written under a dot-prefixed temporary name, fsynced and
     renamed; .rdy ('Jid=<job id>\\n') comes last and the folder is fsynced
-    after it.  On any failure every file of the group is removed.
+    after it.  With IntegrityEnable the streams are hashed as they are
+    copied, checked against the .env's StdOutHash/StdErrHash (a mismatch
+    adds the .bad sidecar, never drops evidence) and every file's SHA-256
+    goes to the manifest before .rdy.  On any failure every file of the
+    group is removed.
 
     :raises HTTPStatusError: 456 for a short body, 451 when no name is free.
     """
     import io  # late import: start-up time
     incoming = site.incoming
+    checking = site.values['IntegrityEnable']
     group, lock = claim_group(incoming, prefix, suffix, site.next_serial())
     made = []
+    note = ''
     try:
-        temps = []
+        temps, sums = [], []
         for ext, length in zip(STREAM_EXTENSIONS, lengths):
             temp = os.path.join(incoming, '.%s.%s' % (group, ext))
             made.append(temp)
-            write_stream(temp, stdin, length)
+            digests = StreamDigests(length, ASIDE_HASHES if ext != 'env'
+                                    else ()) if checking else None
+            try:
+                write_stream(temp, stdin, length, digests)
+            finally:
+                if digests is not None:
+                    sums.append(digests.finish())
             temps.append((temp, os.path.join(incoming, group + '.' + ext)))
+        record = ('Jid=%s\n' % job_id).encode('ascii')
+        manifest = []
+        if checking:
+            declared = read_declared_hashes(temps[2][0])
+            for n in (0, 1):
+                if declared[0] is not None and declared[0] not in sums[n]:
+                    sums[n].update(hash_file(temps[n][0], [declared[0]]))
+            note, flag = check_upload_hashes(declared, sums[0], sums[1])
+            manifest = [(sums[n]['SHA256'], group + '.' + ext)
+                        for n, ext in enumerate(STREAM_EXTENSIONS)]
+            if flag is not None:
+                temp = os.path.join(incoming, '.%s.%s' % (group,
+                                                          FLAG_EXTENSION))
+                made.append(temp)
+                write_stream(temp, io.BytesIO(flag), len(flag))
+                temps.append((temp, os.path.join(
+                    incoming, group + '.' + FLAG_EXTENSION)))
+                manifest.append((sha256_hex(flag),
+                                 group + '.' + FLAG_EXTENSION))
+            manifest.append((sha256_hex(record), group + '.rdy'))
         for temp, final in temps:
             os.rename(temp, final)
             made.append(final)
+        if manifest and not append_log(site.manifest_path, ''.join(
+                '%s  %s\n' % pair for pair in manifest)):
+            note += '; manifest (%s) not written' % MANIFEST_NAME
         temp = os.path.join(incoming, '.%s.rdy' % group)
         made.append(temp)
-        record = ('Jid=%s\n' % job_id).encode('ascii')
         write_stream(temp, io.BytesIO(record), len(record))
         os.rename(temp, os.path.join(incoming, group + '.rdy'))
         made = []               # INFO: complete from here on; keep it all
         fsync_folder(incoming)
-        return group
+        return group, note
     finally:
         for path in made:
             try:
@@ -493,6 +881,156 @@ def log_exchange(exchange, site=None):
 
 
 ###############################################################################
+# Triggers ####################################################################
+###############################################################################
+
+def command_tokens(exchange):
+    """Token values common to triggers and GetHook: job id, client id, file
+    name and client address, each validated or empty."""
+    address = exchange.remote_addr
+    if not (len(address) <= 64 and set(address) <= ADDRESS_CHARS):
+        address = ''
+    return {'jid': exchange.job_id or '', 'cid': exchange.client_id or '',
+            'cmd': exchange.filename or '', 'ip': address}
+
+
+def trigger_tokens(site, exchange):
+    """All trigger token values; the group's paths are empty on a GET."""
+    values = command_tokens(exchange)
+    for ext in ('rdy',) + STREAM_EXTENSIONS:
+        values[ext] = os.path.join(site.incoming, exchange.group + '.' + ext) \
+            if exchange.group else ''
+    return values
+
+
+def run_triggers(exchange):
+    """After a successful GET (200) or PUT (200, not a linktest), start the
+    method's trigger when enabled; never raises, never waits for it."""
+    site = exchange.site
+    if site is None or exchange.status != 200:
+        return
+    prefix = {'GET': 'GetTrigger', 'PUT': 'PutTrigger'}.get(exchange.method)
+    if prefix is None or not site.values[prefix + 'Enable']:
+        return
+    fields = (exchange.job_id, exchange.method, exchange.client_id,
+              exchange.filename)
+    try:
+        command = expand_tokens(site.values[prefix + 'CommandLine'],
+                                trigger_tokens(site, exchange))
+        start_trigger(site, fields, command)
+    except Exception as exc:    # the answer is out: log, never fail here
+        log_trigger(site, fields, None, 'failed', 'Trigger not started: '
+                    '%s: %s' % (type(exc).__name__, exc))
+
+
+def start_trigger(site, fields, command):
+    """Run command through /bin/sh, detached: fork twice so the trigger's
+    supervisor belongs to init and its own session, and holds none of the
+    server's descriptors (a CGI's pipes to the web server close at once)."""
+    import signal  # late import: triggers only; before the fork
+    import time  # late import: triggers only; before the fork
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)      # the middle process exits at once
+        return
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            detach_descriptors()
+            supervise_trigger(site, fields, command, signal, time)
+    except BaseException as exc:
+        try:
+            log_trigger(site, fields, None, 'failed', 'Trigger not started: '
+                        '%s' % exc)
+        except BaseException:
+            pass
+    os._exit(0)
+
+
+def detach_descriptors():
+    """Standard streams to /dev/null, every other descriptor closed."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    try:
+        fds = [int(name) for name in os.listdir('/proc/self/fd')]
+    except OSError:
+        fds = range(3, 1024)
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def supervise_trigger(site, fields, command, signal, time):
+    """Start the trigger in its own process group, log its start, wait for
+    it (killing the group at TriggerTimeLimit) and log how it ended."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE,
+                   signal.SIGALRM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    limit = site.values['TriggerTimeLimit']
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setpgid(0, 0)
+            os.chdir(site.incoming)
+            os.execve('/bin/sh', ['/bin/sh', '-c', command],
+                      command_environment())
+        finally:
+            os._exit(127)
+    try:
+        os.setpgid(pid, pid)    # INFO: both sides, whichever runs first
+    except OSError:
+        pass
+    log_trigger(site, fields, pid, 'started', 'Command (%s)' % command)
+    expired = []
+
+    def expire(signum, frame):
+        expired.append(signum)
+        kill_group(pid)
+
+    if limit:
+        signal.signal(signal.SIGALRM, expire)
+        signal.alarm(limit)
+    status = os.waitpid(pid, 0)[1]    # retried after expire (PEP 475)
+    signal.alarm(0)
+    if expired:
+        state, message = 'timeout', 'Signal (%d) to the process group when ' \
+            'TriggerTimeLimit (%d s) expired' % (signal.SIGKILL, limit)
+    elif os.WIFSIGNALED(status):
+        state, message = 'killed', 'Signal (%d)' % os.WTERMSIG(status)
+    else:
+        state, message = 'finished', 'Exit status (%d)' % os.WEXITSTATUS(
+            status)
+    log_trigger(site, fields, pid, state, message)
+
+
+def format_trigger_line(site, fields, pid, state, message):
+    """The manual's 10 fields: Date Time JobId RequestMethod ClientId
+    ClientFilename PidLabel Pid State -- Message."""
+    import time  # late import: triggers only
+    when = (time.gmtime if site.values['UseGMT'] else time.localtime)(
+        site.clock())
+    label = TRIGGER_PID_LABEL if pid is not None else None
+    message = webjob.one_line(message)[:MAX_MESSAGE]
+    return '%s %s --%s\n' % (
+        time.strftime('%Y-%m-%d %H:%M:%S', when),
+        ' '.join(log_field(f) for f in fields + (label, pid, state)),
+        ' ' + message if message else '')
+
+
+def log_trigger(site, fields, pid, state, message):
+    """Append one trigger log line (one write, O_APPEND, flock)."""
+    if not site.values['EnableLogging']:
+        return
+    line = format_trigger_line(site, fields, pid, state, message)
+    if not append_log(site.trigger_log_path, line):
+        write_stderr('trigger log unavailable: %s' % line)
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -512,6 +1050,7 @@ class Exchange(object):
         header = environ.get('HTTP_JOB_ID', '')
         self.job_id = header if is_job_id(header) else None
         self.client_id = self.filename = None
+        self.group = None        # the incoming group a PUT stored
         self.server_length = 0
         self.status = 500
         self.message = ''
@@ -541,6 +1080,8 @@ def process_request(environ, stdin, site=None):
         query = parse_query(environ.get('QUERY_STRING', ''), names)
         exchange.client_id = query['CLIENTID']
         exchange.filename = query['FILENAME']
+        site = exchange.site = apply_overrides(site, exchange.client_id,
+                                               exchange.filename)
         check_user(site, exchange)
         if exchange.method == 'GET':
             serve_get(site, exchange)
@@ -586,11 +1127,13 @@ def serve_get(site, exchange):
     import errno  # late import: start-up time
     import stat  # late import: start-up time
     exchange.job_id = make_job_id(site)
+    stored = hooked_name(site.values, exchange.filename)
     tried = []
     for folder in (exchange.client_id, COMMON_PROFILE):
-        shown = '/'.join(('profiles', folder, 'commands', exchange.filename))
+        shown = '/'.join(('profiles', folder, 'commands',
+                          stored or exchange.filename))
         path = os.path.join(site.profiles, folder, 'commands',
-                            exchange.filename)
+                            stored or exchange.filename)
         tried.append(shown)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -604,6 +1147,10 @@ def serve_get(site, exchange):
             os.close(fd)
             raise HTTPStatusError(457, 'Requested file (%s) is not a regular '
                                   'file' % shown)
+        if stored is not None:
+            os.close(fd)
+            run_get_hook(site, exchange, path, shown)
+            return
         exchange.body = os.fdopen(fd, 'rb', 0)
         exchange.body_length = info.st_size
         signature = read_signature(path + '.sig')
@@ -613,6 +1160,77 @@ def serve_get(site, exchange):
         return
     raise HTTPStatusError(404, 'Requested file (%s) does not exist'
                           % ' or '.join(tried))
+
+
+def hooked_name(values, filename):
+    """The stored name GetHook turns into filename, or None without a hook:
+    filename itself, or filename less GetHookSuffix when one is set (a
+    request that lacks the suffix is served as usual)."""
+    if not values['GetHookEnable']:
+        return None
+    suffix = values['GetHookSuffix']
+    if not suffix:
+        return filename
+    if filename.endswith(suffix) and len(filename) > len(suffix):
+        return filename[:-len(suffix)]
+    return None
+
+
+def run_get_hook(site, exchange, path, shown):
+    """Serve GetHookCommandLine's standard output instead of the stored file.
+
+    The output goes to an unlinked temporary file (never into memory) and is
+    served from there once the hook exits 0 within GetHookTimeLimit; its
+    whole process group is killed at the limit.
+
+    :raises HTTPStatusError: 457 when the hook fails or runs out of time.
+    """
+    import subprocess  # late import: GetHook only
+    import tempfile  # late import: GetHook only
+    values = site.values
+    command = expand_tokens(values['GetHookCommandLine'], dict(
+        command_tokens(exchange), tp=path))
+    limit = values['GetHookTimeLimit'] or None
+    output = tempfile.TemporaryFile()
+    errors = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(
+            ['/bin/sh', '-c', command], stdin=subprocess.DEVNULL,
+            stdout=output, stderr=errors, cwd=os.path.dirname(path),
+            env=command_environment(), close_fds=True, start_new_session=True)
+        try:
+            status = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            kill_group(proc.pid)
+            proc.wait()
+            raise HTTPStatusError(457, 'GetHook for %s killed when '
+                                  'GetHookTimeLimit (%d s) expired'
+                                  % (shown, limit))
+        if status != 0:
+            errors.seek(0)
+            why = webjob.one_line(errors.read(256).decode('utf-8', 'replace'))
+            raise HTTPStatusError(457, 'GetHook for %s failed: %s%s' % (
+                shown, 'exit status (%d)' % status if status > 0 else
+                'signal (%d)' % -status, ': ' + why if why else ''))
+    except BaseException:
+        output.close()
+        raise
+    finally:
+        errors.close()
+    exchange.body_length = os.fstat(output.fileno()).st_size
+    output.seek(0)
+    exchange.body = output
+    exchange.status = 200
+    exchange.message = 'Success: served GetHook output of %s' % shown
+
+
+def kill_group(pid):
+    """SIGKILL a process group; it may be gone already."""
+    import signal  # late import: triggers and hooks only
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def read_signature(path):
@@ -668,8 +1286,9 @@ def serve_put(site, exchange, query, stdin):
     if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
         raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
                               'for a name in incoming/')
-    store_upload(site, stdin, prefix, suffix, lengths, exchange.job_id)
-    exchange.status, exchange.message = 200, 'Success'
+    exchange.group, note = store_upload(site, stdin, prefix, suffix, lengths,
+                                        exchange.job_id)
+    exchange.status, exchange.message = 200, 'Success' + note
 
 
 def send_response(exchange, out, nph=True, extra_headers=()):
@@ -737,6 +1356,8 @@ def handle_request(environ, stdin, stdout, site=None, nph=True,
     exchange = process_request(environ, stdin, site)
     send_response(exchange, stdout, nph, extra_headers)
     log_exchange(exchange, site)
+    stdout.flush()              # INFO: the answer leaves before any trigger
+    run_triggers(exchange)
     return exchange.status
 
 
@@ -1077,6 +1698,7 @@ def _handler_class():
                 self.connection, 'getpeercert') else self.wfile
             send_response(exchange, out, True, extra)
             log_exchange(exchange, self.server.site)
+            run_triggers(exchange)
 
         def log_message(self, format, *args):
             write_stderr('%s: %s' % (self.address_string(), format % args))
@@ -1281,6 +1903,168 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
 
 
 ###############################################################################
+# Locker tools: verify and list ###############################################
+###############################################################################
+
+def read_groups(incoming):
+    """{group: set of extensions} for the group files in incoming/; the
+    temporary dot-files of an upload in progress are not groups."""
+    groups = {}
+    for name in os.listdir(incoming):
+        stem, dot, ext = name.rpartition('.')
+        if dot and stem and not name.startswith('.') and \
+                ext in GROUP_EXTENSIONS + ('lck',):
+            groups.setdefault(stem, set()).add(ext)
+    return groups
+
+
+def read_manifest(path):
+    """{file name: SHA-256 hex} from the manifest; a missing one is empty.
+    Malformed lines are returned apart, as (number, text)."""
+    recorded, malformed = {}, []
+    try:
+        handle = open(path, 'rb')
+    except OSError as exc:
+        if not os.path.exists(path):
+            return recorded, malformed
+        raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
+    with handle:
+        for number, line in enumerate(handle, 1):
+            digest, sep, name = line.rstrip(b'\n').decode(
+                'utf-8', 'surrogateescape').partition('  ')
+            if sep and len(digest) == 64 and set(digest) <= HEX_DIGITS and \
+                    name and '/' not in name:
+                recorded[name] = digest.lower()
+            else:
+                malformed.append((number, webjob.one_line(line[:80])))
+    return recorded, malformed
+
+
+def verify_group(incoming, group, exts, recorded):
+    """The problems of one group: incomplete, flagged at upload, streams that
+    do not match the .env's hashes, files changed since upload."""
+    problems = []
+    if 'rdy' not in exts:
+        problems.append((group, 'incomplete: no .rdy'))
+    path = os.path.join(incoming, group + '.')
+    if 'bad' in exts:
+        result = read_key_values(path + 'bad').get('Result', 'mismatch')
+        problems.append((group + '.bad', 'flagged at upload: %s' % result))
+    declared = read_declared_hashes(path + 'env') if 'env' in exts else \
+        (None, None, None)
+    for ext in sorted(exts - {'lck'}):
+        name = group + '.' + ext
+        want = {'out': declared[1], 'err': declared[2]}.get(ext)
+        names = ['SHA256'] + ([declared[0]] if want and declared[0] !=
+                              'SHA256' else [])
+        try:
+            sums = hash_file(path + ext, names)
+        except OSError as exc:
+            problems.append((name, 'unreadable: %s' % exc.strerror))
+            continue
+        if want and sums[declared[0]] != want:
+            problems.append((name, 'does not match %s (%s) in .env' % (
+                'StdOutHash' if ext == 'out' else 'StdErrHash', declared[0])))
+        if name not in recorded:
+            problems.append((name, 'not in the manifest'))
+        elif recorded[name] != sums['SHA256']:
+            problems.append((name, 'changed since upload (SHA-256 differs '
+                             'from the manifest)'))
+    return problems
+
+
+def verify_locker(base, out):
+    """Check every group in base/incoming; print one line per problem and a
+    summary.  Returns the number of problems."""
+    incoming = os.path.join(base, 'incoming')
+    try:
+        groups = read_groups(incoming)
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
+    manifest = os.path.join(base, 'logfiles', MANIFEST_NAME)
+    recorded, malformed = read_manifest(manifest)
+    problems = [('%s:%d' % (MANIFEST_NAME, n), 'malformed line [%s]' % text)
+                for n, text in malformed]
+    seen = set()
+    for group in sorted(groups):
+        exts = groups[group]
+        seen.update(group + '.' + ext for ext in exts)
+        if 'lck' not in exts:       # INFO: an upload in progress is skipped
+            problems.extend(verify_group(incoming, group, exts, recorded))
+    for name in sorted(set(recorded) - seen):
+        problems.append((name, 'missing since upload (in the manifest)'))
+    for name, problem in problems:
+        out.write('%s: %s\n' % (webjob.one_line(name), problem))
+    out.write('verify: %d groups, %d files in the manifest, %d problems\n' % (
+        len(groups), len(recorded), len(problems)))
+    return len(problems)
+
+
+GROUP_NAME = (r'(?P<client>.+?)_(?P<stamp>\d{14})_(?P<serial>\d{5})_'
+              r'(?P<program>.+)\Z')
+
+
+def list_jobs(base, out, client=None, since=None):
+    """One line per group, oldest first: Date Time ClientId Program JobId
+    KidStatus OutSize ErrSize EnvSize ('-' when unknown)."""
+    import re  # late import: tools only
+    incoming = os.path.join(base, 'incoming')
+    try:
+        groups = read_groups(incoming)
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
+    rows = []
+    for group, exts in groups.items():
+        match = re.match(GROUP_NAME, group)
+        if not match or (client and match.group('client') != client) or \
+                (since and match.group('stamp') < since):
+            continue
+        rows.append((match.group('stamp'), match.group('serial'), group,
+                     match, exts))
+    for stamp, serial, group, match, exts in sorted(rows):
+        path = os.path.join(incoming, group + '.')
+        env = read_key_values(path + 'env') if 'env' in exts else {}
+        rdy = read_key_values(path + 'rdy') if 'rdy' in exts else {}
+        status = env.get('KidStatus', '')
+        sizes = [os.path.getsize(path + ext) if ext in exts else None
+                 for ext in STREAM_EXTENSIONS]
+        fields = [match.group('client'), match.group('program'),
+                  rdy.get('Jid') or env.get('Jid'),
+                  '' if status == 'NA' else status] + sizes
+        out.write('%s-%s-%s %s:%s:%s %s\n' % (
+            stamp[:4], stamp[4:6], stamp[6:8], stamp[8:10], stamp[10:12],
+            stamp[12:], ' '.join(log_field(f) for f in fields)))
+    return len(rows)
+
+
+def parse_since(text):
+    """'YYYY-MM-DD[ HH:MM[:SS]]' (or 'T' between) as the 14 digits of a
+    group name's stamp.
+
+    :raises webjob.UsageError: for anything else.
+    """
+    digits = ''.join(c for c in text if c not in '-: T')
+    if len(digits) in (8, 12, 14) and _is_ascii_digits(digits):
+        return (digits + '000000')[:14]
+    raise webjob.UsageError('--since: expected YYYY-MM-DD[ HH:MM[:SS]], got '
+                            '[%s]' % webjob.one_line(text[:40]))
+
+
+def resolve_base(options):
+    """--root, else the BaseDirectory of --config (or the CGI's config
+    variable), else ./webjob-server as for serve."""
+    if options.root:
+        return os.path.abspath(options.root)
+    path = options.config or os.environ.get(CONFIG_VARIABLE)
+    try:
+        site = load_site(path, bool(path), {
+            'BaseDirectory': os.path.abspath(DEFAULT_ROOT)})
+    except HTTPStatusError as exc:
+        raise webjob.WebJobError(exc.message)
+    return site.base
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -1308,6 +2092,40 @@ def parse_serve_args(argv):
     return options
 
 
+def parse_locker_args(command, argv):
+    """The verify and list options."""
+    import argparse  # late import: start-up time
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise webjob.UsageError(message)
+
+    parser = Parser(prog='nph_webjob.py ' + command, add_help=False)
+    parser.add_argument('--root')
+    parser.add_argument('--config')
+    if command == 'list':
+        parser.add_argument('--client')
+        parser.add_argument('--since')
+    options = parser.parse_args(argv)
+    if command == 'list':
+        if options.client is not None and \
+                not webjob.is_client_id(options.client):
+            raise webjob.UsageError('--client: not a valid client id')
+        options.since = parse_since(options.since) if options.since else None
+    return options
+
+
+def run_locker_tool(command, argv):
+    """verify: 0 when every group is whole, 1 when anything is wrong.
+    list: 0."""
+    options = parse_locker_args(command, argv)
+    base = resolve_base(options)
+    if command == 'verify':
+        return 1 if verify_locker(base, sys.stdout) else 0
+    list_jobs(base, sys.stdout, options.client, options.since)
+    return 0
+
+
 def main(argv=None):
     """CGI when GATEWAY_INTERFACE is set, else the command line; exit code.
 
@@ -1321,8 +2139,11 @@ def main(argv=None):
         if argv[:1] in (['-h'], ['--help']):
             sys.stdout.write(USAGE)
             return 0
+        if argv[:1] in (['verify'], ['list']):
+            return run_locker_tool(argv[0], argv[1:])
         if argv[:1] != ['serve']:
-            raise webjob.UsageError('expected "serve" or -h' if argv else
+            raise webjob.UsageError('expected "serve", "verify", "list" or -h'
+                                    if argv else
                                     'not a CGI request (GATEWAY_INTERFACE '
                                     'is unset) and no command given')
         options = parse_serve_args(argv[1:])

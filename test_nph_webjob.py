@@ -180,7 +180,13 @@ def test_controls_table_holds_the_defaults():
     assert table == {'BaseDirectory': '/var/webjob', 'RequireUser': True,
                      'RequireMatch': True, 'CapContentLength': False,
                      'MaxContentLength': 100000000, 'EnableLogging': True,
-                     'UseGMT': False, 'ServerId': 'server_1'}
+                     'UseGMT': False, 'ServerId': 'server_1',
+                     'GetHookCommandLine': '', 'GetHookEnable': False,
+                     'GetHookSuffix': '', 'GetHookTimeLimit': 60,
+                     'GetTriggerCommandLine': '', 'GetTriggerEnable': False,
+                     'IntegrityEnable': True, 'OverrideDirectory': '',
+                     'PutTriggerCommandLine': '', 'PutTriggerEnable': False,
+                     'TriggerTimeLimit': 600}
 
 
 # Config ######################################################################
@@ -1266,3 +1272,496 @@ def test_first_entry_wins_and_hash_ends_at_colon(tmp_path):
 def test_unreadable_file_raises_webjob_error(tmp_path):
     with pytest.raises(nph_webjob.webjob.WebJobError):
         nph_webjob.read_htpasswd(str(tmp_path / 'missing'))
+
+
+# Server features: fronts (standalone and Apache) #############################
+
+TRIGGER_LINE = re.compile(
+    r'(?P<date>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?P<job_id>\S+) '
+    r'(?P<method>\S+) (?P<client_id>\S+) (?P<filename>\S+) (?P<label>\S+) '
+    r'(?P<pid>\S+) (?P<state>\S+) --(?: (?P<message>[ -~]*))?\Z')
+CLIENT_2 = ('client_2', 'secret-2')
+PUT_JOB_ID = 'server_1_1700000000_00042'
+
+
+def wait_for_lines(path, count, timeout=15.0):
+    """The lines of a file once it has at least count (deadline loop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(str(path)) as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            lines = []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)     # poll interval while waiting on the file
+
+
+def env_record(out=b'', err=b'', hash_type='MD5', out_hash=None,
+               err_hash=None):
+    """An .env as webjob.py writes it (the keys the server reads)."""
+    import hashlib
+    digest = lambda data: hashlib.new(hash_type.lower(), data).hexdigest()
+    return ('Version=webjob 1.0.0 ssl dsv 64 bit\nClientId=client_1\n'
+            'Jid=%s\nKidStatus=0\nHashType=%s\nStdOutHash=%s\n'
+            'StdErrHash=%s\n' % (PUT_JOB_ID, hash_type,
+                                 out_hash or digest(out),
+                                 err_hash or digest(err))).encode()
+
+
+def live_group_members(pgid):
+    """Pids of processes in a process group that are not zombies."""
+    found = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as handle:
+                fields = handle.read().rpartition(')')[2].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != 'Z':
+            found.append(int(name))
+    return found
+
+
+class Front(object):
+    """One server under test: its tree, config folder and requests."""
+
+    def __init__(self, kind, port, root, config_dir, scratch):
+        self.kind = kind
+        self.port = port
+        self.root = str(root)
+        self.config_dir = config_dir
+        self.scratch = scratch
+
+    def request(self, method, query_string, body=b'', job_id=None,
+                user=CLIENT_1):
+        auth = user if self.kind == 'apache' else None
+        return send(self.port, client_request(method, self.port, query_string,
+                                              body, job_id, auth))
+
+    def put(self, out=b'hello\n', err=b'', env=ENV_RECORD, user=CLIENT_1,
+            **kwargs):
+        return self.request('PUT', put_query(out, err, env, **kwargs),
+                            out + err + env, PUT_JOB_ID, user)
+
+    def override(self, text, client='client_1', command=None):
+        folder = os.path.join(self.config_dir, 'clients', client)
+        if command:
+            folder = os.path.join(folder, 'commands')
+        os.makedirs(folder, exist_ok=True)
+        os.chmod(os.path.join(self.config_dir, 'clients'), 0o755)
+        name = command + '.cfg' if command else 'nph-webjob.cfg'
+        write_file(os.path.join(folder, name), text.encode())
+
+    def log_lines(self, count=0):
+        return read_log_lines(self.root, count)
+
+    def trigger_lines(self, count):
+        return wait_for_lines(os.path.join(
+            self.root, 'logfiles', 'nph-webjob-trigger.log'), count)
+
+    def incoming(self):
+        return incoming(self.root)
+
+    def verify(self):
+        return subprocess.run([sys.executable, NPH_WEBJOB, 'verify', '--root',
+                               self.root], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+
+
+@pytest.fixture(params=['standalone', 'apache'])
+def front(request, tmp_path, standalone_server):
+    """Factory: start(**controls) gives a Front whose nph-webjob.cfg holds
+    those controls: a standalone server with --config, or the session's
+    Apache (its config restored and its extra files removed afterwards)."""
+    import shutil
+    import tempfile
+    if request.param == 'standalone':
+        config_dir = tmp_path / 'config'
+        config_dir.mkdir()
+        scratch = str(tmp_path / 'scratch')
+        os.mkdir(scratch)
+
+        def start(**controls):
+            cfg = write_file(config_dir / 'nph-webjob.cfg', ''.join(
+                '%s = %s\n' % (name, value.replace('{scratch}', scratch))
+                for name, value in controls.items()).encode())
+            server = standalone_server(args=['--config', str(cfg)])
+            return Front('standalone', server.port, server.root,
+                         str(config_dir), scratch)
+        yield start
+        return
+    apache = request.getfixturevalue('apache_server')()
+    apache.clean()
+    cfg = os.path.join(apache.top, 'nph-webjob.cfg')
+    with open(cfg, 'rb') as handle:
+        original = handle.read()
+    scratch = tempfile.mkdtemp(dir=apache.top)
+    os.chmod(scratch, 0o777)
+    extras = [os.path.join(apache.root, 'logfiles', name) for name in (
+        'nph-webjob-trigger.log', 'nph-webjob-manifest.sha256')]
+    for path in extras:
+        if os.path.exists(path):
+            os.unlink(path)
+
+    def start(**controls):
+        write_file(cfg, original + ''.join(
+            '%s = %s\n' % (name, value.replace('{scratch}', scratch))
+            for name, value in controls.items()).encode())
+        return Front('apache', apache.port, apache.root, apache.top, scratch)
+    try:
+        yield start
+    finally:
+        write_file(cfg, original)
+        shutil.rmtree(os.path.join(apache.top, 'clients'), ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+        for path in extras:
+            if os.path.exists(path):
+                os.unlink(path)
+        apache.clean()
+
+
+# Triggers ####################################################################
+
+def test_put_trigger_expands_every_token(front):
+    server = front(PutTriggerEnable='Y', PutTriggerCommandLine=(
+        "printf '%%s|' %rdy %jid %cid %cmd %out %err %env %ip 100%% > "
+        "{scratch}/tokens"))
+    assert server.put().status == 200
+    lines = server.trigger_lines(2)
+    assert TRIGGER_LINE.match(lines[1]).group('state') == 'finished', lines
+    group = [n for n in server.incoming() if n.endswith('.rdy')][0][:-4]
+    stem = os.path.join(server.root, 'incoming', group)
+    with open(os.path.join(server.scratch, 'tokens')) as handle:
+        assert handle.read().split('|') == [
+            stem + '.rdy', PUT_JOB_ID, 'client_1', 'hostname.sh',
+            stem + '.out', stem + '.err', stem + '.env', '127.0.0.1', '100%',
+            '']
+
+
+def test_trigger_log_has_the_ten_fields_for_start_and_end(front):
+    server = front(PutTriggerEnable='Y', PutTriggerCommandLine='exit 3')
+    assert server.put().status == 200
+    start, end = [TRIGGER_LINE.match(line) for line in
+                  server.trigger_lines(2)]
+    assert start.group('job_id', 'method', 'client_id', 'filename', 'label',
+                       'state') == (PUT_JOB_ID, 'PUT', 'client_1',
+                                    'hostname.sh', 'KidPid', 'started')
+    assert start.group('message') == "Command (exit 3)"
+    assert end.group('pid') == start.group('pid') and int(end.group('pid'))
+    assert end.group('state', 'message') == ('finished', 'Exit status (3)')
+
+
+def test_get_trigger_runs_after_a_get(front):
+    server = front(GetTriggerEnable='Y',
+                   GetTriggerCommandLine='test -z %rdy && exit 7')
+    reply = server.request('GET', query())
+    assert reply.status == 200
+    start, end = [TRIGGER_LINE.match(line) for line in
+                  server.trigger_lines(2)]
+    assert start.group('method', 'job_id') == ('GET', reply.field('Job-Id'))
+    assert end.group('message') == 'Exit status (7)'
+
+
+def test_hanging_trigger_is_killed_at_the_limit(front):
+    server = front(PutTriggerEnable='Y', TriggerTimeLimit='1',
+                   PutTriggerCommandLine='sleep 60; sleep 60')
+    assert server.put().status == 200
+    start, end = [TRIGGER_LINE.match(line) for line in
+                  server.trigger_lines(2)]
+    assert end.group('state') == 'timeout'
+    assert end.group('message') == ('Signal (9) to the process group when '
+                                    'TriggerTimeLimit (1 s) expired')
+    assert live_group_members(int(start.group('pid'))) == []
+
+
+def test_answer_does_not_wait_for_the_trigger(front):
+    server = front(PutTriggerEnable='Y', TriggerTimeLimit='5',
+                   PutTriggerCommandLine='sleep 60')
+    started = time.monotonic()
+    reply = server.put()
+    elapsed = time.monotonic() - started
+    assert reply.status == 200 and elapsed < 4, elapsed
+    pid = int(TRIGGER_LINE.match(server.trigger_lines(1)[0]).group('pid'))
+    os.killpg(pid, signal.SIGKILL)
+    assert TRIGGER_LINE.match(server.trigger_lines(2)[1]).group(
+        'state') == 'killed'
+
+
+def test_failed_put_runs_no_trigger(server_root):
+    site = make_site(server_root, PutTriggerEnable=True,
+                     PutTriggerCommandLine='true')
+    assert put(site, CONTENT_LENGTH='1')[0] == 456
+    assert not (server_root / 'logfiles' / 'nph-webjob-trigger.log').exists()
+
+
+def test_trigger_environment_holds_no_request_headers(tmp_path, server_root):
+    cfg = cgi_config(tmp_path, server_root, RequireUser='N',
+                     PutTriggerEnable='Y', PutTriggerCommandLine=(
+                         'env > %s' % (tmp_path / 'env')))
+    body = b'out\n' + ENV_RECORD
+    result = run_cgi(tmp_path, 'nph-webjob.cgi', {
+        'REQUEST_METHOD': 'PUT', 'HTTP_X_EVIL': '() { :; }; touch /tmp/x',
+        'QUERY_STRING': put_query(b'out\n', b'', ENV_RECORD),
+        'WEBJOB_PROPERTIES_FILE': cfg}, body)
+    assert result.stdout.startswith(b'HTTP/1.1 200 OK'), result.stderr
+    wait_for_lines(server_root / 'logfiles' / 'nph-webjob-trigger.log', 2)
+    names = set(line.partition('=')[0] for line in
+                (tmp_path / 'env').read_text().splitlines())
+    assert 'HTTP_X_EVIL' not in names and 'QUERY_STRING' not in names
+
+
+@pytest.mark.parametrize('controls, words', [
+    ({'PutTriggerEnable': 'Y'}, ['PutTriggerEnable', 'required']),
+    ({'GetTriggerCommandLine': 'run %bogus'}, ['GetTriggerCommandLine',
+                                               'unknown token']),
+    ({'GetHookCommandLine': 'gzip %rdy'}, ['GetHookCommandLine',
+                                           'unknown token']),
+    ({'GetHookSuffix': 'gz;rm'}, ['GetHookSuffix']),
+])
+def test_bad_trigger_or_hook_config_is_550_naming_the_control(
+        tmp_path, server_root, controls, words):
+    cfg = cgi_config(tmp_path, server_root, **controls)
+    with pytest.raises(nph_webjob.HTTPStatusError) as info:
+        nph_webjob.load_site(cfg)
+    assert info.value.status == 550
+    assert all(word in info.value.message for word in words + [cfg + ':'])
+
+
+# Overrides ###################################################################
+
+def test_client_override_applies_to_that_client_only(front):
+    server = front(RequireUser='N')
+    server.override('CapContentLength = Y\nMaxContentLength = 4\n')
+    assert server.put(b'too long\n').status == 455
+    assert server.put(b'too long\n', clientid='client_2',
+                      user=CLIENT_2).status == 200
+
+
+def test_command_override_wins_over_the_client_override(front):
+    server = front(RequireUser='N')
+    server.override('CapContentLength = Y\nMaxContentLength = 1000\n')
+    server.override('MaxContentLength = 4\n', command='hostname.sh')
+    assert server.put(b'too long\n').status == 455
+    assert server.put(b'too long\n', filename='other.sh').status == 200
+
+
+def test_override_trying_to_loosen_require_user_is_550(front):
+    server = front(RequireUser='Y', RequireMatch='Y')
+    server.override('RequireUser = N\n')
+    reply = server.request('GET', query())
+    assert reply.status == 550
+    entry = LOG_LINE.match(server.log_lines(1)[-1])
+    assert 'RequireUser = [N]: may only tighten' in entry.group('message')
+    assert os.path.join('clients', 'client_1', 'nph-webjob.cfg') in \
+        entry.group('message')
+    other = server.request('GET', query('client_2', 'common.sh'),
+                           user=CLIENT_2)
+    assert other.status == (200 if server.kind == 'apache' else 452)
+
+
+def test_override_may_tighten_require_user(server_root):
+    site = make_site(server_root)
+    os.makedirs(os.path.join(site.override_dir, 'client_1'))
+    write_file(os.path.join(site.override_dir, 'client_1', 'nph-webjob.cfg'),
+               b'RequireUser = Y\n')
+    assert call(site)[0] == 452
+    assert call(site, REMOTE_USER='client_1')[0] == 200
+
+
+@pytest.mark.parametrize('text', [b'BaseDirectory = /tmp\n',
+                                  b'ServerId = evil\n', b'RequireUser = maybe\n',
+                                  b'PutTriggerCommandLine = x %nope\n'])
+def test_bad_override_is_550_for_that_client_only(server_root, text):
+    site = make_site(server_root)
+    folder = os.path.join(site.override_dir, 'client_1', 'commands')
+    os.makedirs(folder)
+    write_file(os.path.join(folder, 'hostname.sh.cfg'), text)
+    assert call(site)[0] == 550
+    assert 'hostname.sh.cfg:1' in last_log(server_root).group('message')
+    assert call(site, query_string=query('client_2', 'common.sh'))[0] == 200
+
+
+def test_override_directory_control_moves_the_tree(server_root, tmp_path):
+    site = make_site(server_root, OverrideDirectory=str(tmp_path / 'ovr'))
+    os.makedirs(str(tmp_path / 'ovr' / 'client_1'))
+    write_file(tmp_path / 'ovr' / 'client_1' / 'nph-webjob.cfg',
+               b'RequireUser = Y\n')
+    assert call(site)[0] == 452
+
+
+# GetHook #####################################################################
+
+def test_get_hook_serves_a_variant_made_on_request(front):
+    import gzip
+    server = front(GetHookEnable='Y', GetHookSuffix='.gz',
+                   GetHookCommandLine='gzip -c -n %tp')
+    reply = server.request('GET', query(filename='hostname.sh.gz'))
+    assert reply.status == 200
+    assert gzip.decompress(reply.body) == \
+        b'#!/bin/sh\necho "hello from client_1 $*"\n'
+    entry = LOG_LINE.match(server.log_lines(1)[-1])
+    assert entry.group('message') == ('Success: served GetHook output of '
+                                      'profiles/client_1/commands/hostname.sh')
+    assert int(entry.group('server_length')) == len(reply.body)
+
+
+def test_get_hook_leaves_names_without_its_suffix_alone(server_root):
+    site = make_site(server_root, GetHookEnable=True, GetHookSuffix='.gz',
+                     GetHookCommandLine='exit 1')
+    status, reply = call(site)
+    assert status == 200 and reply.body.startswith(b'#!/bin/sh')
+
+
+def test_get_hook_past_its_time_limit_is_457(server_root):
+    site = make_site(server_root, GetHookEnable=True, GetHookTimeLimit=1,
+                     GetHookCommandLine='sleep 60; cat %tp')
+    assert call(site)[0] == 457
+    assert 'GetHookTimeLimit (1 s) expired' in last_log(server_root).group(
+        'message')
+
+
+def test_failing_get_hook_is_457_with_its_error(server_root):
+    site = make_site(server_root, GetHookEnable=True,
+                     GetHookCommandLine='echo no key >&2; exit 2')
+    assert call(site)[0] == 457
+    assert last_log(server_root).group('message').endswith(
+        'failed: exit status (2): no key')
+
+
+# Integrity ###################################################################
+
+@pytest.mark.parametrize('hash_type', ['MD5', 'SHA1', 'SHA256'])
+def test_put_checks_the_declared_hash_type(server_root, hash_type):
+    site = make_site(server_root)
+    env = env_record(b'hello\n', b'', hash_type)
+    assert put(site, env=env)[0] == 200
+    assert last_log(server_root).group('message') == \
+        'Success; hashes match (%s)' % hash_type
+    assert len(incoming(server_root)) == 4
+
+
+def test_large_put_is_hashed_while_it_is_copied(server_root):
+    site = make_site(server_root)
+    out = os.urandom(nph_webjob.THREAD_HASH_MIN + 12345)
+    assert put(site, out, env=env_record(out))[0] == 200
+    assert last_log(server_root).group('message') == \
+        'Success; hashes match (MD5)'
+
+
+def test_put_whose_declared_hash_differs_is_kept_and_flagged(front):
+    server = front(RequireUser='N')
+    env = env_record(out_hash='0' * 32)
+    assert server.put(b'evidence\n', env=env).status == 200
+    names = server.incoming()
+    assert [n.rpartition('.')[2] for n in names] == [
+        'bad', 'env', 'err', 'out', 'rdy']
+    with open(os.path.join(server.root, 'incoming', names[3]), 'rb') as out:
+        assert out.read() == b'evidence\n'
+    assert 'hash mismatch: StdOutHash (MD5)' in LOG_LINE.match(
+        server.log_lines(1)[-1]).group('message')
+    result = server.verify()
+    assert result.returncode == 1
+    assert b'.bad: flagged at upload: mismatch: StdOutHash' in result.stdout
+
+
+def test_tampered_out_after_upload_is_found_by_verify(front):
+    server = front(RequireUser='N')
+    assert server.put(b'evidence\n', env=env_record(b'evidence\n')).status \
+        == 200
+    clean = server.verify()
+    assert clean.returncode == 0, clean.stdout
+    out = [n for n in server.incoming() if n.endswith('.out')][0]
+    write_file(os.path.join(server.root, 'incoming', out), b'forged!!\n')
+    result = server.verify()
+    assert result.returncode == 1
+    lines = result.stdout.decode().splitlines()
+    assert '%s: does not match StdOutHash (MD5) in .env' % out in lines
+    assert '%s: changed since upload (SHA-256 differs from the manifest)' \
+        % out in lines
+
+
+def test_manifest_is_checked_by_sha256sum(server_root):
+    site = make_site(server_root)
+    assert put(site, env=env_record(b'hello\n'))[0] == 200
+    result = subprocess.run(['sha256sum', '-c', '--strict', os.path.join(
+        '..', 'logfiles', 'nph-webjob-manifest.sha256')],
+        cwd=str(server_root / 'incoming'), stdout=subprocess.PIPE)
+    assert result.returncode == 0 and result.stdout.count(b': OK\n') == 4
+
+
+def test_verify_reports_an_incomplete_group(server_root):
+    site = make_site(server_root)
+    assert put(site)[0] == 200
+    rdy = [n for n in incoming(server_root) if n.endswith('.rdy')][0]
+    os.unlink(str(server_root / 'incoming' / rdy))
+    result = subprocess.run([sys.executable, NPH_WEBJOB, 'verify', '--root',
+                             str(server_root)], stdout=subprocess.PIPE)
+    assert result.returncode == 1
+    assert ('%s: incomplete: no .rdy' % rdy[:-4]).encode() in result.stdout
+
+
+def test_verify_reports_a_group_the_server_never_stored(server_root):
+    make_site(server_root)
+    for ext in ('out', 'err', 'env', 'rdy'):
+        write_file(server_root / 'incoming' / (
+            'client_1_20240101000000_00001_x.sh.' + ext), b'planted\n')
+    result = subprocess.run([sys.executable, NPH_WEBJOB, 'verify', '--root',
+                             str(server_root)], stdout=subprocess.PIPE)
+    assert result.returncode == 1
+    assert result.stdout.count(b': not in the manifest\n') == 4
+
+
+def test_integrity_off_writes_no_manifest(server_root):
+    site = make_site(server_root, IntegrityEnable=False)
+    assert put(site, env=env_record(out_hash='0' * 32))[0] == 200
+    assert last_log(server_root).group('message') == 'Success'
+    assert not (server_root / 'logfiles' / 'nph-webjob-manifest.sha256'
+                ).exists()
+
+
+def test_list_prints_one_line_per_job(server_root):
+    now = [1700000000]
+    site = make_site(server_root, clock=lambda: now[0], UseGMT=True)
+    assert put(site, b'12345', env=env_record(b'12345'),
+               HTTP_JOB_ID=PUT_JOB_ID)[0] == 200
+    now[0] = 1800000000
+    assert call(site, 'PUT', query('client_2', lengths=(
+        1, 0, len(ENV_RECORD))), b'1' + ENV_RECORD)[0] == 200
+    run = lambda *args: subprocess.run(
+        [sys.executable, NPH_WEBJOB, 'list', '--root', str(server_root)] +
+        list(args), stdout=subprocess.PIPE, check=True).stdout.decode()
+    lines = run().splitlines()
+    assert re.match(r'2023-11-14 22:13:20 client_1 hostname\.sh %s 0 5 0 %d\Z'
+                    % (PUT_JOB_ID, len(env_record(b'12345'))), lines[0]), lines
+    assert re.match(r'2027-01-15 08:00:00 client_2 hostname\.sh '
+                    r'server_1_1800000000_\d{5} - 1 0 %d\Z'
+                    % len(ENV_RECORD), lines[1]), lines
+    assert run('--client', 'client_2') == lines[1] + '\n'
+    assert run('--since', '2025-01-01') == lines[1] + '\n'
+
+
+@pytest.mark.parametrize('argv', [['list', '--since', 'yesterday'],
+                                  ['list', '--client', '../x'],
+                                  ['verify', '--bogus']])
+def test_bad_tool_arguments_are_usage_errors(capsys, argv):
+    assert nph_webjob.main(argv) == 2
+    assert 'Usage:' in capsys.readouterr().err
+
+
+def test_plain_get_imports_no_trigger_hook_or_hash_code(tmp_path, server_root):
+    cfg = cgi_config(tmp_path, server_root, RequireUser='N')
+    code = ('import io, sys; sys.path.insert(0, %r); import nph_webjob; '
+            'out = io.BytesIO(); nph_webjob.run_cgi({"REQUEST_METHOD": "GET", '
+            '"QUERY_STRING": %r, "WEBJOB_PROPERTIES_FILE": %r, '
+            '"SCRIPT_FILENAME": "/cgi/nph-webjob.cgi"}, io.BytesIO(), '
+            'out); assert out.getvalue().startswith(b"HTTP/1.1 200"); '
+            'heavy = {"hashlib", "threading", "queue", "signal", "tempfile", '
+            '"subprocess"}; print(sorted(heavy & set(sys.modules)))'
+            % (os.path.dirname(NPH_WEBJOB), query(), cfg))
+    result = subprocess.run([NEWEST_PY, '-I', '-c', code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert result.stdout == b'[]\n', result.stderr
