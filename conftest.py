@@ -529,6 +529,10 @@ Listen 127.0.0.1:{port}
       Require expr "%{{SSL_CLIENT_S_DN_CN}} == %{{REMOTE_USER}}"
     </RequireAll>
   </Location>
+  ScriptAlias /cgi-cert/ {top}/cgi-client/
+  <Location /cgi-cert/>
+    Require all granted
+  </Location>
 </VirtualHost>
 """
 
@@ -536,7 +540,9 @@ Listen 127.0.0.1:{port}
 def apache_tls_sites(pki):
     """The mod_ssl vhosts of the TLS Apache, as ApacheServer's tls argument:
     (CA file, ((vhost name, certificate chain, key), ...)); every vhost
-    requires a client certificate from ca and Basic auth by its CN."""
+    requires a client certificate from ca and Basic auth by its CN under
+    /cgi-client/, and the certificate alone under /cgi-cert/ (the CGI then
+    takes the user from SSL_CLIENT_S_DN_CN)."""
     return (pki.path('ca.crt'), tuple(
         (name, pki.path(cert + '-chain.pem'), pki.path(cert + '.key'))
         for name, cert in (('main', 'server'), ('wrong-cn', 'server-wrong-cn'),
@@ -571,7 +577,8 @@ class ApacheServer(CgiSite):
                                            top=self.top, ca=ca)
             for name, chain, key in sites:
                 text += APACHE_TLS_VHOST.format(port=self.tls_ports[name],
-                                                chain=chain, key=key)
+                                                chain=chain, key=key,
+                                                top=self.top)
         with open(self.conf, 'w') as conf:
             conf.write(text)
 

@@ -1034,6 +1034,15 @@ def log_trigger(site, fields, pid, state, message):
 # Application #################################################################
 ###############################################################################
 
+def certificate_user(environ):
+    """The client certificate's CN as mod_ssl passes it (SSLOptions
+    +StdEnvVars), for a CGI behind SSLVerifyClient without Basic auth;
+    trusted only when mod_ssl says it verified the certificate."""
+    if environ.get('SSL_CLIENT_VERIFY') != 'SUCCESS':
+        return ''
+    return environ.get('SSL_CLIENT_S_DN_CN', '')
+
+
 class Exchange(object):
     """One request and its answer: what the log line and response need."""
 
@@ -1044,7 +1053,8 @@ class Exchange(object):
         self.environ = environ
         self.site = None
         self.method = environ.get('REQUEST_METHOD', '')
-        self.remote_user = environ.get('REMOTE_USER', '')
+        self.remote_user = (environ.get('REMOTE_USER', '')
+                            or certificate_user(environ))
         self.remote_addr = environ.get('REMOTE_ADDR', '')
         self.content_length = environ.get('CONTENT_LENGTH', '')
         header = environ.get('HTTP_JOB_ID', '')

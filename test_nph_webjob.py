@@ -583,6 +583,34 @@ def test_matching_remote_user_is_served(server_root):
     assert last_log(server_root).group('user') == 'client_1'
 
 
+def test_verified_certificate_cn_is_the_user_without_basic_auth(server_root):
+    """mod_ssl with SSLVerifyClient require and SSLOptions +StdEnvVars."""
+    site = make_site(server_root, RequireUser=True)
+    status, _ = call(site, SSL_CLIENT_VERIFY='SUCCESS',
+                     SSL_CLIENT_S_DN_CN='client_1')
+    assert status == 200
+    assert last_log(server_root).group('user') == 'client_1'
+    status, _ = call(site, SSL_CLIENT_VERIFY='SUCCESS',
+                     SSL_CLIENT_S_DN_CN='client_2')
+    assert status == 453
+
+
+@pytest.mark.parametrize('verify', [None, 'NONE', 'FAILED:unknown ca',
+                                    'GENEROUS'])
+def test_unverified_certificate_cn_is_not_a_user(server_root, verify):
+    site = make_site(server_root, RequireUser=True)
+    status, _ = call(site, SSL_CLIENT_VERIFY=verify,
+                     SSL_CLIENT_S_DN_CN='client_1')
+    assert status == 452
+
+
+def test_basic_user_wins_over_certificate_cn(server_root):
+    site = make_site(server_root, RequireUser=True)
+    status, _ = call(site, REMOTE_USER='client_2', SSL_CLIENT_VERIFY='SUCCESS',
+                     SSL_CLIENT_S_DN_CN='client_1')
+    assert status == 453
+
+
 def test_require_match_off_lets_any_user_in(server_root):
     site = make_site(server_root, RequireUser=True, RequireMatch=False)
     assert call(site, REMOTE_USER='client_2')[0] == 200

@@ -2896,6 +2896,29 @@ def test_apache_chain_through_an_intermediate_passes_with_max_chain_length_2(
     assert_evidence(read_group(os.path.join(apache_tls.root, 'incoming')))
 
 
+def test_apache_certificate_cn_is_the_user_without_basic_auth(
+        tmp_path, job_dir, apache_tls, pki):
+    """/cgi-cert/ has SSLVerifyClient require and no Basic auth: the CGI
+    takes the user from the CN mod_ssl passes (SSL_CLIENT_S_DN_CN)."""
+    cfg = deployed_cfg(tmp_path, apache_tls.https_url(path='/cgi-cert/nph-'
+                                                      'webjob.cgi'),
+                       job_dir, pki, URLAuthType='none')
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'])
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(apache_tls.root, 'incoming')))
+    assert [line.split()[3] for line in apache_tls.log_lines(2)] == \
+        ['client_1', 'client_1']
+
+
+def test_apache_certificate_cn_of_another_client_is_453(tmp_path, job_dir,
+                                                        apache_tls, pki):
+    cfg = deployed_cfg(tmp_path, apache_tls.https_url(path='/cgi-cert/nph-'
+                                                      'webjob.cgi'),
+                       job_dir, pki, URLAuthType='none', ClientId='client_2')
+    assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
+                       'Status = [453]')
+
+
 APACHE_TLS_FAILURES = [
     ('unknown-ca', 'main', {'SSLBundledCAsFile': 'rogue-ca.crt'},
      ['certificate verify failed']),
