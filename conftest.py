@@ -25,6 +25,7 @@ NPH_WEBJOB = os.path.join(HERE, 'nph_webjob.py')
 WEBJOB = os.path.join(HERE, 'webjob.py')
 CGI_PATH = '/cgi-client/nph-webjob.cgi'        # NPH: the CGI's own status line
 PARSED_CGI_PATH = '/cgi-client/webjob.cgi'     # parsed-header: 'Status:'
+STUB_CGI_PATH = '/cgi-client/nph-webjob-stub.cgi'  # nph_webjob.py install-cgi
 LOOPBACK = '127.0.0.1'
 
 
@@ -447,6 +448,10 @@ class CgiSite(object):
         for name in ('nph-webjob.cgi', 'webjob.cgi'):
             os.symlink(self.cgi_target,
                        os.path.join(self.top, 'cgi-client', name))
+        # The recommended install: a stub over byte code compiled up front.
+        subprocess.run([binary, self.cgi_target, 'install-cgi', os.path.join(
+            self.top, 'cgi-client', os.path.basename(STUB_CGI_PATH))], check=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._write_htpasswd()
         self.properties = os.path.join(self.top, 'nph-webjob.cfg')
         write_file(self.properties, (

@@ -167,6 +167,7 @@ Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
        nph_webjob.py verify [--root DIR | --config FILE]
        nph_webjob.py list [--root DIR | --config FILE] [--client ID]
                           [--since YYYY-MM-DD[ HH:MM[:SS]]]
+       nph_webjob.py install-cgi PATH [--config FILE]
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
 """
@@ -1389,6 +1390,57 @@ def run_cgi(environ=None, stdin=None, stdout=None):
     return 0
 
 
+CGI_STUB = """\
+#!%(python)s -IS
+# %(name)s: written by 'nph_webjob.py install-cgi'.  It imports the server
+# from %(folder)s, whose byte code that command compiled: a script
+# run directly is compiled on every request, which would cost each CGI
+# request more than the interpreter's own start.
+import sys
+%(config)ssys.path.insert(0, %(folder)r)
+import nph_webjob
+sys.exit(nph_webjob.main())
+"""
+
+
+def compile_modules(folder):
+    """Byte-compile webjob.py and nph_webjob.py with this interpreter, so
+    the CGI user never needs to write beside them."""
+    import py_compile  # late import: install-cgi only
+    for name in ('webjob.py', 'nph_webjob.py'):
+        try:
+            py_compile.compile(os.path.join(folder, name), doraise=True)
+        except (py_compile.PyCompileError, OSError) as exc:
+            raise webjob.WebJobError('%s: cannot compile: %s'
+                                     % (name, webjob.one_line(exc)))
+
+
+def install_cgi(path, config=None):
+    """Write the CGI stub at path (temporary name, fsync, rename) for this
+    interpreter and compile the modules it imports; 0 when done."""
+    compile_modules(_HERE)
+    if config is not None:
+        config = 'import os\nos.environ.setdefault(%r, %r)\n' % (
+            CONFIG_VARIABLE, os.path.abspath(config))
+    text = CGI_STUB % {'python': sys.executable, 'folder': _HERE,
+                       'name': os.path.basename(path), 'config': config or ''}
+    temporary = '%s.%d.tmp' % (path, os.getpid())
+    try:
+        with open(temporary, 'w') as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o755)
+        os.rename(temporary, path)
+    except OSError as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
+    return 0
+
+
 ###############################################################################
 # htpasswd verification (standalone server) ###################################
 ###############################################################################
@@ -2151,8 +2203,14 @@ def main(argv=None):
             return 0
         if argv[:1] in (['verify'], ['list']):
             return run_locker_tool(argv[0], argv[1:])
+        if argv[:1] == ['install-cgi']:
+            if len(argv) == 2 or (len(argv) == 4 and argv[2] == '--config'):
+                return install_cgi(argv[1], (argv[3:] or [None])[0])
+            raise webjob.UsageError('install-cgi: expected PATH '
+                                    '[--config FILE]')
         if argv[:1] != ['serve']:
-            raise webjob.UsageError('expected "serve", "verify", "list" or -h'
+            raise webjob.UsageError('expected "serve", "verify", "list", '
+                                    '"install-cgi" or -h'
                                     if argv else
                                     'not a CGI request (GATEWAY_INTERFACE '
                                     'is unset) and no command given')

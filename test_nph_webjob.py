@@ -1088,6 +1088,61 @@ def test_bad_command_line_is_a_usage_error(capsys, argv):
     assert err.startswith('nph_webjob: ') and 'Usage:' in err
 
 
+# install-cgi ##################################################################
+
+def copy_server(tmp_path):
+    """webjob.py and nph_webjob.py side by side in a folder of their own."""
+    lib = tmp_path / 'lib'
+    lib.mkdir()
+    for source in (NPH_WEBJOB, WEBJOB):
+        write_file(lib / os.path.basename(source), open(source, 'rb').read())
+    return lib
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY])
+def test_install_cgi_writes_a_stub_over_compiled_modules(tmp_path, server_root,
+                                                         python):
+    lib = copy_server(tmp_path)
+    stub = tmp_path / 'nph-webjob.cgi'
+    cfg = cgi_config(tmp_path, server_root, RequireUser='N')
+    subprocess.run([python, str(lib / 'nph_webjob.py'), 'install-cgi',
+                    str(stub), '--config', cfg], check=True)
+    tag = subprocess.run([python, '-c', 'import sys; print(sys.implementation'
+                          '.cache_tag)'], stdout=subprocess.PIPE,
+                         check=True).stdout.decode().strip()
+    assert sorted(os.listdir(str(lib / '__pycache__'))) == [
+        'nph_webjob.%s.pyc' % tag, 'webjob.%s.pyc' % tag]
+    assert stub.read_text().startswith('#!%s -IS\n' % python)
+    assert os.stat(str(stub)).st_mode & 0o777 == 0o755
+    env = {'GATEWAY_INTERFACE': 'CGI/1.1', 'REQUEST_METHOD': 'GET',
+           'QUERY_STRING': query(), 'PATH': os.environ['PATH'],
+           'SCRIPT_FILENAME': str(stub)}
+    result = subprocess.run([str(stub)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert result.stdout.startswith(b'HTTP/1.1 200 OK\r\n'), result.stderr
+    assert result.stdout.endswith(b'echo "hello from client_1 $*"\n')
+
+
+@pytest.mark.parametrize('argv', [['install-cgi'],
+                                  ['install-cgi', 'a', 'b'],
+                                  ['install-cgi', 'a', '--conf', 'c']])
+def test_install_cgi_needs_a_path(capsys, argv):
+    assert nph_webjob.main(argv) == 2
+    assert 'install-cgi PATH' in capsys.readouterr().err
+
+
+def test_install_cgi_into_a_missing_folder_is_one_line(tmp_path):
+    lib = copy_server(tmp_path)
+    result = subprocess.run([sys.executable, str(lib / 'nph_webjob.py'),
+                             'install-cgi', str(tmp_path / 'no' / 'x.cgi')],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        'nph_webjob: %s: No such file or directory'
+        % (tmp_path / 'no' / 'x.cgi')]
+    assert not (tmp_path / 'no').exists()
+
+
 # Real Apache #################################################################
 
 CLIENT_1 = ('client_1', 'secret-1')

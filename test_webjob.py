@@ -2576,6 +2576,24 @@ def test_job_end_to_end_under_apache(tmp_path, job_dir, apache_server, python):
     assert [line.split()[3] for line in lines] == ['client_1', 'client_1']
 
 
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_job_through_the_install_cgi_stub_under_apache(tmp_path, job_dir,
+                                                       apache_server, python):
+    """nph_webjob.py install-cgi: the recommended, pre-compiled CGI."""
+    from conftest import STUB_CGI_PATH
+    server = apache_server(python=python)
+    server.clean()
+    url = server.url.rstrip('/') + STUB_CGI_PATH
+    cfg = server_cfg(tmp_path, url, job_dir, URLAuthType='basic',
+                     URLUsername='client_1', URLPassword='secret-1')
+    result = run_webjob(['-e', '-f', cfg, 'hostname.sh'])
+    assert result.returncode == 0, result.stderr
+    assert_evidence(read_group(os.path.join(server.root, 'incoming')),
+                    b'hello from client_1')
+    assert [line.split()[11] for line in server.log_lines(2)] == ['200', '200']
+
+
 def test_apache_refuses_a_wrong_password(tmp_path, job_dir, apache_server):
     server = apache_server()
     cfg = server_cfg(tmp_path, server.cgi_url, job_dir, URLAuthType='basic',
