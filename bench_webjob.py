@@ -842,30 +842,36 @@ def give_to_web_user(path):
 
 
 def install_cgi_files(bench, root):
-    """lib/ holds copies of nph_webjob.py (0755) and the webjob.py it
-    imports, root-owned with no __pycache__, as an admin would install them;
-    cgi-client/nph-webjob.cgi is a symlink to lib/nph_webjob.py."""
+    """lib/ holds root-owned copies of nph_webjob.py and webjob.py, as an
+    admin would install them; cgi-client/nph-webjob.cgi is the stub that
+    'nph_webjob.py install-cgi' writes (the README's way), which also
+    compiles both modules for the interpreter of the trivial CGI's line."""
     lib = os.path.join(root, 'lib')
     os.mkdir(lib)
     os.chmod(lib, 0o755)
-    with open(bench.args.server, 'rb') as handle:
-        server = handle.read()
-    shebang = read_shebang(bench.args.server)
-    chosen = choose_cgi_shebang(bench, shebang)
-    if server.startswith(b'#!'):
-        server = chosen + server[len(shebang):]
-    else:
-        server = chosen + b'\n' + server
-    target = write_file(os.path.join(lib, 'nph_webjob.py'), server, 0o755)
-    shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(
-        bench.args.server)), 'webjob.py'), os.path.join(lib, 'webjob.py'))
-    os.chmod(os.path.join(lib, 'webjob.py'), 0o644)
-    os.symlink(target, os.path.join(root, 'cgi-client', 'nph-webjob.cgi'))
+    here = os.path.dirname(os.path.abspath(bench.args.server))
+    for name in ('nph_webjob.py', 'webjob.py'):
+        shutil.copyfile(os.path.join(here, name), os.path.join(lib, name))
+        os.chmod(os.path.join(lib, name), 0o644)
+    chosen = choose_cgi_shebang(bench, read_shebang(bench.args.server))
+    python = chosen[2:].decode('utf-8', 'replace').split()[0]
+    if os.path.basename(python) == 'env':
+        python = shutil.which('python3', path=CLEAN_PATH) or sys.executable
+    stub = os.path.join(root, 'cgi-client', 'nph-webjob.cgi')
+    result = subprocess.run([python, os.path.join(lib, 'nph_webjob.py'),
+                             'install-cgi', stub], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        raise BenchError('install-cgi failed: %s' % result.stderr.decode(
+            'utf-8', 'replace').strip())
+    with open(stub, 'rb') as handle:
+        stub_line = handle.readline().rstrip(b'\n')
     bench.details.setdefault('cgi', {}).update({
-        'interpreter': chosen.decode('utf-8', 'replace'),
-        'script': 'cgi-client/nph-webjob.cgi -> lib/nph_webjob.py (a copy, '
-                  'beside a copy of webjob.py, no __pycache__)'})
-    return chosen
+        'interpreter': stub_line[2:].decode('utf-8', 'replace'),
+        'script': 'cgi-client/nph-webjob.cgi: the stub written by '
+                  '"nph_webjob.py install-cgi" over lib/ (copies of '
+                  'nph_webjob.py and webjob.py, byte code compiled by it)'})
+    return stub_line
 
 
 def prepare_apache(bench):

@@ -129,9 +129,14 @@ def write_stderr(message):
         pass
 
 
+PRINTABLE_ASCII = frozenset(chr(code) for code in range(32, 127))
+
+
 def one_line(text):
     """Fold a message to one printable ASCII line, so logs stay parseable."""
     text = str(text)
+    if PRINTABLE_ASCII.issuperset(text):    # the usual case, done in C
+        return text.strip()
     out = []
     for ch in text:
         code = ord(ch)
