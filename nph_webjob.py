@@ -2105,9 +2105,15 @@ def parse_since(text):
 
     :raises webjob.UsageError: for anything else.
     """
+    import time  # late import: tools only
     digits = ''.join(c for c in text if c not in '-: T')
     if len(digits) in (8, 12, 14) and _is_ascii_digits(digits):
-        return (digits + '000000')[:14]
+        stamp = (digits + '000000')[:14]
+        try:
+            time.strptime(stamp, '%Y%m%d%H%M%S')     # a real date and time
+            return stamp
+        except ValueError:
+            pass
     raise webjob.UsageError('--since: expected YYYY-MM-DD[ HH:MM[:SS]], got '
                             '[%s]' % webjob.one_line(text[:40]))
 
@@ -2224,6 +2230,10 @@ def main(argv=None):
         return 2
     except webjob.WebJobError as exc:
         write_stderr(exc)
+        return 1
+    except BrokenPipeError:     # 'list | head': the reader went away
+        write_stderr('stdout: the reader went away (broken pipe)')
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

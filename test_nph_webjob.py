@@ -1830,8 +1830,26 @@ def test_list_prints_one_line_per_job(server_root):
 
 
 @pytest.mark.parametrize('argv', [['list', '--since', 'yesterday'],
+                                  ['list', '--since', '2026-13-01'],
+                                  ['list', '--since', '2026-02-30 10:00'],
                                   ['list', '--client', '../x'],
                                   ['verify', '--bogus']])
 def test_bad_tool_arguments_are_usage_errors(capsys, argv):
     assert nph_webjob.main(argv) == 2
     assert 'Usage:' in capsys.readouterr().err
+
+
+def test_list_into_a_closed_pipe_is_one_clear_line(server_root):
+    """'list | head' when the reader has gone: no traceback."""
+    assert put(make_site(server_root))[0] == 200
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, NPH_WEBJOB, 'list', '--root',
+                                 str(server_root)], stdout=write_end,
+                                stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        'nph_webjob: stdout: the reader went away (broken pipe)']
