@@ -1166,6 +1166,14 @@ def test_get_url_refuses_a_bad_url():
     assert_clean_error(run_webjob(['-g', 'ftp://x/y']), 4, 'url')
 
 
+def test_get_url_names_the_url_once_when_it_cannot_connect():
+    from conftest import free_port
+    url = 'http://127.0.0.1:%d/x' % free_port()
+    result = run_webjob(['-g', url])
+    assert_clean_error(result, 8, 'connect')
+    assert result.stderr.decode().count(url) == 1
+
+
 # HTTPS #######################################################################
 
 # The test CA and its certificates: conftest.PKI, the session fixture pki.

@@ -2741,7 +2741,9 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
         finally:
             sock.close()
     except TransportError as exc:
-        raise GetStageError('%s: %s' % (target.display, exc))
+        text = str(exc)     # connect and TLS errors name the URL already
+        raise GetStageError(text if text.startswith(target.display) else
+                            '%s: %s' % (target.display, text))
     return XER_OK
 
 
