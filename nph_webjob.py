@@ -114,6 +114,11 @@ COMMAND_CONTROLS = (('GetTrigger', TRIGGER_TOKENS),
 TRIGGER_LOG_NAME = 'nph-webjob-trigger.log'
 TRIGGER_PID_LABEL = 'KidPid'            # the .env's name for a child's pid
 TRIGGER_ENVIRONMENT = ('PATH', 'TZ', 'LANG', 'LC_ALL')   # all they inherit
+SUPERVISOR_ENVIRONMENT = ('LD_LIBRARY_PATH',)   # its interpreter may need
+TRIGGER_VALUES = ('EnableLogging', 'TriggerTimeLimit', 'UseGMT')  # supervisor
+SUPERVISE_COMMAND = 'supervise-trigger'  # internal: start_trigger's helper
+SUPERVISOR_START_LIMIT = 30             # seconds for it to read and detach
+MAX_TRIGGER_ORDER = 1 << 20             # bytes of order it reads
 ADDRESS_CHARS = frozenset('0123456789abcdefABCDEF.:')
 
 MANIFEST_NAME = 'nph-webjob-manifest.sha256'
@@ -925,20 +930,73 @@ def run_triggers(exchange):
 
 
 def start_trigger(site, fields, command):
-    """Run command through /bin/sh, detached: fork twice so the trigger's
-    supervisor belongs to init and its own session, and holds none of the
-    server's descriptors (a CGI's pipes to the web server close at once)."""
-    import signal  # late import: triggers only; before the fork
-    import time  # late import: triggers only; before the fork
-    pid = os.fork()
-    if pid:
-        os.waitpid(pid, 0)      # the middle process exits at once
-        return
+    """Hand the trigger to a supervisor that is a fresh interpreter, and
+    wait only until it has detached (it forks once and its parent exits).
+
+    This process is not forked: in the threaded standalone server a forked
+    child can deadlock on a lock another thread held (Python 3.12 and newer
+    warn about it).  The supervisor starts in its own session with every
+    standard stream on /dev/null except the order it reads, so a CGI's
+    pipes to the web server close as soon as the answer is out.
+    """
+    import json  # late import: triggers only
+    import subprocess  # late import: triggers only
+    order = json.dumps({
+        'command': command, 'fields': list(fields), 'incoming': site.incoming,
+        'log': site.trigger_log_path,
+        'values': dict((name, site.values[name]) for name in TRIGGER_VALUES)})
+    proc = subprocess.Popen(
+        [sys.executable, '-I', '-S', os.path.realpath(__file__),
+         SUPERVISE_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, cwd=site.incoming,
+        env=supervisor_environment(), start_new_session=True)
     try:
-        os.setsid()
-        if os.fork() == 0:
-            detach_descriptors()
-            supervise_trigger(site, fields, command, signal, time)
+        proc.communicate(order.encode('utf-8'), timeout=SUPERVISOR_START_LIMIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise OSError('the supervisor did not detach within %d s'
+                      % SUPERVISOR_START_LIMIT)
+    if proc.returncode != 0:
+        raise OSError('the supervisor failed to start (status %d)'
+                      % proc.returncode)
+
+
+def supervisor_environment():
+    """The trigger's environment, plus what the interpreter itself may need
+    to start (a Python built with a shared library outside the default
+    path); the trigger gets command_environment() alone."""
+    env = command_environment()
+    for name in SUPERVISOR_ENVIRONMENT:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+class TriggerSite(object):
+    """What a trigger's supervisor needs of the Site, from its order."""
+
+    def __init__(self, order):
+        import time  # late import: triggers only
+        self.values = order['values']
+        self.incoming = order['incoming']
+        self.trigger_log_path = order['log']
+        self.clock = time.time
+
+
+def run_trigger_supervisor(stdin):
+    """The supervisor's side of start_trigger: read the order, fork so the
+    server's wait ends, and supervise the trigger in the child."""
+    import json  # late import: triggers only
+    import signal  # late import: triggers only
+    import time  # late import: triggers only
+    order = json.loads(stdin.read(MAX_TRIGGER_ORDER).decode('utf-8'))
+    site, fields = TriggerSite(order), tuple(order['fields'])
+    if os.fork():
+        os._exit(0)
+    try:
+        detach_descriptors()
+        supervise_trigger(site, fields, order['command'], signal, time)
     except BaseException as exc:
         try:
             log_trigger(site, fields, None, 'failed', 'Trigger not started: '
@@ -2209,6 +2267,8 @@ def main(argv=None):
             return 0
         if argv[:1] in (['verify'], ['list']):
             return run_locker_tool(argv[0], argv[1:])
+        if argv == [SUPERVISE_COMMAND]:
+            return run_trigger_supervisor(sys.stdin.buffer)
         if argv[:1] == ['install-cgi']:
             if len(argv) == 2 or (len(argv) == 4 and argv[2] == '--config'):
                 return install_cgi(argv[1], (argv[3:] or [None])[0])

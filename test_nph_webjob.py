@@ -1576,6 +1576,21 @@ def test_answer_does_not_wait_for_the_trigger(front):
         'state') == 'killed'
 
 
+def test_trigger_is_started_without_forking_the_threaded_server(
+        tmp_path, standalone_server):
+    """Python 3.12+ warns when a threaded process forks (the child may
+    deadlock); the supervisor is a fresh interpreter instead."""
+    cfg = write_file(tmp_path / 'nph-webjob.cfg', b'PutTriggerEnable = Y\n'
+                     b'PutTriggerCommandLine = true\n')
+    server = standalone_server(python=NEWEST_PY, args=['--config', str(cfg)])
+    front = Front('standalone', server.port, server.root, str(tmp_path),
+                  str(tmp_path))
+    assert front.put().status == 200
+    lines = front.trigger_lines(2)
+    assert TRIGGER_LINE.match(lines[1]).group('state') == 'finished', lines
+    assert 'Warning' not in server.stderr()
+
+
 def test_failed_put_runs_no_trigger(server_root):
     site = make_site(server_root, PutTriggerEnable=True,
                      PutTriggerCommandLine='true')
