@@ -194,11 +194,7 @@ class HTTPStatusError(Exception):
 
 def write_stderr(message):
     """One line on stderr (Apache's error_log under CGI), never failing."""
-    try:
-        sys.stderr.write('%s: %s\n' % (PROGRAM, webjob.one_line(message)))
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass
+    webjob.write_stderr(message, PROGRAM)
 
 
 ###############################################################################
@@ -462,7 +458,7 @@ def is_system(value):
 
 def _is_ascii_digits(value):
     """1-20 ASCII digits (str.isdigit alone accepts other scripts' digits)."""
-    return 0 < len(value) <= 20 and all('0' <= c <= '9' for c in value)
+    return len(value) <= 20 and webjob.is_digits(value)
 
 
 def is_job_id(value):

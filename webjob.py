@@ -120,10 +120,10 @@ class TransportError(WebJobError):
     """An HTTP exchange failed; the stage that called it re-raises."""
 
 
-def write_stderr(message):
+def write_stderr(message, program=PROGRAM):
     """Print one line on stderr, never failing (the host may be damaged)."""
     try:
-        sys.stderr.write('%s: %s\n' % (PROGRAM, one_line(message)))
+        sys.stderr.write('%s: %s\n' % (program, one_line(message)))
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass
@@ -2734,16 +2734,15 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
             send_all(sock, build_plain_get(target, values), deadline)
             response = read_response_head(sock, deadline)
             if not response.ok:
-                raise TransportError('Status = [%d], Reason = [%s]'
-                                     % (response.status, response.reason))
+                raise TransportError('%s: Status = [%d], Reason = [%s]'
+                                     % (target.display, response.status,
+                                        response.reason))
             read_body_to_file(response, out.fileno(),
                               values['URLDownloadLimit'], deadline)
         finally:
             sock.close()
-    except TransportError as exc:
-        text = str(exc)     # connect and TLS errors name the URL already
-        raise GetStageError(text if text.startswith(target.display) else
-                            '%s: %s' % (target.display, text))
+    except TransportError as exc:   # worded as in the stages of -e
+        raise GetStageError(str(exc))
     return XER_OK
 
 
