@@ -1489,28 +1489,30 @@ def measure_capture_and_put(bench):
     put = [measure_span(r, 'run_put_stage') for r in jobs]
     tee = [r.wall for r in runs['head|tee|md5sum']]
     curl = [r.wall for r in runs['curl -T']]
-    ratio, top, bottom, details = compare_samples(tee, capture)
-    details.update({
-        'method': 'webjob RUN stage (spawn, capture to .out, MD5 by the '
-                  'follower thread, finish) by timestamps vs the whole '
-                  'sh -c pipeline',
-        'bytes': size, 'run_stage_s': summarise_values(capture),
-        'tee_md5sum_s': summarise_values(tee)})
-    bench.set_figure('capture_ratio', ratio, 'head|tee|md5sum %.3f s / RUN '
-                     'stage %.3f s (%.0f vs %.0f MB/s, %d runs)' % (
-                         top, bottom, compute_mb_per_s(size, top),
-                         compute_mb_per_s(size, bottom), len(tee)), details)
-    ratio, top, bottom, details = compare_samples(curl, put)
-    details.update({
-        'method': 'webjob PUT stage (write+fsync .env, connect, send '
-                  '.out/.err/.env, response) by timestamps vs the whole '
-                  'curl -T process (its start-up included)',
-        'bytes': size, 'put_stage_s': summarise_values(put),
-        'curl_s': summarise_values(curl)})
-    bench.set_figure('put_ratio', ratio, 'curl -T %.3f s / PUT stage %.3f s '
-                     '(%.0f vs %.0f MB/s, %d runs)' % (
-                         top, bottom, compute_mb_per_s(size, top),
-                         compute_mb_per_s(size, bottom), len(curl)), details)
+    set_stage_figure(bench, 'capture_ratio', size, tee, capture, (
+        'head|tee|md5sum', 'RUN stage', 'tee_md5sum_s', 'run_stage_s'),
+        'webjob RUN stage (spawn, capture to .out, MD5 by the follower '
+        'thread, finish) by timestamps vs the whole sh -c pipeline')
+    set_stage_figure(bench, 'put_ratio', size, curl, put, (
+        'curl -T', 'PUT stage', 'curl_s', 'put_stage_s'),
+        'webjob PUT stage (write+fsync .env, connect, send .out/.err/.env, '
+        'response) by timestamps vs the whole curl -T process (its start-up '
+        'included)')
+
+
+def set_stage_figure(bench, key, size, reference, stage, names, method):
+    """A throughput figure: the reference's seconds / the webjob stage's,
+    for size bytes; names are the two labels and their details keys."""
+    label, stage_label, reference_key, stage_key = names
+    ratio, top, bottom, details = compare_samples(reference, stage)
+    details.update({'method': method, 'bytes': size,
+                    stage_key: summarise_values(stage),
+                    reference_key: summarise_values(reference)})
+    bench.set_figure(key, ratio, '%s %.3f s / %s %.3f s (%.0f vs %.0f MB/s, '
+                     '%d runs)' % (label, top, stage_label, bottom,
+                                   compute_mb_per_s(size, top),
+                                   compute_mb_per_s(size, bottom),
+                                   len(reference)), details)
 
 
 def measure_rss(bench):

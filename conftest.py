@@ -128,20 +128,26 @@ def make_server_root(root):
     return root
 
 
-def read_log_lines(root, count=0, timeout=10.0):
-    """The lines of logfiles/nph-webjob.log under a BaseDirectory, once it
-    has at least count (the server logs after it has answered)."""
+def wait_for_lines(path, count, timeout=15.0):
+    """The lines of a file once it has at least count (deadline loop: the
+    server writes its logs after it has answered)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with open(os.path.join(str(root), 'logfiles',
-                                   'nph-webjob.log')) as log:
-                lines = log.read().splitlines()
+            with open(str(path)) as handle:
+                lines = handle.read().splitlines()
         except OSError:
             lines = []
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         time.sleep(0.01)     # poll interval while waiting on the file
+
+
+def read_log_lines(root, count=0, timeout=10.0):
+    """The lines of logfiles/nph-webjob.log under a BaseDirectory, once it
+    has at least count."""
+    return wait_for_lines(os.path.join(str(root), 'logfiles',
+                                       'nph-webjob.log'), count, timeout)
 
 
 @pytest.fixture
@@ -482,6 +488,24 @@ class CgiSite(object):
             flag = '-b'
         os.chmod(path, 0o644)
 
+    def _launch(self, argv, ports, name, attempt):
+        """Start the web server as our child; True once it listens on every
+        port, False to retry on fresh ports (after the third try, raise)."""
+        with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            for port in ports:
+                wait_for_port(LOOPBACK, port, proc=self.proc)
+            return True
+        except RuntimeError as exc:
+            stop_process(self.proc)
+            if attempt == 2:
+                raise RuntimeError('%s did not start: %s\n%s'
+                                   % (name, exc, self.error_log()))
+            return False
+
     def log_lines(self, count=0):
         """The log's lines, after waiting for at least count of them."""
         return read_log_lines(self.root, count)
@@ -595,20 +619,10 @@ class ApacheServer(CgiSite):
                                   for name, chain, key in (self.tls or
                                                            (None, ()))[1])
             self._write_conf(group, libdir)
-            with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
-                self.proc = subprocess.Popen(
-                    [APACHE, '-f', self.conf, '-DFOREGROUND'],
-                    stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                for port in [self.port] + sorted(self.tls_ports.values()):
-                    wait_for_port(LOOPBACK, port, proc=self.proc)
+            if self._launch([APACHE, '-f', self.conf, '-DFOREGROUND'],
+                            [self.port] + sorted(self.tls_ports.values()),
+                            'apache2', attempt):
                 return
-            except RuntimeError as exc:
-                stop_process(self.proc)
-                if attempt == 2:
-                    raise RuntimeError('apache2 did not start: %s\n%s'
-                                       % (exc, self.error_log()))
 
     @property
     def url(self):
@@ -828,21 +842,12 @@ class NginxServer(CgiSite):
                     key=self.pki.path('server.key'),
                     ca=self.pki.path('ca.crt'), socket=self.socket,
                     libdir=self.libdir))
-            with open(os.path.join(self.top, 'logs', 'stdout'), 'wb') as out:
-                self.proc = subprocess.Popen(
-                    [NGINX, '-c', self.conf, '-p', self.top + '/',
-                     '-e', os.path.join(self.top, 'logs', 'nginx-error.log'),
-                     '-g', 'daemon off;'],
-                    stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                wait_for_port(LOOPBACK, self.port, proc=self.proc)
+            if self._launch([NGINX, '-c', self.conf, '-p', self.top + '/',
+                             '-e', os.path.join(self.top, 'logs',
+                                                'nginx-error.log'),
+                             '-g', 'daemon off;'], [self.port], 'nginx',
+                            attempt):
                 return
-            except RuntimeError as exc:
-                stop_process(self.proc)
-                if attempt == 2:
-                    raise RuntimeError('nginx did not start: %s\n%s'
-                                       % (exc, self.error_log()))
 
     @property
     def cgi_url(self):

@@ -22,7 +22,7 @@ import pytest
 import nph_webjob
 from conftest import (CGI_PATH, LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY,
                       PARSED_CGI_PATH, WEBJOB, free_port, read_log_lines,
-                      wait_for_port, write_file)
+                      wait_for_lines, wait_for_port, write_file)
 
 VERSION = 'webjob+1.0.0+ssl+dsv+64+bit'
 SYSTEM = 'x86_64+Linux+6.18.0-1-amd64'
@@ -917,15 +917,20 @@ def test_standalone_short_body_is_456_and_leaves_nothing(standalone_server):
     assert '456 -- Stream length (100)' in server.log_lines(1)[-1]
 
 
-def test_standalone_keeps_the_connection_alive(standalone_server):
-    server = standalone_server()
-    request = client_request('GET', server.port, query(), close=False)
-    with socket.create_connection((LOOPBACK, server.port), timeout=15) as sock:
+def send_twice(port, request):
+    """The same request twice on one keep-alive connection: two Replies."""
+    with socket.create_connection((LOOPBACK, port), timeout=15) as sock:
         reader = sock.makefile('rb')
         sock.sendall(request)
         first = read_reply(reader)
         sock.sendall(request)
-        second = read_reply(reader)
+        return first, read_reply(reader)
+
+
+def test_standalone_keeps_the_connection_alive(standalone_server):
+    server = standalone_server()
+    request = client_request('GET', server.port, query(), close=False)
+    first, second = send_twice(server.port, request)
     assert first.status == second.status == 200
     assert first.field('Connection') is None
     assert first.body == second.body and first.body.startswith(b'#!/bin/sh')
@@ -936,12 +941,7 @@ def test_standalone_answers_http_1_0_keep_alive_in_kind(standalone_server):
     server = standalone_server()
     request = ('GET %s?%s HTTP/1.0\r\nConnection: keep-alive\r\n\r\n'
                % (CGI_PATH, query())).encode()
-    with socket.create_connection((LOOPBACK, server.port), timeout=15) as sock:
-        reader = sock.makefile('rb')
-        sock.sendall(request)
-        first = read_reply(reader)
-        sock.sendall(request)
-        second = read_reply(reader)
+    first, second = send_twice(server.port, request)
     assert first.field('Connection') == 'keep-alive'
     assert first.status == second.status == 200
 
@@ -1367,20 +1367,6 @@ TRIGGER_LINE = re.compile(
     r'(?P<pid>\S+) (?P<state>\S+) --(?: (?P<message>[ -~]*))?\Z')
 CLIENT_2 = ('client_2', 'secret-2')
 PUT_JOB_ID = 'server_1_1700000000_00042'
-
-
-def wait_for_lines(path, count, timeout=15.0):
-    """The lines of a file once it has at least count (deadline loop)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open(str(path)) as handle:
-                lines = handle.read().splitlines()
-        except OSError:
-            lines = []
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.01)     # poll interval while waiting on the file
 
 
 def env_record(out=b'', err=b'', hash_type='MD5', out_hash=None,
