@@ -746,7 +746,7 @@ def start_standalone_server(bench):
         port = find_free_port()
         argv = build_python_argv(bench, bench.args.server_python) + [
             bench.args.server, 'serve', '--root', bench.server_root,
-            '--port', str(port), '--bind', LOOPBACK]
+            '--init', '--port', str(port), '--bind', LOOPBACK]
         proc, log_path = start_server(bench, argv, 'nph_webjob-serve')
         try:
             wait_for_port(port, lambda: proc.poll() is None)

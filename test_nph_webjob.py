@@ -1108,7 +1108,7 @@ def test_install_cgi_writes_a_stub_over_compiled_modules(tmp_path, server_root,
     stub = tmp_path / 'nph-webjob.cgi'
     cfg = cgi_config(tmp_path, server_root, RequireUser='N')
     subprocess.run([python, str(lib / 'nph_webjob.py'), 'install-cgi',
-                    str(stub), '--config', cfg], check=True)
+                    str(stub), '--config', cfg, '--force'], check=True)
     tag = subprocess.run([python, '-c', 'import sys; print(sys.implementation'
                           '.cache_tag)'], stdout=subprocess.PIPE,
                          check=True).stdout.decode().strip()
@@ -1136,7 +1136,8 @@ def test_install_cgi_needs_a_path(capsys, argv):
 def test_install_cgi_into_a_missing_folder_is_one_line(tmp_path):
     lib = copy_server(tmp_path)
     result = subprocess.run([sys.executable, str(lib / 'nph_webjob.py'),
-                             'install-cgi', str(tmp_path / 'no' / 'x.cgi')],
+                             'install-cgi', str(tmp_path / 'no' / 'x.cgi'),
+                             '--force'],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == [

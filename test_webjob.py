@@ -2618,30 +2618,6 @@ def test_apache_refuses_another_clients_identity(tmp_path, job_dir, apache_serve
                        'Status = [453]')
 
 
-def test_readme_quick_start(tmp_path):
-    """python3 nph_webjob.py serve & then webjob.py -e -f sample.cfg."""
-    from conftest import NPH_WEBJOB, wait_for_port, stop_process
-    probe = socket.socket()
-    try:
-        assert probe.connect_ex(('127.0.0.1', 8080)) != 0, \
-            'port 8080 is taken: the quick start needs it'
-    finally:
-        probe.close()
-    shutil.copy(os.path.join(HERE, 'sample.cfg'), str(tmp_path / 'sample.cfg'))
-    server = subprocess.Popen([sys.executable, NPH_WEBJOB, 'serve'],
-                              cwd=str(tmp_path), stderr=subprocess.PIPE,
-                              start_new_session=True)
-    try:
-        wait_for_port('127.0.0.1', 8080, proc=server)
-        result = run_webjob(['-e', '-f', 'sample.cfg', 'hostname.sh'],
-                            cwd=str(tmp_path))
-        assert result.returncode == 0, result.stderr
-        group = read_group(tmp_path / 'webjob-server' / 'incoming')
-        assert_evidence(group, socket.gethostname().encode())
-    finally:
-        stop_process(server)
-
-
 # DSV, GetHook and PaD end to end against nph_webjob.py #######################
 
 def publish(server, files, client='client_1'):
