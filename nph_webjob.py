@@ -166,7 +166,7 @@ SAMPLE_CLIENT = 'client_1'
 SAMPLE_PROGRAM = ('hostname.sh', b'#!/bin/sh\nhostname\ndate\n')
 
 USAGE = """\
-Usage: nph_webjob.py serve [--root DIR [--init]] [--bind ADDR] [--port N]
+Usage: nph_webjob.py serve [--root DIR] [--init] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
        nph_webjob.py verify [--root DIR | --config FILE]
@@ -2057,9 +2057,15 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
             write_stderr('%s: connection error: %s: %s' % (
                 client_address[0], type(exc).__name__, exc))
 
+    # INFO: SIGTERM and SIGINT are held from before the port listens until
+    # the try around serve_forever, so that one sent the moment a client can
+    # connect still stops the server cleanly.
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         server = Server((bind, port), _handler_class())
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         raise webjob.WebJobError('cannot listen on %s port %d: %s'
                                  % (bind, port, exc.strerror or exc))
     server.site = site
@@ -2077,6 +2083,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
         'https' if tls else 'http', '[%s]' % host if ':' in host else host,
         port, site.base))
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
         pass
@@ -2292,7 +2299,8 @@ def make_parser(command):
                 raise HelpRequested(command)
             return argparse.ArgumentParser.parse_args(self, args, namespace)
 
-    return Parser(prog='nph_webjob.py ' + command, add_help=False)
+    return Parser(prog='nph_webjob.py ' + command, add_help=False,
+                  allow_abbrev=False)
 
 
 def parse_serve_args(argv):

@@ -106,7 +106,7 @@ def parse_raw(data):
 
 def send(port, data):
     """One request on a new connection; the reply."""
-    with socket.create_connection((LOOPBACK, port), timeout=15) as sock:
+    with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
         sock.sendall(data)
         return read_reply(sock.makefile('rb'))
 
@@ -1026,7 +1026,7 @@ def test_serve_without_root_uses_webjob_server_in_the_cwd(tmp_path):
                 'hostname.sh').is_file()
     finally:
         proc.terminate()
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=60) == 0
 
 
 def test_serve_leaves_an_existing_tree_alone(standalone_server, server_root):
@@ -1551,13 +1551,14 @@ def test_hanging_trigger_is_killed_at_the_limit(front):
 
 
 def test_answer_does_not_wait_for_the_trigger(front):
-    server = front(PutTriggerEnable='Y', TriggerTimeLimit='5',
-                   PutTriggerCommandLine='sleep 60')
-    started = time.monotonic()
+    """The trigger runs for 600 s: an answer that waited for it would time
+    out; the answer comes while the trigger is still running."""
+    server = front(PutTriggerEnable='Y', TriggerTimeLimit='0',
+                   PutTriggerCommandLine='sleep 600')
     reply = server.put()
-    elapsed = time.monotonic() - started
-    assert reply.status == 200 and elapsed < 4, elapsed
+    assert reply.status == 200
     pid = int(TRIGGER_LINE.match(server.trigger_lines(1)[0]).group('pid'))
+    assert live_group_members(pid) != []
     os.killpg(pid, signal.SIGKILL)
     assert TRIGGER_LINE.match(server.trigger_lines(2)[1]).group(
         'state') == 'killed'
