@@ -172,6 +172,7 @@ USAGE = """\
 Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
+                           [--admin USER[,USER...]]
        nph_webjob.py verify [--root DIR | --config FILE]
        nph_webjob.py list [--root DIR | --config FILE] [--client ID]
                           [--since YYYY-MM-DD[ HH:MM[:SS]]]
@@ -2118,6 +2119,8 @@ def _handler_class():
             return environ, length
 
         def serve_webjob(self):
+            if self.server.admins and self.path.startswith(ADMIN_PATH):
+                return self.serve_admin_pages()
             environ, length = self.build_environ()
             refused = self.authenticate(environ)
             body = _Body(self.rfile, length or 0)
@@ -2138,6 +2141,45 @@ def _handler_class():
             send_response(exchange, out, True, extra)
             log_exchange(exchange, self.server.site)
             run_triggers(exchange)
+
+        def serve_admin_pages(self):
+            """Read-only report pages for an --admin user (serve_admin, in
+            Reports below); any other user gets 401."""
+            environ, length = self.build_environ()
+            refused = self.authenticate(environ)
+            user = environ.get('REMOTE_USER')
+            if refused is None and user not in self.server.admins:
+                refused = 'user (%s) is not an administrator (--admin)' % (
+                    webjob.one_line(user or '-')[:64])
+            exchange = Exchange(environ)
+            exchange.site, exchange.filename = self.server.site, 'admin'
+            if refused is None:
+                status, headers, body, size = serve_admin(self,
+                                                          self.server.site)
+                exchange.message = 'Administrator page (%s) for %s' % (
+                    webjob.one_line(self.path[:128]), user)
+            else:
+                status, body, size = 401, None, 0
+                headers = [('WWW-Authenticate', 'Basic realm="WebJob"')]
+                exchange.message = refused
+            if length is None or length:
+                self.close_connection = True
+            head = ['HTTP/1.1 %d %s' % (status, STATUS_REASONS[status]),
+                    'Date: %s' % self.date_time_string()] + [
+                '%s: %s' % pair for pair in headers] + [
+                'Content-Length: %d' % size]
+            if self.close_connection:
+                head.append('Connection: close')
+            self.wfile.write(('\r\n'.join(head) + '\r\n\r\n').encode(
+                'latin-1'))
+            if body is not None:
+                with body:
+                    if self.command != 'HEAD':
+                        exchange.server_length = copy_body(body, size,
+                                                           self.wfile)
+            self.wfile.flush()
+            exchange.status = status
+            log_exchange(exchange, self.server.site)
 
         def log_message(self, format, *args):
             write_stderr('%s: %s' % (self.address_string(), format % args))
@@ -2254,7 +2296,7 @@ def is_loopback(address):
 
 def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
           tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
-          force=False):
+          force=False, admins=()):
     """Run the standalone server until SIGTERM or SIGINT; return 0.
 
     BaseDirectory is --root, else the config's, else ./webjob-server; the
@@ -2274,6 +2316,9 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
         raise webjob.UsageError('--tls-cert and --tls-key go together, and '
                                 '--client-ca needs them')
     auth = Authentication(client_ca, htpasswd)
+    if admins and not auth.enabled:
+        raise webjob.UsageError('--admin needs --htpasswd or --client-ca: '
+                                'the report pages are for named users only')
     if not is_loopback(bind) and not force and not (tls_cert and auth.enabled):
         raise webjob.WebJobError('refusing to listen on %s without TLS and '
                                  'authentication (--tls-cert/--tls-key and '
@@ -2321,6 +2366,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
                                  % (bind, port, exc.strerror or exc))
     server.site = site
     server.auth = auth
+    server.admins = frozenset(admins)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -3105,6 +3151,228 @@ def write_report(report, out, as_json):
     return len(report['failures'])
 
 
+#: The report as HTML: one self-contained page (style inline, no script,
+#: no request for anything else), the same for report --html and the
+#: standalone server's administrator pages.  Uploads are shown as escaped
+#: text only; controls, ANSI escapes and bidi overrides become visible \\x..
+HTML_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; "
+               "img-src data:; form-action 'none'; base-uri 'none'")
+PREVIEW_LIMIT = 1 << 16         # bytes of each .out/.err shown in the page
+EMBED_LIMIT = 1 << 18           # a static report embeds files up to this
+ADMIN_PATH = '/webjob-admin/'   # the standalone server's read-only pages
+ADMIN_FILES = ADMIN_PATH + 'files/'
+_BIDI = frozenset(range(0x202a, 0x202f)) | frozenset(range(0x2066, 0x206a))
+HTML_STYLE = """
+body{font:14px sans-serif;margin:1em 2em;color:#111}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #bbb;padding:2px 6px;text-align:left;vertical-align:top}
+th{background:#eee}
+pre{background:#f6f6f6;border:1px solid #ccc;padding:6px;max-height:30em;
+overflow:auto;white-space:pre-wrap;word-break:break-all}
+.ok,.done{background:#c8f0c8}.failed,.dsv-veto,.gethook-veto,
+.hash-mismatch,.mismatch{background:#f6c0c0}.running,.pending{background:#fbeeb0}
+.never-seen,.expired,.cancelled,.unchecked{background:#ddd}
+.bar{display:inline-block;height:1em;vertical-align:middle}
+"""
+
+
+def html_text(value):
+    """Escape text for HTML and make every control character, ANSI escape
+    and bidi override visible as \\xNN / \\uNNNN instead of acting."""
+    import html  # late import: reports only
+    out = []
+    for ch in '' if value is None else str(value):
+        code = ord(ch)
+        if ch in '\n\t':
+            out.append(ch)
+        elif code < 32 or 127 <= code < 160 or 0xdc80 <= code <= 0xdcff:
+            out.append('\\x%02x' % (code & 0xff))
+        elif code in _BIDI or code == 0xfeff:
+            out.append('\\u%04x' % code)
+        else:
+            out.append(ch)
+    return html.escape(''.join(out), quote=True)
+
+
+def html_table(headers, rows, classes=None):
+    """A table; rows are tuples of already-escaped cells."""
+    head = ''.join('<th>%s</th>' % html_text(h) for h in headers)
+    body = []
+    for n, row in enumerate(rows):
+        css = classes[n] if classes else None
+        body.append('<tr%s>%s</tr>' % (
+            ' class="%s"' % html_text(css) if css else '',
+            ''.join('<td>%s</td>' % cell for cell in row)))
+    return '<table><tr>%s</tr>%s</table>\n' % (head, ''.join(body))
+
+
+def html_cell(value, css=None):
+    text = html_text('-' if value in (None, '') else value)
+    return '<span class="%s">%s</span>' % (html_text(css), text) if css \
+        else text
+
+
+def static_link(path, name):
+    """A static report's download: the file itself as a data: URL when it
+    is small enough, else None."""
+    import base64  # late import: reports only
+    if os.path.getsize(path) > EMBED_LIMIT:
+        return None
+    with open(path, 'rb') as handle:
+        data = base64.b64encode(handle.read()).decode('ascii')
+    return 'data:application/octet-stream;base64,' + data
+
+
+def served_link(path, name):
+    """The standalone server's download of an incoming file."""
+    return ADMIN_FILES + name
+
+
+def render_html(report, base, link=static_link):
+    """The whole report as one HTML page (str)."""
+    import time  # late import: reports only
+    parts = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+             '<meta http-equiv="Content-Security-Policy" content="%s">'
+             '<title>WebJob locker report</title><style>%s</style></head>'
+             '<body>\n' % (html_text(HTML_POLICY), HTML_STYLE)]
+    jobs, failures = report['jobs'], report['failures']
+    parts.append('<h1>WebJob locker report</h1>\n<p id="summary">%s: %d '
+                 'jobs, %d failures, %d clients, %d hunts; made %s</p>\n' % (
+                     html_text(base), len(jobs), len(failures),
+                     len(report['clients']), len(report['hunts']),
+                     html_text(time.strftime('%Y-%m-%d %H:%M:%S'))))
+    parts.append('<h2 id="clients">Clients</h2>\n' + html_table(
+        ('Client', 'Last contact', 'Last request', 'Jobs', 'Failed'),
+        [(html_cell(c['client']), html_cell(c['last_contact'] or 'never'),
+          html_cell(c['last_request']), html_cell(c['jobs']),
+          html_cell(c['failed'], 'failed' if c['failed'] else None))
+         for c in report['clients']]))
+    parts.append('<h2 id="hunts">Hunts</h2>\n')
+    for hunt in report['hunts']:
+        parts.append(html_hunt(hunt))
+    parts.append('<h2 id="failures">Failures</h2>\n' + html_table(
+        ('Date', 'Client', 'Program', 'Job id', 'Result', 'Why'),
+        [(html_cell(f['date']), html_cell(f['client']),
+          html_cell(f['program']), html_cell(f['jid']),
+          html_cell(f['result'], f['result']),
+          html_cell('; '.join(f['why']))) for f in failures]))
+    parts.append('<h2 id="jobs">Jobs</h2>\n' + html_table(
+        ('Date', 'Client', 'Program', 'Job id', 'KidStatus', 'Result',
+         'Server hash check (at upload)'),
+        [(html_cell(j['date']), html_cell(j['client']),
+          '<a href="#job-%d">%s</a>' % (n, html_cell(j['program'])),
+          html_cell(j['jid']), html_cell(j['kid_status']),
+          html_cell(j['result'], j['result']),
+          html_cell(j['hashes'], j['hashes'].split(':')[0]))
+         for n, j in enumerate(jobs)],
+        ['job ' + j['result'] for j in jobs]))
+    incoming = os.path.join(base, 'incoming')
+    for n, job in enumerate(jobs):
+        parts.append(html_job(n, job, incoming, link))
+    parts.append('</body></html>\n')
+    return ''.join(parts)
+
+
+def html_hunt(hunt):
+    """A hunt's totals as a bar and a table per client."""
+    totals, count = hunt['totals'], max(hunt['clients'], 1)
+    bar = ''.join('<span class="bar %s" style="width:%dpx" title="%s"></span>'
+                  % (key, 400 * totals[key] // count, key)
+                  for key in PROGRESS if totals[key])
+    return ('<h3 class="hunt">%s: %s</h3>\n<p>%s<br>%s</p>\n' % (
+        html_text(hunt['hunt']), html_text(hunt['command']), bar,
+        html_text(', '.join('%d %s' % (totals[k], k) for k in PROGRESS))) +
+        html_table(('Client', 'Progress', 'Entry', 'Result', 'Why'), [
+            (html_cell(r['client']), html_cell(r['progress'], r['progress']),
+             html_cell(r['entry']), html_cell(r['result']),
+             html_cell(r['why'])) for r in hunt['rows']]))
+
+
+def html_job(n, job, incoming, link):
+    """One job: its .env as a table, .out and .err as escaped text."""
+    path = os.path.join(incoming, job['group'] + '.')
+    parts = ['<section class="job" id="job-%d"><h3>%s</h3>\n' % (
+        n, html_text(job['group']))]
+    if 'env' in job['files']:
+        env = read_key_values(path + 'env')
+        parts.append(html_table(('Key', 'Value'), [
+            (html_cell(key), html_cell(value)) for key, value in
+            env.items()]))
+    for ext in ('out', 'err'):
+        if ext not in job['files']:
+            continue
+        name = job['group'] + '.' + ext
+        size = os.path.getsize(path + ext)
+        with open(path + ext, 'rb') as handle:
+            data = handle.read(PREVIEW_LIMIT)
+        href = link(path + ext, name)
+        parts.append('<h4>.%s (%d bytes%s) %s</h4>\n<pre class="%s">%s</pre>'
+                     '\n' % (ext, size, ', first %d shown' % PREVIEW_LIMIT
+                             if size > PREVIEW_LIMIT else '',
+                             '<a download="%s" href="%s">download</a>' % (
+                                 html_text(name), html_text(href))
+                             if href else '(too large to embed: incoming/%s)'
+                             % html_text(name), ext, html_text(data.decode(
+                                 'utf-8', 'surrogateescape'))))
+    parts.append('</section>\n')
+    return ''.join(parts)
+
+
+def write_html_report(report, base, path):
+    """report --html FILE: the page, written whole (temporary, fsync,
+    rename) or not at all."""
+    data = render_html(report, base).encode('utf-8')
+    temp = '%s.%d.tmp' % (path, os.getpid())
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
+                     0o644)
+        try:
+            webjob.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except OSError as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise webjob.WebJobError('--html: %s: %s' % (path, exc.strerror))
+
+
+def serve_admin(handler, site):
+    """The read-only administrator pages of the standalone server: the
+    report at ADMIN_PATH, incoming files (as downloads) below ADMIN_FILES;
+    (status, headers, open body or None, body length)."""
+    import io  # late import: administrator pages only
+    headers = [('Content-Security-Policy', HTML_POLICY + "; "
+                "frame-ancestors 'none'"), ('X-Content-Type-Options',
+                                             'nosniff'),
+               ('Cache-Control', 'no-store'), ('Referrer-Policy',
+                                              'no-referrer')]
+    path = handler.path.split('?', 1)[0]
+    if handler.command not in ('GET', 'HEAD'):
+        return 405, headers + [('Allow', 'GET, HEAD')], None, 0
+    if path == ADMIN_PATH:
+        page = render_html(build_report(site.base), site.base,
+                           served_link).encode('utf-8')
+        return 200, headers + [('Content-Type', 'text/html; charset=utf-8')],\
+            io.BytesIO(page), len(page)
+    name = path[len(ADMIN_FILES):] if path.startswith(ADMIN_FILES) else ''
+    stem, dot, ext = name.rpartition('.')
+    if not (dot and stem and ext in GROUP_EXTENSIONS and
+            webjob.is_program_name(name)):
+        return 404, headers, None, 0
+    try:
+        body = open(os.path.join(site.incoming, name), 'rb')
+    except OSError:
+        return 404, headers, None, 0
+    return 200, headers + [
+        ('Content-Type', 'application/octet-stream'),
+        ('Content-Disposition', 'attachment; filename="%s"' % name)], body, \
+        os.fstat(body.fileno()).st_size
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
@@ -3127,7 +3395,9 @@ def parse_serve_args(argv):
     parser.add_argument('--client-ca')
     parser.add_argument('--htpasswd')
     parser.add_argument('--force', action='store_true')
+    parser.add_argument('--admin', default='')
     options = parser.parse_args(argv)
+    options.admins = [name for name in options.admin.split(',') if name]
     if not 0 <= options.port < 65536:
         raise webjob.UsageError('--port: expected 0-65535')
     return options
@@ -3316,7 +3586,7 @@ def main(argv=None):
         options = parse_serve_args(argv[1:])
         return serve(options.root, options.bind, options.port, options.config,
                      options.tls_cert, options.tls_key, options.client_ca,
-                     options.htpasswd, options.force)
+                     options.htpasswd, options.force, options.admins)
     except webjob.UsageError as exc:
         write_stderr(exc)
         sys.stderr.write(USAGE)
