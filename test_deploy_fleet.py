@@ -8,6 +8,7 @@ import base64
 import html.parser
 import http.client
 import os
+import re
 import shutil
 import socket
 import struct
@@ -318,3 +319,256 @@ def test_serve_refuses_admin_pages_without_authentication(tmp_path):
     assert err.splitlines()[0] == ('nph_webjob: --admin needs --htpasswd or '
                                    '--client-ca: the report pages are for '
                                    'named users only')
+
+
+# A hunt behind nginx #########################################################
+
+NGINX_PROXY_CONF = """\
+worker_processes 1;
+pid {top}/nginx.pid;
+error_log {top}/nginx-error.log warn;
+events {{
+    worker_connections 1024;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {top}/body;
+    proxy_temp_path {top}/proxy;
+    fastcgi_temp_path {top}/fastcgi;
+    uwsgi_temp_path {top}/uwsgi;
+    scgi_temp_path {top}/scgi;
+    upstream webjob {{
+        server 127.0.0.1:{a} max_fails=1 fail_timeout=2s;
+        server 127.0.0.1:{b} max_fails=1 fail_timeout=2s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://webjob;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream error;
+        }}
+    }}
+}}
+"""
+
+
+class Farm(object):
+    """Two 'nph_webjob.py serve' on one BaseDirectory behind one nginx."""
+
+    def __init__(self, root, scratch):
+        self.root, self.scratch = str(root), scratch
+        self.ports = [free_port(), free_port()]
+        self.servers = [None, None]
+        for n in (0, 1):
+            write_file(os.path.join(scratch, 'server%d.cfg' % n), (
+                'JobQueueEnable=Y\nServerId=server_%d\n' % n).encode())
+            self.start(n)
+        for name in ('body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'):
+            os.makedirs(os.path.join(scratch, name))
+            os.chmod(os.path.join(scratch, name), 0o777)
+        self.port = free_port()
+        conf = os.path.join(scratch, 'nginx.conf')
+        with open(conf, 'w') as handle:
+            handle.write(NGINX_PROXY_CONF.format(
+                top=scratch, a=self.ports[0], b=self.ports[1],
+                port=self.port))
+        self.nginx = subprocess.Popen(
+            [NGINX, '-c', conf, '-p', scratch + '/', '-e',
+             os.path.join(scratch, 'nginx-error.log'), '-g', 'daemon off;'],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_port(LOOPBACK, self.port, proc=self.nginx)
+        self.url = 'http://%s:%d/cgi-client/nph-webjob.cgi' % (LOOPBACK,
+                                                               self.port)
+
+    def start(self, n):
+        err = open(os.path.join(self.scratch, 'server%d.err' % n), 'ab')
+        self.servers[n] = subprocess.Popen(
+            [sys.executable, NPH_WEBJOB, 'serve', '--root', self.root,
+             '--port', str(self.ports[n]), '--config',
+             os.path.join(self.scratch, 'server%d.cfg' % n)],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+            start_new_session=True)
+        err.close()
+        wait_for_port(LOOPBACK, self.ports[n], proc=self.servers[n])
+
+    def kill(self, n):
+        self.servers[n].kill()
+        self.servers[n].wait()
+
+    def stop(self):
+        for proc in self.servers + [self.nginx]:
+            if proc is not None:
+                stop_process(proc)
+
+
+@pytest.fixture
+def farm(server_root):
+    if not os.path.exists(NGINX):
+        pytest.fail('nginx is not installed')
+    write_file(server_root / 'profiles/common/commands/collect.sh',
+               b'#!/bin/sh\necho "collected $*"\n', 0o755)
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix='webjob-farm-')
+    os.chmod(scratch, 0o755)
+    farm = Farm(server_root, scratch)
+    yield farm
+    farm.stop()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def webjob_query(client, filename, lengths=None):
+    text = 'VERSION=%s&SYSTEM=%s&CLIENTID=%s&FILENAME=%s&RUNTYPE=snapshot' % (
+        VERSION, SYSTEM, client, filename)
+    if lengths:
+        text += '&STDOUT_LENGTH=%d&STDERR_LENGTH=%d&STDENV_LENGTH=%d' % lengths
+    return text
+
+
+def exchange(port, method, query, body=b'', job_id=None):
+    """One request through nginx: (status, Job-Id, body)."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
+    headers = {'Content-Type': 'application/octet-stream',
+               'Content-Length': str(len(body))}
+    if job_id:
+        headers['Job-Id'] = job_id
+    try:
+        conn.request(method, '/cgi-client/nph-webjob.cgi?' + query, body,
+                     headers)
+        reply = conn.getresponse()
+        return reply.status, reply.getheader('Job-Id'), reply.read()
+    finally:
+        conn.close()
+
+
+def simulated_client(port, client):
+    """What webjob.py --job does, in a thread: JOB, GET, PUT; the Job-Id."""
+    status, job_id, reply = exchange(port, 'JOB', webjob_query(
+        client, 'default'))
+    assert status == 200, (client, status)
+    fields = dict(line.split('=', 1) for line in reply.decode().splitlines())
+    status, got, program = exchange(port, 'GET', webjob_query(
+        client, fields['CommandAlias']), job_id=job_id)
+    assert (status, got) == (200, job_id)
+    out = b'collected ' + client.encode() + b'\n'
+    env = ('ClientId=%s\nJid=%s\nKidStatus=0\nGetError=NA\nRunError=NA\n'
+           % (client, job_id)).encode()
+    status, got, body = exchange(port, 'PUT', webjob_query(
+        client, fields['CommandAlias'], (len(out), 0, len(env))), out + env,
+        job_id)
+    assert status == 200, (client, status)
+    return job_id
+
+
+def run_clients(port, clients, workers=12):
+    """Run simulated clients on a few threads; every failure is raised."""
+    pending, errors = list(clients), []
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not pending or errors:
+                    return
+                client = pending.pop()
+            try:
+                simulated_client(port, client)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_a_300_client_hunt_loses_and_doubles_nothing_through_a_kill(
+        farm, tmp_path):
+    clients = ['host_%03d' % n for n in range(HUNT_CLIENTS)]
+    group = write_file(tmp_path / 'group', ('\n'.join(clients) + '\n')
+                       .encode())
+    proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'hunt', 'start',
+                             'sweep', '--command', 'collect.sh', '--pin',
+                             '--group', str(group), '--root', farm.root],
+                            stdout=subprocess.PIPE)
+    assert proc.communicate(timeout=120)[0] == (
+        b'hunt sweep: collect.sh queued for 300 clients\n')
+    real = clients[:REAL_CLIENTS]
+    procs = []
+    for client in real:
+        work = tmp_path / client
+        work.mkdir()
+        cfg = write_file(tmp_path / (client + '.cfg'), (
+            'ClientId=%s\nURLGetURL=%s\nURLPutURL=%s\nTempDirectory=%s\n' % (
+                client, farm.url, farm.url, work)).encode())
+        procs.append(subprocess.Popen([sys.executable, '-I', '-S', WEBJOB,
+                                       '--job', '-f', str(cfg)]))
+    rest = clients[REAL_CLIENTS:]
+    run_clients(farm.port, rest[:150])
+    assert [p.wait(timeout=120) for p in procs] == [0] * REAL_CLIENTS
+    farm.kill(0)                                    # mid-hunt, no warning
+    run_clients(farm.port, rest[150:225])
+    farm.start(0)
+    run_clients(farm.port, rest[225:])
+    status = subprocess.Popen(
+        [sys.executable, NPH_WEBJOB, 'hunt', 'status', 'sweep', '--root',
+         farm.root], stdout=subprocess.PIPE)
+    lines = status.communicate(timeout=120)[0].decode().splitlines()
+    assert status.returncode == 0
+    assert lines[-1] == ('hunt sweep: 300 clients: 300 done, 0 failed, 0 '
+                         'running, 0 pending, 0 never-seen, 0 expired, 0 '
+                         'cancelled')
+    incoming = os.path.join(farm.root, 'incoming')
+    ready = sorted(name for name in os.listdir(incoming)
+                   if name.endswith('.rdy'))
+    owner = dict((name, re.match(nph_webjob.GROUP_NAME, name[:-4]).group(
+        'client')) for name in ready)
+    assert sorted(owner.values()) == clients
+    for name in ready:
+        client = owner[name]
+        record = nph_webjob.read_key_values(os.path.join(
+            farm.root, 'jobqueues', client, '000001.job'))
+        jid = nph_webjob.read_key_values(os.path.join(incoming, name))['Jid']
+        assert record['JobIds'] == jid and record['Result'] + '.rdy' == name
+    verify = subprocess.Popen([sys.executable, NPH_WEBJOB, 'verify',
+                               '--root', farm.root], stdout=subprocess.PIPE)
+    assert verify.communicate(timeout=120)[0].decode().splitlines()[-1] == (
+        'verify: 300 groups, 1200 files in the manifest, 0 problems')
+
+
+def test_two_servers_behind_nginx_hand_each_entry_out_once(farm):
+    for n in range(20):
+        proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'job', 'add',
+                                 '--client', 'client_1', '--command',
+                                 'collect.sh', '--root', farm.root],
+                                stdout=subprocess.DEVNULL)
+        assert proc.wait(timeout=60) == 0
+    answers = []
+    barrier = threading.Barrier(40)
+
+    def racer():
+        barrier.wait()
+        answers.append(exchange(farm.port, 'JOB', webjob_query(
+            'client_1', 'default'))[:2])
+
+    threads = [threading.Thread(target=racer) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    given = [job_id for status, job_id in answers if status == 200]
+    assert sorted(status for status, job_id in answers) == [200] * 20 + \
+        [252] * 20
+    handed = [nph_webjob.read_key_values(os.path.join(
+        farm.root, 'jobqueues/client_1/%06d.job' % n))['JobIds']
+        for n in range(1, 21)]
+    assert sorted(handed) == sorted(given) and len(set(given)) == 20
+    servers = set(job_id.rsplit('_', 2)[0] for job_id in given)
+    assert servers == {'server_0', 'server_1'}      # both took part
