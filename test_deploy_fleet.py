@@ -21,6 +21,7 @@ import pytest
 
 import nph_webjob
 from conftest import (LOOPBACK, NGINX, NPH_WEBJOB, WEBJOB, free_port,
+                      queue_exchange, queue_query, run_simulated_clients,
                       stop_process, wait_for_port, write_file)
 
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
@@ -420,75 +421,6 @@ def farm(server_root):
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def webjob_query(client, filename, lengths=None):
-    text = 'VERSION=%s&SYSTEM=%s&CLIENTID=%s&FILENAME=%s&RUNTYPE=snapshot' % (
-        VERSION, SYSTEM, client, filename)
-    if lengths:
-        text += '&STDOUT_LENGTH=%d&STDERR_LENGTH=%d&STDENV_LENGTH=%d' % lengths
-    return text
-
-
-def exchange(port, method, query, body=b'', job_id=None):
-    """One request through nginx: (status, Job-Id, body)."""
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
-    headers = {'Content-Type': 'application/octet-stream',
-               'Content-Length': str(len(body))}
-    if job_id:
-        headers['Job-Id'] = job_id
-    try:
-        conn.request(method, '/cgi-client/nph-webjob.cgi?' + query, body,
-                     headers)
-        reply = conn.getresponse()
-        return reply.status, reply.getheader('Job-Id'), reply.read()
-    finally:
-        conn.close()
-
-
-def simulated_client(port, client):
-    """What webjob.py --job does, in a thread: JOB, GET, PUT; the Job-Id."""
-    status, job_id, reply = exchange(port, 'JOB', webjob_query(
-        client, 'default'))
-    assert status == 200, (client, status)
-    fields = dict(line.split('=', 1) for line in reply.decode().splitlines())
-    status, got, program = exchange(port, 'GET', webjob_query(
-        client, fields['CommandAlias']), job_id=job_id)
-    assert (status, got) == (200, job_id)
-    out = b'collected ' + client.encode() + b'\n'
-    env = ('ClientId=%s\nJid=%s\nKidStatus=0\nGetError=NA\nRunError=NA\n'
-           % (client, job_id)).encode()
-    status, got, body = exchange(port, 'PUT', webjob_query(
-        client, fields['CommandAlias'], (len(out), 0, len(env))), out + env,
-        job_id)
-    assert status == 200, (client, status)
-    return job_id
-
-
-def run_clients(port, clients, workers=12):
-    """Run simulated clients on a few threads; every failure is raised."""
-    pending, errors = list(clients), []
-    lock = threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                if not pending or errors:
-                    return
-                client = pending.pop()
-            try:
-                simulated_client(port, client)
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for n in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
 def test_a_300_client_hunt_loses_and_doubles_nothing_through_a_kill(
         farm, tmp_path):
     clients = ['host_%03d' % n for n in range(HUNT_CLIENTS)]
@@ -511,12 +443,12 @@ def test_a_300_client_hunt_loses_and_doubles_nothing_through_a_kill(
         procs.append(subprocess.Popen([sys.executable, '-I', '-S', WEBJOB,
                                        '--job', '-f', str(cfg)]))
     rest = clients[REAL_CLIENTS:]
-    run_clients(farm.port, rest[:150])
+    run_simulated_clients(farm.port, rest[:150])
     assert [p.wait(timeout=120) for p in procs] == [0] * REAL_CLIENTS
     farm.kill(0)                                    # mid-hunt, no warning
-    run_clients(farm.port, rest[150:225])
+    run_simulated_clients(farm.port, rest[150:225])
     farm.start(0)
-    run_clients(farm.port, rest[225:])
+    run_simulated_clients(farm.port, rest[225:])
     status = subprocess.Popen(
         [sys.executable, NPH_WEBJOB, 'hunt', 'status', 'sweep', '--root',
          farm.root], stdout=subprocess.PIPE)
@@ -555,7 +487,7 @@ def test_two_servers_behind_nginx_hand_each_entry_out_once(farm):
 
     def racer():
         barrier.wait()
-        answers.append(exchange(farm.port, 'JOB', webjob_query(
+        answers.append(queue_exchange(farm.port, 'JOB', queue_query(
             'client_1', 'default'))[:2])
 
     threads = [threading.Thread(target=racer) for n in range(40)]
