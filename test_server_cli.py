@@ -17,7 +17,7 @@ def usage_commands():
     """The subcommands USAGE lists (every one of them must have --help)."""
     words = [line[7:].split()[1] for line in nph_webjob.USAGE.splitlines()
              if line[7:8] not in ('', ' ') and len(line[7:].split()) > 1]
-    return [word for word in words if not word.startswith(('-', '('))]
+    return [word for word in words if not word.startswith(('-', '(', '{'))]
 
 
 def run_server(args, cwd=None, python=sys.executable, server=NPH_WEBJOB):

@@ -748,7 +748,7 @@ def test_script_without_interpreter_line_runs_under_sh(tmp_path, scripted, job_d
 
 
 GRANDCHILD = b'''#!/bin/sh
-sh -c 'trap "" TERM; echo $$ > "$WJ_PIDFILE.tmp"; mv "$WJ_PIDFILE.tmp" "$WJ_PIDFILE"; exec sleep 300' &
+sh -c 'trap "" TERM; echo $$ > "$WJ_MARK.tmp"; mv "$WJ_MARK.tmp" "$WJ_MARK"; exec sleep 300' &
 wait
 '''
 
@@ -793,20 +793,27 @@ def until_reached(tmp_path, attempt):
                 % limit)
 
 
+def run_until_marked(tmp_path, scripted, **controls):
+    """Run job.sh under each RunTimeLimit of GROWING_LIMITS until it has
+    created the file $WJ_MARK before the limit; (result, limit, mark)."""
+    def attempt(limit, folder):
+        cfg = basic_cfg(folder, scripted, folder, RunTimeLimit=str(limit),
+                        **controls)
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'],
+                            env={'WJ_MARK': str(folder / 'mark')})
+        return result, (folder / 'mark').exists()
+    result, limit, folder = until_reached(tmp_path, attempt)
+    return result, limit, folder / 'mark'
+
+
 def test_run_time_limit_kills_the_whole_process_group(tmp_path, scripted):
     """The grandchild ignores TERM and writes its pid once it does; only a
     run in which it got that far before the limit says anything."""
     scripted.program = GRANDCHILD
-
-    def attempt(limit, folder):
-        cfg = basic_cfg(folder, scripted, folder, RunTimeLimit=str(limit),
-                        TimeoutSignal='15')
-        result = run_webjob(['-e', '-f', cfg, 'job.sh'],
-                            env={'WJ_PIDFILE': str(folder / 'grandchild.pid')})
-        return result, (folder / 'grandchild.pid').exists()
-    result, limit, folder = until_reached(tmp_path, attempt)
+    result, limit, mark = run_until_marked(tmp_path, scripted,
+                                           TimeoutSignal='15')
     assert_clean_error(result, 9, 'RunTimeLimit')
-    pid = int((folder / 'grandchild.pid').read_text())
+    pid = int(mark.read_text())
     assert wait_until(lambda: process_gone(pid))
     env = scripted.requests[-1].body.decode()
     assert 'RunError=RunTimeLimit (%d s) expired' % limit in env
@@ -818,14 +825,8 @@ def test_timeout_signal_is_the_one_sent(tmp_path, scripted):
     first is tried again with a longer limit."""
     scripted.program = (b'#!/bin/sh\ntrap "echo got INT; exit 3" INT\n'
                         b'touch "$WJ_MARK"\nsleep 30 & wait\n')
-
-    def attempt(limit, folder):
-        cfg = basic_cfg(folder, scripted, folder, RunTimeLimit=str(limit),
-                        TimeoutSignal='2')
-        result = run_webjob(['-e', '-f', cfg, 'job.sh'],
-                            env={'WJ_MARK': str(folder / 'trapped')})
-        return result, (folder / 'trapped').exists()
-    result, limit, folder = until_reached(tmp_path, attempt)
+    result, limit, mark = run_until_marked(tmp_path, scripted,
+                                           TimeoutSignal='2')
     assert result.returncode == 9
     put = scripted.requests[-1]
     assert put.body.startswith(b'got INT\n')
@@ -2693,10 +2694,11 @@ def test_signed_job_runs_against_the_server(tmp_path, job_dir, standalone_server
     assert result.returncode == 0, result.stderr
     assert_evidence(read_group(os.path.join(str(server.root), 'incoming'),
                                'job.sh'), b'hello signed')
-    requests = [line.split()[7] for line in server.log_lines(
-        2 if in_header else 3)]
-    assert requests == (['job.sh', 'job.sh'] if in_header else
-                        ['job.sh', 'job.sh.sig', 'job.sh'])
+    expected = (['job.sh', 'job.sh'] if in_header else
+                ['job.sh', 'job.sh.sig', 'job.sh'])
+    # INFO: the PUT's line is written after its answer: wait for it
+    requests = [line.split()[7] for line in server.log_lines(len(expected))]
+    assert requests == expected
 
 
 def test_payload_tampered_on_the_server_is_never_run(tmp_path, job_dir,
