@@ -34,6 +34,8 @@ PLACEHOLDER = re.compile(r'\b(TOP|BASE|PKI|CLIENT|BACKUP|MODULES|HOST|SSLPORT|'
 QUICK_START_PORT = 8080              # sample.cfg's, implied by a bare 'serve'
 QUICK_START_LOCK = '/tmp/webjob-test-port-8080.lock'
 BLOCK_TIME_LIMIT = 300               # seconds: a deadline, not a sync
+TESTED_SECTIONS = ('## Quick start', '## Production deployment',
+                   '## Daily operation')
 KNOWN_BLOCKS = {
     'quick-start', 'quick-start-port', 'install', 'pki', 'locker',
     'install-cgi', 'apache-conf', 'apache-start', 'client', 'fcgiwrap',
@@ -205,6 +207,20 @@ def quick_start_folder(site):
 
 def test_readme_marks_exactly_the_blocks_this_file_runs():
     assert set(read_blocks()) == KNOWN_BLOCKS
+
+
+@pytest.mark.parametrize('section', TESTED_SECTIONS)
+def test_every_fenced_block_of_a_tested_section_is_marked(section):
+    """A command block added to these sections without a marker would be
+    the one that drifts."""
+    with open(README, encoding='utf-8') as handle:
+        text = handle.read()
+    start = text.index('\n%s\n' % section)
+    part = text[start:text.index('\n## ', start + 1)]
+    unmarked = [match.group(0) for match in re.finditer(
+        r'^(?!<!-- readme-test: ).*\n```[\w-]*\n', part, re.M)
+        if not part[:match.start()].count('\n```') % 2]
+    assert unmarked == []
 
 
 def wait_for_serve(log, port):
