@@ -3020,7 +3020,8 @@ def collect_jobs(base, client=None, since=None):
             else (None, None, None)
         if 'bad' in exts:
             hashes = 'mismatch'
-        elif declared[0] and group + '.out' in recorded:
+        elif declared[0] and (declared[1] or declared[2]) and \
+                group + '.out' in recorded:
             hashes = 'match:%s' % declared[0]
         else:
             hashes = 'unchecked'

@@ -188,6 +188,9 @@ def test_html_report_renders_hostile_uploads_as_inert_text(locker, tmp_path):
     assert dom.pres.count(shown) == 2           # .out and .err of the bad job
     rows = [a.get('class') for a in dom.tags('tr') if a.get('class')]
     assert rows == ['job ok', 'job failed', 'job ok']
+    checks = [a.get('class') for a in dom.tags('span')
+              if a.get('class') in ('match', 'mismatch', 'unchecked')]
+    assert checks == ['unchecked'] * 3      # no StdOutHash was declared
     assert 'A' * (1 << 16) in dom.pres and 'A' * ((1 << 16) + 1) not in ''.join(
         dom.pres)
     links = dict((a['download'], a['href']) for a in dom.tags('a')
