@@ -1151,14 +1151,23 @@ class FolderLock(object):
 
     def __enter__(self):
         import fcntl  # late import: job queues only
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW,
-                          0o644)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW,
+                          0o644)      # INFO: read-only: any owner may lock
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
         os.close(self.fd)       # INFO: closing releases the flock
         self.fd = None
+
+
+def make_queue_folder(path):
+    """Create a folder under jobqueues/ owned like jobqueues/ itself: the
+    administrator's tools run as root, the CGI as the web server's user."""
+    os.makedirs(path, 0o755)
+    owner = os.stat(os.path.dirname(path))
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def write_whole(path, data):
@@ -1245,8 +1254,10 @@ def settle_entry(entry, now, hand_out_limit):
 def add_entries(base, client_id, fields, now):
     """Queue a new entry for one client; return its name (client/NNNNNN)."""
     folder = queue_folder(base, client_id)
+    if not os.path.isdir(os.path.dirname(folder)):
+        os.makedirs(os.path.dirname(folder), 0o755)
     if not os.path.isdir(folder):
-        os.makedirs(folder, 0o755)
+        make_queue_folder(folder)
     with FolderLock(folder):
         numbers = [as_int(entry['Entry']) for entry in read_entries(folder)]
         entry = dict(fields, ClientId=client_id, State='queued',
@@ -2741,8 +2752,10 @@ def start_hunt(base, options, out, now):
     for client_id in clients[:1]:
         job_fields(base, options, client_id)    # INFO: refuse before writing
     folder = hunt_folder(base)
+    if not os.path.isdir(os.path.dirname(folder)):
+        os.makedirs(os.path.dirname(folder), 0o755)
     if not os.path.isdir(folder):
-        os.makedirs(folder, 0o755)
+        make_queue_folder(folder)
     record = os.path.join(folder, name + '.hunt')
     with FolderLock(folder):
         if os.path.exists(record):
@@ -3008,7 +3021,8 @@ def collect_jobs(base, client=None, since=None):
             else (None, None, None)
         if 'bad' in exts:
             hashes = 'mismatch'
-        elif declared[0] and group + '.out' in recorded:
+        elif declared[0] and (declared[1] or declared[2]) and \
+                group + '.out' in recorded:
             hashes = 'match:%s' % declared[0]
         else:
             hashes = 'unchecked'
