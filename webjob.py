@@ -2190,7 +2190,7 @@ UPLOAD_KEY_BYTES = 16           # Upload-Key: 32 lower-case hex digits
 RESUMABLE_SEGMENT = 64 << 20    # bytes per PATCH of a staged upload
 MAX_STAGING = 64 << 20          # streamed: segment files on disk at most
 MAX_RESUMES = 16                # reconnects per segment or upload
-RESUME_PAUSE = 0.25             # seconds before the first reconnect
+RESUME_PAUSE = 0.1              # seconds before the first reconnect
 RESUME_PAUSE_MAX = 4.0          # ... doubling up to this
 
 
@@ -2648,7 +2648,8 @@ class Job(object):
         self.outputs = []
         self.tls = {}
         self.dsv_keys = None
-        self.stream = None       # (Upload, spools, sender) when streamed
+        self.stream = None       # streamed: (Upload, spools, sender); False
+        #                          when the server refused the extension
 
     def path(self, name):
         return os.path.join(self.temp_dir, name)
@@ -2888,6 +2889,7 @@ def run_run_stage(job, capture):
         upload = start_streamed(job)
         if upload is not None:
             return run_streamed_stage(job, argv, upload)
+        job.stream = False      # refused: neither streamed nor resumable
     out_fd = err_fd = None
     hashers = []
     try:
@@ -3010,7 +3012,7 @@ def run_put_stage(job):
     values = job.values
     job.put_epoch = job.clock()
     deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
-    if job.stream is not None:
+    if job.stream:
         try:
             env_path = write_env_file(job)
         except OSError as exc:
@@ -3029,7 +3031,7 @@ def run_put_stage(job):
         ('STDENV_LENGTH', files[2][1])])
     try:
         response = None
-        if values['UploadMode'] != 'put':
+        if values['UploadMode'] != 'put' and job.stream is not False:
             response = put_resumable(job, target, query, files, deadline)
         if response is None:
             response = http_exchange('PUT', target, query, deadline,
