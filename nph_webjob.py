@@ -1574,7 +1574,7 @@ class Partial(object):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                      _O_NOFOLLOW, 0o600)
         try:
-            done, why = copy_stream(stdin, fd, count)
+            done, why = copy_stream(ArrivingBody(stdin), fd, count)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -1585,6 +1585,15 @@ class Partial(object):
                                   'received for %s (%s); %d held' % (
                                       done, count, ext, why,
                                       os.path.getsize(path)))
+
+
+class ArrivingBody(object):
+    """A body read as it arrives (read1 where the stream has it), so the
+    bytes of a cut PATCH are on disk even when the web server kills the CGI
+    instead of ending its input (Apache's mod_cgi on a client abort)."""
+
+    def __init__(self, stdin):
+        self.read = getattr(stdin, 'read1', None) or stdin.read
 
 
 def body_offset(held, lengths):
