@@ -663,6 +663,43 @@ def measure_stream(bench, key):
                                                           bench.size))
 
 
+def measure_resume(bench, key):
+    """UploadMode=resumable: the PUT stage of a --size job whose PATCH is
+    cut half way and resumed (through the tests' fault proxy) / one curl -T
+    of a file that size; the stage timed by the job's .env epochs."""
+    conftest = load_conftest()
+    if not hasattr(conftest, 'FaultProxy'):
+        raise BenchError('conftest.py has no FaultProxy')
+    big = ensure_big_payload(bench)
+    proxy = conftest.FaultProxy(bench.server.port)
+    bench.cleanups.append(proxy.close)
+    config = write_client_config(bench, 'cut.cfg', extra=[
+        'UploadMode=resumable', 'URLPutURL=%s' % proxy.url(
+            '/cgi-client/nph-webjob.cgi')])
+    job = python_argv(bench, bench.python) + [WEBJOB, '-e', '-f', config,
+                                              'out.sh', str(bench.size)]
+    curl = CURL + ['-H', 'Expect:', '-o', '/dev/null', '-T', big,
+                   job_url(bench.server.cgi_url, 'big.sh', (bench.size, 0, 0))]
+    ours, theirs = [], []
+    for _ in range(bench.plan['transfer']):
+        proxy.plan(conftest.FaultPlan(),                # the HEAD
+                   conftest.FaultPlan(request_cut=bench.size // 2))
+        settle_disk(bench)
+        ended = run_timed(bench, job)[2]
+        epochs = read_stage_epochs(bench, ended)
+        if epochs is None or proxy.pending():
+            raise BenchError('the cut job uploaded no .env record, or the '
+                             'cut never happened')
+        ours.append(epochs['End'] - epochs['Put'])
+        settle_disk(bench)
+        theirs.append(run_timed(bench, curl)[0])
+    settle_disk(bench)
+    put, reference = median(ours), median(theirs)
+    bench.set_figure(key, reference / put, 'curl -T %.3f s / PUT stage cut at'
+                     ' half and resumed %.3f s (%d bytes)' % (
+                         reference, put, bench.size))
+
+
 ###############################################################################
 # Measurements: server ########################################################
 ###############################################################################
@@ -734,6 +771,7 @@ MEASUREMENTS = (
     ('capture_ratio', measure_capture_and_put, None),
     ('rss_large_mb', measure_rss, None),
     ('stream_disk_peak_mib', measure_stream, None),
+    ('resume_ratio', measure_resume, None),
 )
 
 

@@ -1574,8 +1574,12 @@ class Partial(object):
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                      _O_NOFOLLOW, 0o600)
         try:
-            done, why = copy_stream(ArrivingBody(stdin), fd, count)
+            size = os.fstat(fd).st_size
+            digests = take_running(self.folder, ext, size)
+            done, why = copy_stream(ArrivingBody(stdin), fd, count, digests)
             os.fsync(fd)
+            if digests is not None:
+                keep_running(self.folder, ext, size + done, digests)
         finally:
             os.close(fd)
         if new:
@@ -1585,6 +1589,45 @@ class Partial(object):
                                   'received for %s (%s); %d held' % (
                                       done, count, ext, why,
                                       os.path.getsize(path)))
+
+
+class RunningDigests(object):
+    """SHA-256 and the aside digests of one partial stream, fed as it is
+    appended, so the completing PATCH need not read it back.  Kept only by
+    a long-lived process (the standalone server): a CGI reads it back."""
+
+    def __init__(self):
+        import hashlib  # late import: partial uploads only
+        self.digests = [('SHA256', hashlib.sha256())] + [
+            (name, hashlib.new(name.lower())) for name in ASIDE_HASHES]
+
+    def update(self, chunk):
+        for name, digest in self.digests:
+            digest.update(chunk)
+
+    def sums(self):
+        return dict((name, digest.hexdigest()) for name, digest
+                    in self.digests)
+
+
+#: (partial folder, stream) -> (bytes hashed, RunningDigests), this process.
+RUNNING_DIGESTS = {}
+MAX_RUNNING = 1024              # streams followed at once; then the oldest go
+
+
+def take_running(folder, ext, size):
+    """The RunningDigests of a stream whose first size bytes they hashed;
+    a fresh one for an empty stream; else None (read it back at the end)."""
+    found = RUNNING_DIGESTS.pop((folder, ext), None)
+    if found is not None and found[0] == size:
+        return found[1]
+    return RunningDigests() if size == 0 else None
+
+
+def keep_running(folder, ext, size, digests):
+    while len(RUNNING_DIGESTS) >= MAX_RUNNING:
+        RUNNING_DIGESTS.pop(next(iter(RUNNING_DIGESTS)), None)
+    RUNNING_DIGESTS[(folder, ext)] = (size, digests)
 
 
 class ArrivingBody(object):
@@ -1778,7 +1821,8 @@ def commit_partial(site, exchange, partial, lengths):
             declared = read_declared_hashes(sources[2])
             aside = tuple(set(ASIDE_HASHES + (declared[0] or 'SHA256',)) -
                           set(['SHA256']))
-            sums = [digest_file(source, aside) for source in sources]
+            sums = [held_digests(partial, ext, source, aside)
+                    for ext, source in zip(STREAM_EXTENSIONS, sources)]
             note, flag = check_upload_hashes(declared, sums[0], sums[1])
             manifest = [(sums[n]['SHA256'], group + '.' + ext)
                         for n, ext in enumerate(STREAM_EXTENSIONS)]
@@ -1814,6 +1858,20 @@ def commit_partial(site, exchange, partial, lengths):
     exchange.headers.append(('Upload-Complete', '?1'))
     exchange.status = 200
     exchange.message = 'Success' + note
+
+
+def held_digests(partial, ext, path, aside):
+    """{HashType: hex} of a held stream: from its RunningDigests when this
+    process hashed all of it as it came, else read back."""
+    size = os.path.getsize(path)
+    running = take_running(partial.folder, ext, size)
+    if running is None:
+        return digest_file(path, aside)
+    found = running.sums()
+    missing = [name for name in aside if name not in found]
+    if missing:
+        found.update(hash_file(path, missing))
+    return found
 
 
 def digest_file(path, aside):

@@ -2468,6 +2468,8 @@ def run_streamed(job, argv, upload):
                           MAX_STAGING // segment - 3)
     job.stream = (upload, spools, sender)
     pipes = {proc.stdout.fileno(): spools[0], proc.stderr.fileno(): spools[1]}
+    for fd in pipes:
+        widen_pipe(fd)
     limit = values['RunTimeLimit']
     end = time.monotonic() + limit if limit else None
     timed_out = killed = False
@@ -2505,6 +2507,18 @@ def run_streamed(job, argv, upload):
     proc.wait()
     (job.out_hash, job.err_hash) = [s.digest.hexdigest() for s in spools]
     return timed_out, proc.returncode
+
+
+def widen_pipe(fd):
+    """Linux: a 1 MiB pipe instead of 64 KiB, 16 times fewer reads (and
+    wake-ups of the program); elsewhere, or when refused, nothing."""
+    if not sys.platform.startswith('linux'):
+        return
+    import fcntl  # late import: streamed uploads only
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, 'F_SETPIPE_SZ', 1031), BLOCK_SIZE)
+    except OSError:
+        pass
 
 
 def queue_segment(sender, segment):
