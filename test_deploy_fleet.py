@@ -272,7 +272,7 @@ def test_admin_pages_need_an_administrator(admin_server):
     assert "default-src 'none'" in headers['Content-Security-Policy']
     assert headers['X-Content-Type-Options'] == 'nosniff'
     assert b'<h1>WebJob locker report</h1>' in body
-    lines = server.log_lines(4)
+    lines = server.log_lines(3 + 4)         # the locker's 3 PUTs, then ours
     admin, = [line for line in lines if line.endswith(' for admin')]
     assert admin.endswith(' 200 -- Administrator page (/webjob-admin/) for '
                           'admin')
