@@ -1902,11 +1902,37 @@ def chain_depth(sent, anchors):
 # Processes ###################################################################
 ###############################################################################
 
+#: Process groups started by spawn and not yet reaped: main kills them when
+#: an interrupt (SIGINT) ends the run, wherever it struck.
+LIVE_GROUPS = set()
+
+
 def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False):
     """Start a program in its own session, so its whole group can be killed.
 
-    A script without a #! line is run by /bin/sh, as execvp(3) does.
+    An interrupt while Popen runs would leave a child nobody knows of: it is
+    held until the child is in LIVE_GROUPS, then raised.
     """
+    import signal  # late import: start-up time
+    import threading  # late import: start-up time
+    if threading.current_thread() is not threading.main_thread():
+        return start_program(argv, stdout, stderr, cwd, shell)
+    held = []
+    previous = signal.signal(signal.SIGINT,
+                             lambda signum, frame: held.append(signum))
+    try:
+        proc = start_program(argv, stdout, stderr, cwd, shell)
+        LIVE_GROUPS.add(proc.pid)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+    return proc
+
+
+def start_program(argv, stdout, stderr, cwd, shell):
+    """Popen in a new session; a script without a #! line is run by
+    /bin/sh, as execvp(3) does."""
     import subprocess  # late import: start-up time
     try:
         return subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=cwd,
@@ -1931,6 +1957,7 @@ def wait_with_deadline(proc, seconds, signal_number):
     import subprocess  # late import: start-up time
     try:
         proc.wait(timeout=seconds or None)
+        LIVE_GROUPS.discard(proc.pid)
         return False
     except subprocess.TimeoutExpired:
         pass
@@ -1938,6 +1965,7 @@ def wait_with_deadline(proc, seconds, signal_number):
         import signal  # late import: start-up time
         kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
+        LIVE_GROUPS.discard(proc.pid)
         raise
     kill_group(proc.pid, signal_number)
     try:
@@ -1947,6 +1975,7 @@ def wait_with_deadline(proc, seconds, signal_number):
     import signal  # late import: start-up time
     kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
+    LIVE_GROUPS.discard(proc.pid)
     return True
 
 
@@ -2505,6 +2534,7 @@ def run_streamed(job, argv, upload):
     if timed_out and not killed:
         kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
+    LIVE_GROUPS.discard(proc.pid)
     (job.out_hash, job.err_hash) = [s.digest.hexdigest() for s in spools]
     return timed_out, proc.returncode
 
@@ -3535,6 +3565,9 @@ def main(argv=None):
         write_stderr(exc)
         return exc.exit_code
     except KeyboardInterrupt:
+        import signal  # late import: error path only
+        for pgid in sorted(LIVE_GROUPS):   # INFO: a kid started just before
+            kill_group(pgid, signal.SIGKILL)
         write_stderr('interrupted')
         return XER_ABORT
     except BrokenPipeError:
