@@ -2050,6 +2050,9 @@ def serve_partial(site, exchange, query, stdin):
     """
     environ = exchange.environ
     key, stream, offset, complete = read_upload_fields(environ)
+    if query['RUNTYPE'] == 'linktest':
+        raise HTTPStatusError(450, 'Partial upload: RUNTYPE=linktest is a '
+                              'plain PUT (nothing is kept)')
     whole = 'STDOUT_LENGTH' in query
     if whole == (stream is not None):
         raise HTTPStatusError(450, 'Partial upload: Upload-Stream goes with '

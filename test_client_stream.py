@@ -413,3 +413,16 @@ def test_streamed_run_time_limit_kills_the_group_and_uploads_its_output(
     assert len(found) == 1
     assert (server.read(found[0], 'out'), server.read(found[0], 'err')) == \
         (OUT, ERR)
+
+
+@pytest.mark.parametrize('mode', ['resumable', 'streamed'])
+def test_a_linktest_is_the_plain_put(server, tmp_path, mode):
+    """RunType=linktest keeps nothing on the server: no HEAD, no PATCH, the
+    original's PUT answered 251."""
+    before = len(read_log_lines(server.root))
+    result = run_job(server, str(tmp_path / 'job'), server.url, mode,
+                     RunType='linktest')
+    assert result.returncode == 0, result.stderr.decode()
+    lines = read_log_lines(server.root, before + 2)[before:]
+    assert [(line.split()[5], line.split()[11]) for line in lines] == \
+        [('GET', '200'), ('PUT', '251')]
