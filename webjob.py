@@ -120,10 +120,38 @@ class TransportError(WebJobError):
     """An HTTP exchange failed; the stage that called it re-raises."""
 
 
+#: Secrets of this run (passwords, pass phrases), hidden from every line
+#: and record the program writes.  Filled by remember_secret() as a config
+#: is read; empty at import.
+SECRETS = []
+MIN_SCRUBBED_SECRET = 4         # shorter ones would mask ordinary words
+MASK = '********'
+
+
+def remember_secret(value):
+    """Add a secret that scrub() must hide wherever it would appear."""
+    if value and len(value) >= MIN_SCRUBBED_SECRET and value not in SECRETS:
+        SECRETS.append(value)
+        SECRETS.sort(key=len, reverse=True)
+
+
+def scrub(text):
+    """Replace every remembered secret in text with ********.
+
+    A second line of defence: messages are built from redacted values in
+    the first place, but no message path can then leak one by mistake.
+    """
+    text = str(text)
+    for secret in SECRETS:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
 def write_stderr(message, program=PROGRAM):
     """Print one line on stderr, never failing (the host may be damaged)."""
     try:
-        sys.stderr.write('%s: %s\n' % (program, one_line(message)))
+        sys.stderr.write('%s: %s\n' % (program, one_line(scrub(message))))
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass
@@ -230,6 +258,22 @@ def is_digits(text):
     return bool(text) and all(c in DIGITS for c in text)
 
 
+def split_url(url):
+    """Split a URL into (scheme, userinfo, hostport, path); None without '://'.
+
+    The one splitter behind parse_url() and redact_url(), so that what is
+    parsed as the password is exactly what is hidden.  The authority ends at
+    the first '/'; the userinfo is what precedes its last '@' (None when it
+    has no '@'); path keeps its leading '/' ('' when there is none).
+    """
+    scheme, sep, rest = url.partition('://')
+    if not sep:
+        return None
+    authority, slash, path = rest.partition('/')
+    userinfo, at, hostport = authority.rpartition('@')
+    return scheme, (userinfo if at else None), hostport, slash + path
+
+
 def parse_url(url):
     """Split a URL by the man page's grammar; None when it does not match.
 
@@ -238,15 +282,16 @@ def parse_url(url):
     where user/password are None when absent and port is an int.  Parsed by
     hand: importing re would cost every job about 4 ms of start-up.
     """
-    scheme, _, rest = url.partition('://')
-    if scheme not in ('http', 'https') or not _:
+    parts = split_url(url)
+    if parts is None:
         return None
-    authority, slash, path = rest.partition('/')
-    if not slash or any(c in URL_PATH_STOPS or c.isspace() for c in path):
+    scheme, userinfo, hostport, path = parts
+    if scheme not in ('http', 'https'):
+        return None
+    if not path or any(c in URL_PATH_STOPS or c.isspace() for c in path):
         return None
     user = password = None
-    userinfo, at, hostport = authority.rpartition('@')
-    if at:
+    if userinfo is not None:
         if any(c in URL_USERINFO_STOPS or c.isspace() for c in userinfo):
             return None
         user, colon, password = userinfo.partition(':')
@@ -258,7 +303,7 @@ def parse_url(url):
         port = 443 if scheme == 'https' else 80
     elif not 0 < port < 65536:
         return None
-    return scheme, user, password, host, port, '/' + path
+    return scheme, user, password, host, port, path
 
 
 def split_host_port(hostport):
@@ -384,6 +429,8 @@ def read_config(spec, controls, stdin=None):
             raise PropertiesError('config list %r: empty file name' % spec)
         read_config_file(path, table, values, where, stdin, ())
     values['_where'] = where
+    # What is left of standard input is the config: no child may read it.
+    values['_stdin_is_config'] = '-' in spec.split(',')
     return values
 
 
@@ -404,8 +451,7 @@ def read_config_file(path, table, values, where, stdin, chain):
             raise PropertiesError('%s: Import: loop back to %s'
                                   % (chain[-1], path))
         try:
-            with open(path, 'rb') as handle:
-                data = handle.read(MAX_CONFIG_SIZE + 1)
+            data = read_regular_file(path, MAX_CONFIG_SIZE + 1)
         except OSError as exc:
             raise PropertiesError('%s: cannot read config file: %s'
                                   % (path, exc.strerror or exc))
@@ -414,9 +460,11 @@ def read_config_file(path, table, values, where, stdin, chain):
     if len(data) > MAX_CONFIG_SIZE:
         raise PropertiesError('%s: config file larger than %d bytes'
                               % (label, MAX_CONFIG_SIZE))
-    text = data.decode('utf-8', 'surrogateescape')
+    # The file system's encoding, so that a name in any byte encoding goes
+    # back to the OS as the same bytes (3.6 under LANG=C decodes as ASCII).
+    text = data.decode(sys.getfilesystemencoding(), 'surrogateescape')
     for number, line in enumerate(text.splitlines(), 1):
-        control, value = parse_config_line(line, label, number)
+        control, value = parse_config_line(line, label, number, table)
         if control is None:
             continue
         here = '%s:%d' % (label, number)
@@ -429,25 +477,77 @@ def read_config_file(path, table, values, where, stdin, chain):
             continue
         entry = table.get(control.lower())
         if entry is None:
-            raise PropertiesError('%s: %s: unknown control' % (here, control))
+            raise PropertiesError('%s: %s: unknown control'
+                                  % (here, redact_url(control[:64])))
         name, kind, default = entry
         try:
             values[name] = check_value(kind, value)
         except ValueError as exc:
-            shown = value if 'pass' not in name.lower() else '********'
-            raise PropertiesError('%s: %s = [%s]: %s'
-                                  % (here, name, shown, exc))
+            raise PropertiesError('%s: %s = [%s]: %s' % (
+                here, name, shown_value(name, kind, value), exc))
+        remember_config_secret(name, kind, value)
         where[name] = here
 
 
-def parse_config_line(line, label, number):
+SECRET_CONTROLS = ('URLPassword', 'SSLPassPhrase')
+
+
+def shown_value(name, kind, value):
+    """A control's value as an error message may show it: never a secret."""
+    if name in SECRET_CONTROLS:
+        return MASK
+    if kind == 'url':
+        return redact_url(value)
+    return value
+
+
+def remember_config_secret(name, kind, value):
+    """Remember URLPassword, SSLPassPhrase and a password inside a URL."""
+    if name in SECRET_CONTROLS:
+        remember_secret(value)
+    elif kind == 'url':
+        remember_secret(parse_url(value)[2])
+
+
+def read_regular_file(path, limit):
+    """Up to limit bytes of a regular file; anything else is refused.
+
+    Opened non-blocking, so that a FIFO planted where a config, Import or
+    CA bundle should be cannot hang the job; a device never ends, so it is
+    refused too.
+    """
+    import stat  # already loaded by os: free
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, 'not a regular file')
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, min(BLOCK_SIZE, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b''.join(chunks)
+    finally:
+        os.close(fd)
+
+
+def parse_config_line(line, label, number, known_names=()):
     """Split 'control = value # comment'; (None, None) for a blank line."""
     line = line.split('#', 1)[0].strip()
     if not line:
         return None, None
+    if '\0' in line:
+        raise PropertiesError('%s:%d: NUL byte in the line' % (label, number))
     if '=' not in line:
-        raise PropertiesError('%s:%d: expected "control = value", got [%s]'
-                              % (label, number, line))
+        # Never echoed: the line may be a secret ("URLPassword x", a stray
+        # pasted password); a known control name is named.
+        first = line.split(None, 1)[0]
+        known = ' for %s' % first if first.lower() in known_names else ''
+        raise PropertiesError('%s:%d: expected "control = value"%s; the line '
+                              'is not shown, it may hold a secret'
+                              % (label, number, known))
     control, value = line.split('=', 1)
     control = control.strip()
     if not control:
@@ -539,16 +639,25 @@ def substitute_tokens(text, username, password):
 
 
 def redact_url(url):
-    """Remove any password from a URL before it is printed or logged."""
-    scheme, sep, rest = str(url).partition('://')
-    if not sep:
+    """A URL fit to print: the password split_url() finds becomes ********.
+
+    A string that is not a URL by the grammar may still hold a password in
+    a place the splitter cannot know (before a stray '/', say): everything
+    from the scheme to its last '@' is then hidden, which shows too little
+    rather than too much.
+    """
+    url = str(url)
+    parts = split_url(url)
+    if parse_url(url) is not None:
+        scheme, userinfo, hostport, path = parts
+        if userinfo is None or ':' not in userinfo:
+            return url
+        return '%s://%s:********@%s%s' % (scheme, userinfo.split(':', 1)[0],
+                                          hostport, path)
+    if '@' not in url:
         return url
-    userinfo, at, hostpart = rest.rpartition('@')
-    if not at or '/' in userinfo:
-        return url
-    user = userinfo.split(':', 1)[0]
-    return '%s://%s:********@%s' % (scheme, user, hostpart) \
-        if ':' in userinfo else url
+    start = url.find('://') + 3 if parts is not None else 0
+    return '%s********@%s' % (url[:start], url.rpartition('@')[2])
 
 
 class Deadline(object):
@@ -631,14 +740,20 @@ def build_request(method, target, query, content_length, job_id=None,
              'Content-Type: application/octet-stream',
              'Content-Length: %d' % content_length]
     if auth:
-        import base64  # late import: start-up time
-        pair = '%s:%s' % (target.username or '', target.password or '')
-        lines.append('Authorization: Basic %s' % base64.b64encode(
-            pair.encode('utf-8')).decode('ascii'))
+        lines.append(authorization_field(target))
     if job_id:
         lines.append('Job-Id: %s' % job_id)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+def authorization_field(target):
+    """The Basic Authorization field; credentials go as the config's bytes
+    (a non-UTF-8 password is sent as written, not refused or mangled)."""
+    import base64  # late import: start-up time
+    pair = '%s:%s' % (target.username or '', target.password or '')
+    return 'Authorization: Basic %s' % base64.b64encode(
+        pair.encode('utf-8', 'surrogateescape')).decode('ascii')
 
 
 def send_all(sock, data, deadline):
@@ -1695,9 +1810,25 @@ def load_client_certificate(ssl, context, values):
     except ConfigureError:
         raise
     except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigureError('SSLPublicCertFile = [%s], SSLPrivateKeyFile = '
-                             '[%s]: cannot load: %s'
-                             % (cert, key, describe_ssl_error(exc)))
+        raise ConfigureError(explain_key_failure(cert, key, passphrase, exc))
+
+
+def explain_key_failure(cert, key, passphrase, exc):
+    """Why SSLPublicCertFile/SSLPrivateKeyFile would not load, with the
+    next step (OpenSSL says only "PEM lib" for a wrong pass phrase)."""
+    reason = describe_ssl_error(exc)
+    try:
+        encrypted = b'ENCRYPTED' in read_regular_file(key, MAX_CONFIG_SIZE)
+    except OSError:
+        encrypted = False
+    if getattr(exc, 'reason', None) == 'KEY_VALUES_MISMATCH':
+        return ('SSLPrivateKeyFile = [%s] is not the key of SSLPublicCertFile '
+                '= [%s]: name the matching pair' % (key, cert))
+    if encrypted and passphrase is not None:
+        return ('SSLPrivateKeyFile = [%s]: SSLPassPhrase does not decrypt it '
+                '(wrong pass phrase?); check SSLPassPhrase (%s)' % (key, reason))
+    return ('SSLPublicCertFile = [%s], SSLPrivateKeyFile = [%s]: cannot load: '
+            '%s' % (cert, key, reason))
 
 
 def describe_ssl_error(exc):
@@ -2288,7 +2419,7 @@ class Job(object):
         }
         lines = ['%s=%s\n' % (key, one_line(record[key]) if key in (
             'CommandLine', 'Hostname') else record[key]) for key in ENV_KEYS]
-        return ''.join(lines).encode('utf-8', 'surrogateescape')
+        return scrub(''.join(lines)).encode('utf-8', 'surrogateescape')
 
     def tls_for(self, target):
         """One TLS context per job, built only when an https URL is used."""
@@ -2720,9 +2851,11 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
     controls = CLIENT_CONTROLS
     values = read_config(config_spec, controls, stdin) if config_spec else \
         dict((name, default) for name, kind, default in controls)
-    if parse_url(url) is None:
+    parts = parse_url(url)
+    if parts is None:
         raise ArgumentError('url = [%s]: expected scheme://host(:port)/path '
                             'with scheme http or https' % redact_url(url))
+    remember_secret(parts[2])
     target = Target(url, values['URLUsername'], values['URLPassword'])
     deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
     tls = TLSContext(values) if target.scheme == 'https' else None
@@ -2780,10 +2913,7 @@ def build_plain_get(target, values):
              'Content-Type: application/octet-stream',
              'Content-Length: 0']
     if values['URLAuthType'] == 'basic' or target.username:
-        import base64  # late import: start-up time
-        pair = '%s:%s' % (target.username or '', target.password or '')
-        lines.append('Authorization: Basic %s' % base64.b64encode(
-            pair.encode('utf-8')).decode('ascii'))
+        lines.append(authorization_field(target))
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
 
@@ -3728,6 +3858,7 @@ def dispatch(mode, arguments):
         config, program, options = arguments
         check_program(program)
         values = read_config(config, CLIENT_CONTROLS)
+        release_config_stdin(values)
         return execute_mode(values, program, options)
     if mode == 'hashsum':
         return hashsum_mode(*arguments)
@@ -3740,6 +3871,18 @@ def dispatch(mode, arguments):
     if mode == 'dsvtool':
         return dsvtool_main(*arguments)
     raise DependencyError('%s is not available in this build' % mode)
+
+
+def release_config_stdin(values):
+    """After '-f -': put /dev/null on descriptor 0.
+
+    The rest of standard input is the config, passwords included; no child
+    (program, GetHook) may inherit it, nor reopen it as /proc/PPID/fd/0.
+    """
+    if values.get('_stdin_is_config'):
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(fd, 0)
+        os.close(fd)
 
 
 def check_standard_descriptors():
