@@ -47,6 +47,7 @@ PROGRAM = 'webjob'
 BLOCK_SIZE = 1 << 20            # 1 MiB: below this, PUT and hashing slow down
 MAX_HEADER_SIZE = 16383         # the original's response header limit
 MAX_FIELD_SIZE = 255            # Job-Id and WebJob-Payload-Signature values
+MAX_LENGTH_DIGITS = 19          # a Content-Length past 2**63 is a lie
 MAX_IMPORT_DEPTH = 3            # "recursion is permitted up to three levels"
 MAX_CONFIG_SIZE = 1 << 20       # a config file is small; refuse a huge one
 MAX_ENV_PATH = 4095             # longest TMPDIR/TMP value accepted
@@ -819,7 +820,7 @@ def read_response_head(sock, deadline):
             raise TransportError('connection closed before a complete '
                                  'response header')
         data += chunk
-    if end > MAX_HEADER_SIZE:
+    if end + skip > MAX_HEADER_SIZE:     # the blank line counts too
         raise TransportError('response header larger than %d bytes'
                              % MAX_HEADER_SIZE)
     head = data[:end].decode('latin-1')
@@ -863,6 +864,11 @@ def parse_fields(lines):
                                  % one_line(line)[:80])
         key = name.strip().lower()
         value = value.strip()
+        if key == 'transfer-encoding':
+            # The original ignored it and read chunk framing as the body.
+            raise TransportError('Transfer-Encoding = [%s]: not supported; a '
+                                 'WebJob response carries a Content-Length'
+                                 % one_line(value)[:40])
         if key not in ('content-length', 'job-id', 'webjob-payload-signature'):
             continue
         if key in fields:
@@ -871,13 +877,28 @@ def parse_fields(lines):
             if not is_digits(value):
                 raise TransportError('Content-Length = [%s]: value must '
                                      'contain all digits' % one_line(value)[:40])
+            if len(value) > MAX_LENGTH_DIGITS or int(value) > MAX_UINT:
+                raise TransportError('Content-Length = [%s...]: value too '
+                                     'large' % value[:20])
             fields[key] = int(value)
         else:
             if not 0 < len(value) <= MAX_FIELD_SIZE:
                 raise TransportError('%s: value has invalid length (%d)'
                                      % (name.strip(), len(value)))
+            if key == 'job-id' and not is_job_id(value):
+                raise TransportError('Job-Id = [%s]: only letters, digits and '
+                                     '"_", ".", "-" are allowed'
+                                     % one_line(value)[:80])
             fields[key] = value
     return fields
+
+
+JOB_ID_CHARS = NAME_CHARS           # what nph_webjob.py accepts back
+
+
+def is_job_id(value):
+    """True for a Job-Id that may go into a PUT header and a .env record."""
+    return 0 < len(value) <= MAX_FIELD_SIZE and set(value) <= JOB_ID_CHARS
 
 
 def read_body_to_file(response, fd, limit, deadline):
@@ -2498,15 +2519,25 @@ def run_get_stage(job):
             verify_download(job, partial, response, deadline)
         os.chmod(partial, 0o700)
         install_file(partial, final, overwrite)
-    except TransportError as exc:
+    except BaseException as exc:    # a signal too: nothing half-made stays
         remove_quietly(partial)
-        raise GetStageError(str(exc))
-    except OSError as exc:
-        remove_quietly(partial)
-        raise GetStageError('%s: %s' % (final, exc.strerror or exc))
+        if isinstance(exc, TransportError):
+            raise GetStageError(str(exc))
+        if isinstance(exc, OSError):
+            raise GetStageError('%s: %s' % (final, exc.strerror or exc))
+        raise
     job.downloaded.append(final)
     if values['GetHookEnable']:
-        run_get_hook(job, deadline)
+        if overwrite and target_path != final:
+            remove_quietly(target_path)     # stale: the hook makes it anew
+        try:
+            run_get_hook(job, deadline)
+        except BaseException:
+            # A veto (or a signal): neither the unverified download nor
+            # what the hook made may stay on the host, whatever Unlink* say.
+            for path in (target_path, final):
+                remove_quietly(path)
+            raise
         if target_path not in job.downloaded:
             job.downloaded.append(target_path)
 
@@ -2741,6 +2772,9 @@ def run_put_stage(job):
     if not response.ok:
         raise PutStageError('%s: Status = [%d], Reason = [%s]'
                             % (target.display, response.status, response.reason))
+    if 'content-length' not in response.fields:
+        raise PutStageError("%s: the server's response did not include a "
+                            'Content-Length' % target.display)
 
 
 ###############################################################################
