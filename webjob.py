@@ -121,6 +121,25 @@ class TransportError(WebJobError):
     """An HTTP exchange failed; the stage that called it re-raises."""
 
 
+class Interrupted(WebJobError):
+    """A signal asked the job to stop (XER_Abort); .signal_number says which."""
+    exit_code = XER_ABORT
+
+    def __init__(self, signal_number):
+        WebJobError.__init__(self, 'interrupted by %s'
+                             % signal_name(signal_number))
+        self.signal_number = signal_number
+
+
+def signal_name(number):
+    """'SIGTERM' for 15; 'signal 99' for a number the host does not name."""
+    import signal  # late import: start-up time
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return 'signal %d' % number
+
+
 #: Secrets of this run (passwords, pass phrases), hidden from every line
 #: and record the program writes.  Filled by remember_secret() as a config
 #: is read; empty at import.
@@ -2048,33 +2067,144 @@ def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False):
                                 close_fds=True)
 
 
-def wait_with_deadline(proc, seconds, signal_number):
+#: Signals whose default is to end a process: during execute mode each one
+#: ends the program's group, cleans up and exits XER_Abort (one inherited
+#: as ignored, as nohup leaves SIGHUP, stays ignored).
+STOP_SIGNALS = ('SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGTERM', 'SIGUSR1', 'SIGUSR2',
+                'SIGALRM', 'SIGVTALRM', 'SIGPROF', 'SIGXCPU', 'SIGPOLL',
+                'SIGPWR')
+
+
+class SignalGuard(object):
+    """Turn the first stop signal into Interrupted, at a safe point.
+
+    Between spawn() and the start of the wait the signal is only noted
+    (hold/release), so that no child is ever started without a supervisor
+    to end it; later signals are noted and ignored, so that the clean-up
+    the first one started runs to its end.
+    """
+
+    def __init__(self):
+        self.pending = None
+        self.holding = 0
+        self.previous = {}
+
+    def install(self):
+        import signal  # late import: start-up time
+        self.pending = None
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is None or signal.getsignal(number) == signal.SIG_IGN:
+                continue
+            self.previous[number] = signal.signal(number, self.handle)
+
+    def restore(self):
+        import signal  # late import: start-up time
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def handle(self, number, frame):
+        if self.pending is not None:
+            return
+        self.pending = number
+        if not self.holding:
+            raise Interrupted(number)
+
+    def hold(self):
+        self.holding += 1
+
+    def release(self):
+        """End a hold; raise the signal that came during it, if any."""
+        self.holding -= 1
+        if self.pending is not None and not self.holding:
+            raise Interrupted(self.pending)
+
+
+SIGNALS = SignalGuard()
+
+
+def supervise(argv, seconds, signal_number, started=None, **options):
+    """spawn() and wait_with_deadline() with no gap a signal can fall into.
+
+    started(proc) runs before any signal is acted on.  Returns (proc,
+    timed_out); OSError when the program cannot start.
+    """
+    SIGNALS.hold()
+    try:
+        proc = spawn(argv, **options)
+    except BaseException:
+        SIGNALS.release()
+        raise
+    if started is not None:
+        started(proc)
+    return proc, wait_with_deadline(proc, seconds, signal_number, held=True)
+
+
+def wait_with_deadline(proc, seconds, signal_number, held=False):
     """Wait for a process; at the deadline signal its whole group.
 
     TimeoutSignal goes to the group first; after a short grace, SIGKILL
-    follows so that no grandchild outlives the deadline.  Returns True when
-    the deadline expired.
+    follows so that no grandchild outlives the deadline.  When the program
+    exits first, what it left in its group (background children) is killed
+    at once: nothing may go on writing to outputs already hashed.  A stop
+    signal is passed on to the group, then SIGKILL follows after the grace.
+    Returns True when the deadline expired.
     """
-    import subprocess  # late import: start-up time
+    import signal  # late import: start-up time
     try:
-        proc.wait(timeout=seconds or None)
-        return False
-    except subprocess.TimeoutExpired:
-        pass
-    except KeyboardInterrupt:
-        import signal  # late import: start-up time
+        if held:
+            SIGNALS.release()
+        exited = wait_for_exit(proc, seconds)
+    except Interrupted as exc:
+        end_group(proc, exc.signal_number)
+        raise
+    except BaseException:
+        end_group(proc, signal.SIGKILL)
+        raise
+    if exited:
         kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise
-    kill_group(proc.pid, signal_number)
-    try:
-        proc.wait(timeout=KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        pass
+        return False
+    end_group(proc, signal_number)
+    return True
+
+
+def wait_for_exit(proc, seconds):
+    """Wait (at most seconds, 0 for ever) until proc has exited, without
+    reaping it: while its zombie stays, its group id cannot be reused, so
+    signalling the group cannot hit a stranger.  False at the deadline."""
+    if not hasattr(os, 'waitid'):  # COMPAT: no waitid; the reuse race stays
+        import subprocess  # late import: start-up time
+        try:
+            proc.wait(timeout=seconds or None)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    flags = os.WEXITED | os.WNOWAIT
+    if not seconds:
+        os.waitid(os.P_PID, proc.pid, flags)
+        return True
+    import time  # late import: start-up time
+    end = time.monotonic() + seconds
+    delay = 0.0005
+    while os.waitid(os.P_PID, proc.pid, flags | os.WNOHANG) is None:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def end_group(proc, first_signal):
+    """Signal the program's group, give it KILL_GRACE, then SIGKILL it."""
     import signal  # late import: start-up time
+    kill_group(proc.pid, first_signal)
+    if first_signal != signal.SIGKILL:
+        wait_for_exit(proc, KILL_GRACE)
     kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
-    return True
 
 
 def kill_group(pgid, signal_number):
@@ -2316,6 +2446,8 @@ KID_TIMED_OUT = ('The kid was killed (signal %d to its process group) when '
                  'RunTimeLimit (%d s) expired.')
 KID_NOT_RUN = 'The kid was not run.'
 KID_NOT_STARTED = 'The kid could not be started.'
+KID_INTERRUPTED = ('The kid was killed (%s to its process group) when webjob '
+                   'was interrupted.')
 
 
 def version_string(_cache={}):
@@ -2395,6 +2527,8 @@ class Job(object):
         self.get_error = self.run_error = None
         self.kid_pid = self.kid_status = self.kid_signal = None
         self.kid_reason = KID_NOT_RUN
+        self.kid_proc = None
+        self.stage = 'Configure'
         self.out_hash = self.err_hash = None
         self.downloaded = []
         self.outputs = []
@@ -2614,12 +2748,13 @@ def run_get_hook(job, deadline):
     except TransportError as exc:
         raise GetStageError('GetHook: %s' % exc)
     try:
-        proc = spawn(['/bin/sh', '-c', command], stdout=sys.stderr.fileno(),
-                     cwd=job.temp_dir)
+        proc, timed_out = supervise(['/bin/sh', '-c', command], remaining, 9,
+                                    stdout=sys.stderr.fileno(),
+                                    cwd=job.temp_dir)
     except OSError as exc:
         raise GetStageError('GetHook: cannot start /bin/sh: %s'
                             % (exc.strerror or exc))
-    if wait_with_deadline(proc, remaining, 9):
+    if timed_out:
         raise GetStageError('GetHook: GetTimeLimit (%d s) expired; the hook '
                             'was killed' % values['GetTimeLimit'])
     status = proc.returncode
@@ -2652,21 +2787,24 @@ def run_run_stage(job, capture):
             out_fd, err_fd = open_outputs(job)
             hashers = [FileHasher(job.output_path('out'), job.hash_name),
                        FileHasher(job.output_path('err'), job.hash_name)]
-        try:
-            proc = spawn(argv, stdout=out_fd, stderr=err_fd)
-        except OSError as exc:
-            job.kid_reason = KID_NOT_STARTED
-            job.kid_status = -1
-            job.kid_signal = 0
-            raise RunStageError('%s: cannot execute: %s'
-                                % (job.program, exc.strerror or exc))
-        finally:
+        def started(proc):
+            job.kid_pid = proc.pid
+            job.kid_proc = proc
             for fd in (out_fd, err_fd):
                 if fd is not None:
                     os.close(fd)
-        job.kid_pid = proc.pid
-        timed_out = wait_with_deadline(proc, values['RunTimeLimit'],
-                                       values['TimeoutSignal'])
+        try:
+            proc, timed_out = supervise(argv, values['RunTimeLimit'],
+                                        values['TimeoutSignal'], started,
+                                        stdout=out_fd, stderr=err_fd)
+        except OSError as exc:
+            for fd in (out_fd, err_fd):
+                if fd is not None and job.kid_pid is None:
+                    os.close(fd)
+            job.kid_reason = KID_NOT_STARTED
+            job.kid_status = -1
+            job.kid_signal = 0
+            raise RunStageError(explain_exec_failure(job, exc))
         record_kid_status(job, proc.returncode, timed_out)
         if timed_out:
             raise RunStageError('%s: RunTimeLimit (%d s) expired; its process '
@@ -2675,6 +2813,24 @@ def run_run_stage(job, capture):
     finally:
         if hashers:
             (_, job.out_hash), (_, job.err_hash) = [h.finish() for h in hashers]
+
+
+def explain_exec_failure(job, exc):
+    """Why the program did not start, with the next step when it is known."""
+    import errno  # late import: error path only
+    text = '%s: cannot execute: %s' % (job.program, exc.strerror or exc)
+    if exc.errno == errno.EACCES and is_mounted_noexec(job.temp_dir):
+        text += ('; TempDirectory = [%s] is on a file system mounted noexec: '
+                 'set TempDirectory to a folder where programs may run'
+                 % job.temp_dir)
+    return text
+
+
+def is_mounted_noexec(path):
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, 'ST_NOEXEC', 8))
+    except OSError:
+        return False
 
 
 def open_outputs(job):
@@ -2815,17 +2971,38 @@ def load_dsv_keys(tree):
 
 
 def execute_mode(values, program, options):
-    """-e: GET, RUN and PUT one program; return the exit code (XER_*)."""
-    job = configure_job(values, program, options)
+    """-e: GET, RUN and PUT one program; return the exit code (XER_*).
+
+    A stop signal at any point ends what runs, cleans up as Unlink* say,
+    keeps the outputs (with an .env that records why) and exits XER_Abort.
+    """
+    SIGNALS.install()
+    job = None
+    try:
+        job = configure_job(values, program, options)
+        return run_stages(job)
+    except Interrupted as exc:
+        if job is None:
+            raise
+        return stop_job(job, exc)
+    finally:
+        SIGNALS.restore()
+
+
+def run_stages(job):
+    """The three stages in order; every failure reported, one code."""
+    values = job.values
     capture = bool(values['URLPutURL'])
     failures = []
     try:
+        job.stage = 'GetStage'
         run_get_stage(job)
     except GetStageError as exc:
         job.get_error = str(exc)
         failures.append(exc)
     if not failures:
         try:
+            job.stage = 'RunStage'
             run_run_stage(job, capture)
         except RunStageError as exc:
             job.run_error = job.run_error or str(exc)
@@ -2833,15 +3010,12 @@ def execute_mode(values, program, options):
     put_ok = False
     if capture and (job.get_error is None or values['UploadOnGetFailure']):
         try:
+            job.stage = 'PutStage'
             run_put_stage(job)
             put_ok = True
         except PutStageError as exc:
-            failures.append(exc)
-    if values['UnlinkExecutable']:
-        if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
-            job.downloaded.append(job.path(pad_payload_name(job.program)))
-        for path in job.downloaded:
-            remove_quietly(path)
+            failures.append(PutStageError('%s; %s' % (exc, describe_kept(job))))
+    remove_executables(job)
     if values['UnlinkOutput'] and put_ok:
         for path in job.outputs:
             remove_quietly(path)
@@ -2850,6 +3024,50 @@ def execute_mode(values, program, options):
     if len(failures) > 1:
         return XER_MULTI_STAGE
     return failures[0].exit_code if failures else XER_OK
+
+
+def remove_executables(job):
+    """UnlinkExecutable=Y: remove the program, its GetHook variant and a
+    PaD payload it unpacked."""
+    if job.values['UnlinkExecutable']:
+        if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
+            job.downloaded.append(job.path(pad_payload_name(job.program)))
+        for path in job.downloaded:
+            remove_quietly(path)
+
+
+def describe_kept(job):
+    """Where the output files stay when they were not (all) uploaded."""
+    kept = [path for path in job.outputs if os.path.exists(path)]
+    if not kept:
+        return 'no output files were kept'
+    return 'the output files are kept in %s: %s' % (
+        job.temp_dir, ' '.join(os.path.basename(path) for path in kept))
+
+
+def stop_job(job, exc):
+    """After a stop signal: record why, clean up, say what is left."""
+    reason = '%s during %s' % (exc, job.stage)
+    proc = job.kid_proc
+    if job.stage == 'RunStage' and proc is not None and \
+            proc.returncode is not None:
+        record_kid_status(job, proc.returncode, False)
+        job.kid_reason = KID_INTERRUPTED % signal_name(exc.signal_number)
+    if job.stage == 'GetStage':
+        job.get_error = job.get_error or reason
+    else:
+        job.run_error = job.run_error or reason
+    if job.values['URLPutURL'] and job.stage != 'PutStage':
+        try:
+            ensure_outputs(job)
+            write_env_file(job)
+        except OSError:
+            pass
+    remove_executables(job)
+    kept = '; ' + describe_kept(job) if job.values['URLPutURL'] else ''
+    write_stderr('%s: %s; everything it started was stopped, nothing more '
+                 'was uploaded%s' % (job.stage, exc, kept))
+    return XER_ABORT
 
 
 def hashsum_mode(hash_type, path, stdin=None, stdout=None):
