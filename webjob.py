@@ -168,10 +168,22 @@ def scrub(text):
     return text
 
 
+MAX_LINE = 1000                 # a message line; longer ones lose their middle
+
+
+def stderr_line(message):
+    """A message as write_stderr() prints it: no secret, one printable line,
+    at most MAX_LINE characters (its start and its end kept)."""
+    text = one_line(scrub(message))
+    if len(text) > MAX_LINE:
+        text = '%s...%s' % (text[:MAX_LINE * 2 // 3], text[-MAX_LINE // 3:])
+    return text
+
+
 def write_stderr(message, program=PROGRAM):
     """Print one line on stderr, never failing (the host may be damaged)."""
     try:
-        sys.stderr.write('%s: %s\n' % (program, one_line(scrub(message))))
+        sys.stderr.write('%s: %s\n' % (program, stderr_line(message)))
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass
@@ -462,19 +474,24 @@ def read_config_file(path, table, values, where, stdin, chain):
     if path == '-':
         label = '-'
         stream = stdin if stdin is not None else sys.stdin.buffer
-        data = stream.read(MAX_CONFIG_SIZE + 1)
-        base = os.getcwd()
+        try:
+            data = stream.read(MAX_CONFIG_SIZE + 1)
+            base = os.getcwd()
+        except (OSError, ValueError) as exc:
+            raise PropertiesError('-: cannot read config from standard input:'
+                                  ' %s' % (getattr(exc, 'strerror', None)
+                                           or exc))
     else:
-        label = path
+        label = redact_url(path)    # a name is shown, never a secret
         real = os.path.realpath(path)
         if real in chain:
             raise PropertiesError('%s: Import: loop back to %s'
-                                  % (chain[-1], path))
+                                  % (chain[-1], label))
         try:
             data = read_regular_file(path, MAX_CONFIG_SIZE + 1)
         except OSError as exc:
             raise PropertiesError('%s: cannot read config file: %s'
-                                  % (path, exc.strerror or exc))
+                                  % (label, exc.strerror or exc))
         base = os.path.dirname(os.path.abspath(path))
         chain = chain + (real,)
     if len(data) > MAX_CONFIG_SIZE:
@@ -516,9 +533,7 @@ def shown_value(name, kind, value):
     """A control's value as an error message may show it: never a secret."""
     if name in SECRET_CONTROLS:
         return MASK
-    if kind == 'url':
-        return redact_url(value)
-    return value
+    return redact_url(value)    # a URL pasted into the wrong control too
 
 
 def remember_config_secret(name, kind, value):
@@ -529,18 +544,22 @@ def remember_config_secret(name, kind, value):
         remember_secret(parse_url(value)[2])
 
 
+class NotRegularFileError(OSError):
+    """A FIFO, device or folder where a file was expected."""
+
+
 def read_regular_file(path, limit):
     """Up to limit bytes of a regular file; anything else is refused.
 
-    Opened non-blocking, so that a FIFO planted where a config, Import or
-    CA bundle should be cannot hang the job; a device never ends, so it is
-    refused too.
+    Opened non-blocking, so that a FIFO planted where a config, Import,
+    key or certificate should be cannot hang the job; a device never ends,
+    so it is refused too.
     """
     import stat  # already loaded by os: free
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(0, 'not a regular file')
+            raise NotRegularFileError(0, 'not a regular file')
         chunks, size = [], 0
         while size < limit:
             chunk = os.read(fd, min(BLOCK_SIZE, limit - size))
@@ -662,13 +681,13 @@ def redact_url(url):
     """A URL fit to print: the password split_url() finds becomes ********.
 
     A string that is not a URL by the grammar may still hold a password in
-    a place the splitter cannot know (before a stray '/', say): everything
-    from the scheme to its last '@' is then hidden, which shows too little
-    rather than too much.
+    a place the splitter cannot know (before a stray '/', say, or in a
+    second URL inside the path): everything from the scheme to its last '@'
+    is then hidden, which shows too little rather than too much.
     """
     url = str(url)
     parts = split_url(url)
-    if parse_url(url) is not None:
+    if parse_url(url) is not None and '://' not in parts[3]:
         scheme, userinfo, hostport, path = parts
         if userinfo is None or ':' not in userinfo:
             return url
@@ -1572,12 +1591,10 @@ def dsv_read_small_file(path, limit=DSV_MAX_PEM_FILE):
     :raises OSError: unreadable.
     :raises DsvError: not a regular file, or larger than ``limit``.
     """
-    import stat  # late import: start-up time
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
-    with os.fdopen(fd, 'rb') as stream:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DsvError('%s: not a regular file' % path)
-        data = stream.read(limit + 1)
+    try:
+        data = read_regular_file(path, limit + 1)
+    except NotRegularFileError:
+        raise DsvError('%s: not a regular file' % path)
     if len(data) > limit:
         raise DsvError('%s: file too large' % path)
     return data
@@ -1814,6 +1831,7 @@ def build_ssl_context(ssl, values):
     if values['SSLVerifyPeerCert']:
         context.verify_mode = ssl.CERT_REQUIRED
         bundle = values['SSLBundledCAsFile']
+        check_regular_file('SSLBundledCAsFile', bundle)
         try:
             context.load_verify_locations(cafile=bundle)
         except (OSError, ssl.SSLError) as exc:
@@ -1826,14 +1844,25 @@ def build_ssl_context(ssl, values):
     return context
 
 
+def check_regular_file(control, path):
+    """OpenSSL opens these files itself and would block on a FIFO."""
+    import stat  # already loaded by os: free
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigureError('%s = [%s]: %s' % (control, path,
+                                                exc.strerror or exc))
+    if not stat.S_ISREG(mode):
+        raise ConfigureError('%s = [%s]: not a regular file' % (control, path))
+
+
 def load_client_certificate(ssl, context, values):
     """Load SSLPublicCertFile/SSLPrivateKeyFile, never hanging on a prompt."""
     cert = values['SSLPublicCertFile']
     key = values['SSLPrivateKeyFile']
     passphrase = values['SSLPassPhrase']
     for control, path in (('SSLPublicCertFile', cert), ('SSLPrivateKeyFile', key)):
-        if not os.path.isfile(path):
-            raise ConfigureError('%s = [%s]: no such file' % (control, path))
+        check_regular_file(control, path)
 
     def ask_passphrase():
         if passphrase is not None:
@@ -2006,8 +2035,7 @@ def tls12_server_certificates(stream):
 
 def read_ca_bundle(path):
     """Parsed certificates of SSLBundledCAsFile (unparsable ones skipped)."""
-    with open(path, 'rb') as handle:
-        data = handle.read(MAX_CONFIG_SIZE * 16)
+    data = read_regular_file(path, MAX_CONFIG_SIZE * 16)
     parsed = []
     for der in pem_decode_all(data, 'CERTIFICATE'):
         try:
@@ -3085,17 +3113,28 @@ def hashsum_mode(hash_type, path, stdin=None, stdout=None):
             digest = hash_file(path, name.lower())[1]
     except OSError as exc:
         raise ArgumentError('%s: %s' % (path, exc.strerror or exc))
-    stdout.write(digest + '\n')
-    stdout.flush()
+    write_stdout(stdout, digest + '\n')
     return XER_OK
 
 
 def version_mode(stdout=None):
     """-v: the Version string and which optional parts work here."""
     stdout = stdout if stdout is not None else sys.stdout
-    stdout.write(version_string() + '\n')
-    stdout.flush()
+    write_stdout(stdout, version_string() + '\n')
     return XER_OK
+
+
+def write_stdout(stream, text):
+    """Write and flush an answer; a full disk or bad descriptor is one line
+    (XER_Abort), a reader that went away is main()'s broken pipe."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise WebJobError('stdout: %s' % (getattr(exc, 'strerror', None)
+                                          or exc))
 
 
 def get_url_mode(config_spec, url, stdin=None, stdout=None):
@@ -3128,6 +3167,10 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
             sock.close()
     except TransportError as exc:   # worded as in the stages of -e
         raise GetStageError(str(exc))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:          # socket errors are TransportErrors
+        raise GetStageError('stdout: %s' % (exc.strerror or exc))
     return XER_OK
 
 
