@@ -855,6 +855,11 @@ def read_response_head(sock, deadline):
         except OSError as exc:
             raise TransportError('receive: %s' % (exc.strerror or exc))
         if not chunk:
+            if not data:
+                raise TransportError(
+                    'the server closed the connection without answering (a '
+                    'CGI that failed to start or died? see the web server\'s '
+                    'error log)')
             raise TransportError('connection closed before a complete '
                                  'response header')
         data += chunk
@@ -978,6 +983,52 @@ def read_body_to_file(response, fd, limit, deadline):
         raise TransportError('Actual-Length (%d) vs Content-Length (%d) '
                              'mismatch' % (got, length))
     return got
+
+
+def describe_status(response, name, auth_sent, deadline):
+    """A non-2xx answer: its status, what its body says, the next step."""
+    text = '%s: Status = [%d], Reason = [%s]' % (name, response.status,
+                                                 response.reason)
+    said = read_error_text(response, deadline)
+    if said:
+        text += '; the server says: %s' % said
+    if response.status == 401:
+        text += ('; credentials were sent and refused: check URLUsername and '
+                 'URLPassword' if auth_sent else '; no credentials were sent '
+                 '(URLAuthType=none): set URLAuthType=basic with URLUsername '
+                 'and URLPassword')
+    return text
+
+
+MAX_ERROR_BODY = 2048           # how much of an error page is read for words
+
+
+def read_error_text(response, deadline):
+    """The words of an error page (nginx hides why it said 400 there).
+
+    Only a body with a Content-Length is read, at most 2 KiB of it, and at
+    most 5 s: what a hostile server says is shown folded and cut short."""
+    import socket  # late import: start-up time
+    length = min(response.fields.get('content-length') or 0, MAX_ERROR_BODY)
+    data = response.body_start[:length]
+    try:
+        while len(data) < length:
+            left = deadline.remaining()
+            response.sock.settimeout(5 if left is None else min(left, 5))
+            chunk = response.sock.recv(length - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except (OSError, TransportError, socket.timeout):
+        pass
+    import re  # late import: error path only
+    words = []
+    for piece in re.sub(r'<[^>]*>', '\n', data.decode('latin-1')).split('\n'):
+        piece = ' '.join(piece.split())
+        if piece and piece not in words and not piece.startswith('nginx') \
+                and piece != '%d %s' % (response.status, response.reason):
+            words.append(piece)
+    return one_line(' '.join(words))[:200]
 
 
 def write_all(fd, data):
@@ -1760,8 +1811,11 @@ class TLSContext(object):
                                     deadline.seconds))
         except ssl.SSLError as exc:
             reason = describe_ssl_error(exc)
-            if reason == 'certificate verify failed':
-                reason = explain_verify_failure(self.values, target, deadline)
+            if reason.startswith('certificate verify failed'):
+                reason = explain_verify_failure(self.values, target, deadline,
+                                                reason)
+            else:
+                reason = explain_refusal(self.values, reason)
             raise TransportError('%s: TLS handshake failed: %s'
                                  % (target.display, reason))
         except OSError as exc:
@@ -1777,16 +1831,22 @@ class TLSContext(object):
         return tls
 
 
-def explain_verify_failure(values, target, deadline):
-    """Say why verification failed on Pythons whose ssl does not (< 3.7).
+def explain_verify_failure(values, target, deadline, reason):
+    """Why verification failed, whose certificate, and the next step.
 
     A second, unverified handshake fetches the server's certificate, which
     is only read here, never trusted: nothing is sent on that connection.
+    Pythons < 3.7 say only "certificate verify failed"; the dates and the
+    bundle tell the rest.
     """
-    reason = 'certificate verify failed'
+    import time  # late import: start-up time
+    bundle = values['SSLBundledCAsFile']
+    now = time.gmtime()
+    clock = ("this host's clock says %s UTC; if it is wrong, set it"
+             % time.strftime('%Y-%m-%d %H:%M:%S', now))
+    stamp = time.strftime('%Y%m%d%H%M%SZ', now)
     try:
         import ssl  # late import: start-up time
-        import time  # late import: start-up time
         context = build_ssl_context(ssl, dict(values, SSLVerifyPeerCert=False))
         sock = open_connection(target, deadline, raw=True)
         try:
@@ -1794,14 +1854,56 @@ def explain_verify_failure(values, target, deadline):
             cert = x509_parse(tls.getpeercert(binary_form=True))
         finally:
             sock.close()
-        now = time.strftime('%Y%m%d%H%M%SZ', time.gmtime())
-        if x509_time(cert.not_after) < now:
-            return reason + ': certificate has expired'
-        if x509_time(cert.not_before) > now:
-            return reason + ': certificate is not yet valid'
-        return reason + ': not issued by a CA in SSLBundledCAsFile'
     except Exception:
-        return reason
+        cert = None
+    if cert is not None:
+        whose = "the server's certificate [CN=%s]" % one_line(
+            cert.subject_cn or '-')
+        if x509_time(cert.not_after) < stamp:
+            return ('%s: certificate has expired: %s expired %s; %s'
+                    % (reason.split(':')[0], whose,
+                       show_x509_time(cert.not_after), clock))
+        if x509_time(cert.not_before) > stamp:
+            return ('%s: certificate is not yet valid: %s is valid from %s; %s'
+                    % (reason.split(':')[0], whose,
+                       show_x509_time(cert.not_before), clock))
+    if 'expired' in reason or 'not yet valid' in reason:
+        return ('%s: a CA certificate of the chain or of SSLBundledCAsFile = '
+                '[%s] is out of its dates; %s' % (reason, bundle, clock))
+    if reason == 'certificate verify failed':
+        reason += ': not issued by a CA in SSLBundledCAsFile'
+    return ("%s: the server's certificate does not lead to a CA in "
+            'SSLBundledCAsFile = [%s]: bundle the CA that issued it'
+            % (reason, bundle))
+
+
+def explain_refusal(values, reason):
+    """A handshake the server refused: say what of ours it did not like."""
+    import time  # late import: start-up time
+    ours = 'our certificate (SSLPublicCertFile = [%s])' % \
+        values['SSLPublicCertFile'] if values['SSLUseCertificate'] else None
+    lowered = reason.lower()
+    if 'certificate expired' in lowered and ours:
+        return ("%s: the server refused %s as expired; this host's clock "
+                'says %s UTC' % (reason, ours, time.strftime(
+                    '%Y-%m-%d %H:%M:%S', time.gmtime())))
+    if 'unknown ca' in lowered and ours:
+        return ('%s: the server does not trust the issuer of %s' % (reason,
+                                                                    ours))
+    if 'certificate required' in lowered and not ours:
+        return ('%s: the server requires a client certificate: set '
+                'SSLUseCertificate=Y, SSLPublicCertFile and SSLPrivateKeyFile'
+                % reason)
+    if 'wrong version number' in lowered or 'record layer failure' in lowered:
+        return '%s: is the server speaking https on this port?' % reason
+    return reason
+
+
+def show_x509_time(value):
+    """'2001-01-01 00:00:00 UTC' from a certificate's time."""
+    full = x509_time(value)
+    return '%s-%s-%s %s:%s:%s UTC' % (full[0:4], full[4:6], full[6:8],
+                                      full[8:10], full[10:12], full[12:14])
 
 
 def x509_time(value):
@@ -2641,8 +2743,8 @@ def fetch_to_file(job, name, path, deadline, limit=None):
                              auth=values['URLAuthType'] == 'basic')
     try:
         if not response.ok:
-            raise TransportError('%s: Status = [%d], Reason = [%s]'
-                                 % (name, response.status, response.reason))
+            raise TransportError(describe_status(
+                response, name, values['URLAuthType'] == 'basic', deadline))
         fd = create_exclusive(path)
         try:
             read_body_to_file(response, fd, limit or values['URLDownloadLimit'],
@@ -2948,14 +3050,17 @@ def run_put_stage(job):
                                  job.tls_for(target),
                                  auth=values['URLAuthType'] == 'basic',
                                  job_id=job.job_id, body_files=files)
-        response.close()
+        try:
+            if not response.ok:
+                raise PutStageError(describe_status(
+                    response, target.display, values['URLAuthType'] == 'basic',
+                    deadline))
+        finally:
+            response.close()
     except TransportError as exc:
         raise PutStageError(str(exc))
     except OSError as exc:
         raise PutStageError('%s' % (exc.strerror or exc))
-    if not response.ok:
-        raise PutStageError('%s: Status = [%d], Reason = [%s]'
-                            % (target.display, response.status, response.reason))
     if 'content-length' not in response.fields:
         raise PutStageError("%s: the server's response did not include a "
                             'Content-Length' % target.display)
@@ -3158,9 +3263,9 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
             send_all(sock, build_plain_get(target, values), deadline)
             response = read_response_head(sock, deadline)
             if not response.ok:
-                raise TransportError('%s: Status = [%d], Reason = [%s]'
-                                     % (target.display, response.status,
-                                        response.reason))
+                raise TransportError(describe_status(
+                    response, target.display, values['URLAuthType'] == 'basic'
+                    or bool(target.username), deadline))
             read_body_to_file(response, out.fileno(),
                               values['URLDownloadLimit'], deadline)
         finally:
@@ -4180,6 +4285,34 @@ def release_config_stdin(values):
         os.close(fd)
 
 
+#: Environment variables through which an interpreter not started with -I
+#: (or -E) loads code or modules from somewhere else than its own install.
+CODE_LOADING_VARIABLES = ('PYTHONPATH', 'PYTHONHOME', 'PYTHONUSERBASE',
+                          'PYTHONPLATLIBDIR', 'PYTHONPYCACHEPREFIX',
+                          'PYTHONWARNINGS', 'PYTHONSTARTUP', 'PYTHONINSPECT',
+                          'PYTHONBREAKPOINT', 'PYTHONEXECUTABLE')
+
+
+def isolation_warning():
+    """The warning to print when started without -I -S while something
+    could have run before this file: None when there is nothing to say."""
+    causes = []
+    if not sys.flags.ignore_environment:
+        causes += [name for name in CODE_LOADING_VARIABLES
+                   if os.environ.get(name)]
+    site = sys.modules.get('site')
+    if (site is not None and not sys.flags.no_user_site
+            and getattr(site, 'ENABLE_USER_SITE', False)
+            and os.path.isdir(getattr(site, 'USER_SITE', None) or '')):
+        causes.append('the user site %s' % site.USER_SITE)
+    if not causes:
+        return None
+    return ('warning: started without isolation while %s %s in effect: code '
+            'from there may have run before webjob; start it as python3 -I -S '
+            'webjob.py' % (', '.join(causes),
+                           'is' if len(causes) == 1 else 'are'))
+
+
 def check_standard_descriptors():
     """Refuse to run with stdin, stdout or stderr closed.
 
@@ -4199,6 +4332,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         check_standard_descriptors()
+        warning = isolation_warning()
+        if warning:
+            write_stderr(warning)
         if invoked.startswith('webjob-dsvtool'):
             return dsvtool_main(argv)
         mode, arguments = parse_args(argv)
