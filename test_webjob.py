@@ -2678,7 +2678,7 @@ def test_signed_job_runs_against_the_server(tmp_path, job_dir, standalone_server
                                'job.sh'), b'hello signed')
     expected = (['job.sh', 'job.sh'] if in_header else
                 ['job.sh', 'job.sh.sig', 'job.sh'])
-    # The server logs the PUT after it has answered: wait for its line.
+    # INFO: the PUT's line is written after its answer: wait for it
     requests = [line.split()[7] for line in server.log_lines(len(expected))]
     assert requests == expected
 
