@@ -123,7 +123,8 @@ class TransportError(WebJobError):
 
 
 class Interrupted(WebJobError):
-    """A signal asked the job to stop (XER_Abort); .signal_number says which."""
+    """A signal asked the job to stop (XER_Abort); .signal_number says
+    which."""
     exit_code = XER_ABORT
 
     def __init__(self, signal_number):
@@ -523,7 +524,6 @@ def read_config_file(path, table, values, where, stdin, chain):
         except ValueError as exc:
             raise PropertiesError('%s: %s = [%s]: %s' % (
                 here, name, shown_value(name, kind, value), exc))
-        remember_config_secret(name, kind, value)
         where[name] = here
 
 
@@ -537,12 +537,17 @@ def shown_value(name, kind, value):
     return redact_url(value)    # a URL pasted into the wrong control too
 
 
-def remember_config_secret(name, kind, value):
-    """Remember URLPassword, SSLPassPhrase and a password inside a URL."""
-    if name in SECRET_CONTROLS:
-        remember_secret(value)
-    elif kind == 'url':
-        remember_secret(parse_url(value)[2])
+def remember_config_secrets(values, controls):
+    """Remember URLPassword, SSLPassPhrase and the passwords inside URLs, so
+    that scrub() hides them for the rest of this run (main() forgets)."""
+    for name, kind, default in controls:
+        value = values.get(name)
+        if not value:
+            continue
+        if name in SECRET_CONTROLS:
+            remember_secret(value)
+        elif kind == 'url':
+            remember_secret(parse_url(value)[2])
 
 
 class NotRegularFileError(OSError):
@@ -1026,8 +1031,10 @@ def read_error_text(response, deadline):
     words = []
     for piece in re.sub(r'<[^>]*>', '\n', data.decode('latin-1')).split('\n'):
         piece = ' '.join(piece.split())
+        if piece.startswith('%d ' % response.status):
+            piece = piece[4:]       # nginx's title: '400 The plain HTTP ...'
         if piece and piece not in words and not piece.startswith('nginx') \
-                and piece != '%d %s' % (response.status, response.reason):
+                and piece != response.reason:
             words.append(piece)
     return one_line(' '.join(words))[:200]
 
@@ -1998,7 +2005,8 @@ def explain_key_failure(cert, key, passphrase, exc):
                 '= [%s]: name the matching pair' % (key, cert))
     if encrypted and passphrase is not None:
         return ('SSLPrivateKeyFile = [%s]: SSLPassPhrase does not decrypt it '
-                '(wrong pass phrase?); check SSLPassPhrase (%s)' % (key, reason))
+                '(wrong pass phrase?); check SSLPassPhrase (%s)'
+                % (key, reason))
     return ('SSLPublicCertFile = [%s], SSLPrivateKeyFile = [%s]: cannot load: '
             '%s' % (cert, key, reason))
 
@@ -3152,7 +3160,8 @@ def run_stages(job):
             run_put_stage(job)
             put_ok = True
         except PutStageError as exc:
-            failures.append(PutStageError('%s; %s' % (exc, describe_kept(job))))
+            failures.append(PutStageError('%s; %s'
+                                          % (exc, describe_kept(job))))
     remove_executables(job)
     if values['UnlinkOutput'] and put_ok:
         for path in job.outputs:
@@ -3252,6 +3261,7 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
     controls = CLIENT_CONTROLS
     values = read_config(config_spec, controls, stdin) if config_spec else \
         dict((name, default) for name, kind, default in controls)
+    remember_config_secrets(values, controls)
     parts = parse_url(url)
     if parts is None:
         raise ArgumentError('url = [%s]: expected scheme://host(:port)/path '
@@ -4338,11 +4348,13 @@ def parse_args(argv):
             raise UsageError('expected -f|--file after %s' % mode)
         config = take(argv, 2, 'config file')
         if len(argv) > 4:
-            raise UsageError('unexpected argument [%s]' % argv[4])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[4]))
         count = argv[3] if len(argv) > 3 else None
         if count is not None and not (is_digits(count) and 0 < int(count)
                                       <= 1000):
-            raise UsageError('count = [%s]: expected 1-1000 jobs' % count)
+            raise UsageError('count = [%s]: expected 1-1000 jobs'
+                             % redact_url(count))
         return 'job', (config, int(count) if count else None)
     if mode in ('-h', '--hashsum'):
         if take(argv, 1, '-t|--type') not in ('-t', '--type'):
@@ -4350,11 +4362,13 @@ def parse_args(argv):
         digest = take(argv, 2, 'digest type')
         path = take(argv, 3, 'file')
         if len(argv) > 4:
-            raise UsageError('unexpected argument [%s]' % argv[4])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[4]))
         return 'hashsum', (digest, path)
     if mode in ('-v', '--version'):
         if len(argv) > 1:
-            raise UsageError('unexpected argument [%s]' % argv[1])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[1]))
         return 'version', ()
     if mode in ('-g', '--get-url'):
         config = None
@@ -4364,7 +4378,8 @@ def parse_args(argv):
             index = 3
         url = take(argv, index, 'url')
         if len(argv) > index + 1:
-            raise UsageError('unexpected argument [%s]' % argv[index + 1])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[index + 1]))
         return 'get-url', (config, url)
     if mode == '--dsvtool':
         return 'dsvtool', (argv[1:],)
@@ -4376,18 +4391,27 @@ def parse_args(argv):
                 raise UsageError('expected --pad-make-script file [-o file.pad]')
             output = argv[3]
         return 'pad-make-script', (path, output)
-    raise UsageError('unknown mode [%s]' % mode)
+    raise UsageError('unknown mode [%s]' % redact_url(mode))
 
 
 def check_program(program):
     """The program is a plain name: path information is not allowed."""
+    shown = redact_url(program)
     if '/' in program or program in ('.', '..'):
         raise ArgumentError('program = [%s]: path information is not allowed'
-                            % program)
+                            % shown)
     if not is_program_name(program):
         raise ArgumentError('program = [%s]: only letters, digits and "_", '
                             '"-", ".", "+" are allowed, not first "." or "-"'
-                            % program)
+                            % shown)
+
+
+def read_client_config(config):
+    """The config of -e and --job, its secrets remembered, stdin released."""
+    values = read_config(config, CLIENT_CONTROLS)
+    remember_config_secrets(values, CLIENT_CONTROLS)
+    release_config_stdin(values)
+    return values
 
 
 def dispatch(mode, arguments):
@@ -4395,12 +4419,10 @@ def dispatch(mode, arguments):
     if mode == 'execute':
         config, program, options = arguments
         check_program(program)
-        values = read_config(config, CLIENT_CONTROLS)
-        release_config_stdin(values)
-        return execute_mode(values, program, options)
+        return execute_mode(read_client_config(config), program, options)
     if mode == 'job':
         config, count = arguments
-        return job_mode(read_config(config, CLIENT_CONTROLS), count)
+        return job_mode(read_client_config(config), count)
     if mode == 'hashsum':
         return hashsum_mode(*arguments)
     if mode == 'version':
@@ -4471,6 +4493,14 @@ def main(argv=None):
     """Run the command line; return the exit code for sys.exit()."""
     invoked = os.path.basename(sys.argv[0] if sys.argv else '')
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run_main(invoked, argv)
+    finally:
+        del SECRETS[:]              # this run's, and no one else's
+
+
+def run_main(invoked, argv):
+    """main() without its clean-up: every error becomes one line and a code."""
     try:
         check_standard_descriptors()
         warning = isolation_warning()
