@@ -3,6 +3,7 @@ under the usual GET/RUN/PUT stages, refuse a program whose hash differs
 from the pin.  Real client processes (the oldest and newest Python) against
 a real 'nph_webjob.py serve' on loopback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,22 @@ def test_job_mode_runs_every_queued_job_and_ties_each_result(site, python):
         assert env['CommandLine'] == 'collect.sh ' + words
     methods = [line.split()[5] for line in server.log_lines(7)]
     assert methods == ['JOB', 'GET', 'PUT', 'JOB', 'GET', 'PUT', 'JOB']
+
+
+def test_report_shows_the_servers_hash_check_of_queued_results(site):
+    server, cfg, work = site
+    admin(server.root, 'job', 'add', '--client', 'client_1', '--command',
+          'collect.sh')
+    assert run_client(NEWEST_PY, cfg)[0] == 0
+    proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'report', '--json',
+                             '--root', str(server.root)],
+                            stdout=subprocess.PIPE)
+    records = [json.loads(line) for line in
+               proc.communicate(timeout=60)[0].decode().splitlines()]
+    job, = [r for r in records if r['kind'] == 'job']
+    assert (job['result'], job['hashes'], job['kid_status']) == (
+        'ok', 'match:MD5', '0')
+    assert proc.returncode == 0
 
 
 def test_job_mode_refuses_a_program_whose_hash_differs_from_the_pin(site):

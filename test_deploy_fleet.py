@@ -188,6 +188,9 @@ def test_html_report_renders_hostile_uploads_as_inert_text(locker, tmp_path):
     assert dom.pres.count(shown) == 2           # .out and .err of the bad job
     rows = [a.get('class') for a in dom.tags('tr') if a.get('class')]
     assert rows == ['job ok', 'job failed', 'job ok']
+    checks = [a.get('class') for a in dom.tags('span')
+              if a.get('class') in ('match', 'mismatch', 'unchecked')]
+    assert checks == ['unchecked'] * 3      # no StdOutHash was declared
     assert 'A' * (1 << 16) in dom.pres and 'A' * ((1 << 16) + 1) not in ''.join(
         dom.pres)
     links = dict((a['download'], a['href']) for a in dom.tags('a')
@@ -574,3 +577,49 @@ def test_cgi_as_www_data_serves_a_queue_the_administrator_made_as_root():
             www.pw_uid
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+# Apache ######################################################################
+
+def test_queued_jobs_run_through_apache_nph_cgi(apache_server, tmp_path):
+    """The JOB method and the 252 answer pass Apache's mod_cgi (the NPH
+    script, as the README deploys it: Apache may chunk a parsed-header
+    CGI's answer, which the original's client cannot read either)."""
+    from conftest import CGI_PATH
+    import pwd
+    server = apache_server()
+    www = pwd.getpwnam('www-data')
+    with open(server.properties, 'rb') as handle:
+        original = handle.read()
+    queues = os.path.join(server.root, 'jobqueues')
+    try:
+        write_file(server.properties, original + b'JobQueueEnable = Y\n')
+        os.makedirs(queues)
+        os.chown(queues, www.pw_uid, www.pw_gid)
+        for n in range(2):
+            proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'job', 'add',
+                                     '--client', 'client_1', '--command',
+                                     'hostname.sh', '--pin', '--root',
+                                     server.root], stdout=subprocess.DEVNULL)
+            assert proc.wait(timeout=60) == 0
+        codes = []
+        for count in (['1'], []):
+            url = 'http://%s:%d%s' % (LOOPBACK, server.port, CGI_PATH)
+            cfg = write_file(tmp_path / 'apache.cfg', (
+                'ClientId=client_1\nURLGetURL=%s\nURLPutURL=%s\n'
+                'URLAuthType=basic\nURLUsername=client_1\n'
+                'URLPassword=secret-1\nTempDirectory=%s\n' % (
+                    url, url, tmp_path)).encode())
+            proc = subprocess.Popen([sys.executable, '-I', '-S', WEBJOB,
+                                     '--job', '-f', str(cfg)] + count,
+                                    stderr=subprocess.PIPE)
+            codes.append((proc.wait(timeout=120), proc.stderr.read()))
+        assert codes == [(0, b''), (0, b'')]
+        states = [nph_webjob.read_key_values(os.path.join(
+            queues, 'client_1', '%06d.job' % n))['State'] for n in (1, 2)]
+        assert states == ['done', 'done']
+        last = server.log_lines()[-1]
+        assert ' JOB client_1 default 0 0 0 252 -- No job queued' in last
+    finally:
+        write_file(server.properties, original)
+        shutil.rmtree(queues, ignore_errors=True)
