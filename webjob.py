@@ -2233,7 +2233,10 @@ class SignalGuard(object):
             number = getattr(signal, name, None)
             if number is None or signal.getsignal(number) == signal.SIG_IGN:
                 continue
-            self.previous[number] = signal.signal(number, self.handle)
+            try:
+                self.previous[number] = signal.signal(number, self.handle)
+            except ValueError:      # not the main thread: Python's default
+                return
 
     def restore(self):
         import signal  # late import: start-up time
@@ -3445,17 +3448,24 @@ def job_mode(values, count=None):
     # removes what it downloaded, so the next job may fetch the same name.
     values = dict(values, UploadOnGetFailure=True, UnlinkExecutable=True)
     codes = []
-    for number in range(count or MAX_QUEUE_JOBS):
-        answer = request_job(probe)
-        if answer is None:
-            break
-        job_id, reply = answer
-        words = reply['CommandLine'].split()
-        job = configure_job(values, words[0], words[1:])
-        job.job_id = job_id
-        job.pins = dict((key, reply[key]) for key, name, size in PIN_KEYS
-                        if reply.get(key))
-        codes.append(run_stages(job))
+    SIGNALS.install()
+    try:
+        for number in range(count or MAX_QUEUE_JOBS):
+            answer = request_job(probe)
+            if answer is None:
+                break
+            job_id, reply = answer
+            words = reply['CommandLine'].split()
+            job = configure_job(values, words[0], words[1:])
+            job.job_id = job_id
+            job.pins = dict((key, reply[key]) for key, name, size in PIN_KEYS
+                            if reply.get(key))
+            try:
+                codes.append(run_stages(job))
+            except Interrupted as exc:   # a stop signal ends the queue too
+                return stop_job(job, exc)
+    finally:
+        SIGNALS.restore()
     failed = sorted(set(code for code in codes if code))
     if not failed:
         return XER_OK
