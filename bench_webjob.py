@@ -676,7 +676,8 @@ def measure_resume(bench, key):
     of a file that size; the stage timed by the job's .env epochs."""
     conftest = load_conftest()
     if not hasattr(conftest, 'FaultProxy'):
-        raise BenchError('conftest.py has no FaultProxy')
+        bench.skip(key, 'conftest.py has no FaultProxy to cut the upload')
+        return
     big = ensure_big_payload(bench)
     proxy = conftest.FaultProxy(bench.server.port)
     bench.cleanups.append(proxy.close)
