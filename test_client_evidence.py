@@ -128,7 +128,7 @@ def test_get_hook_veto_leaves_no_program_behind(tmp_path, scripted, job_dir, unl
 def test_get_hook_killed_at_get_time_limit_leaves_no_program(tmp_path, scripted,
                                                              job_dir):
     cfg = hook_cfg(tmp_path, scripted, job_dir,
-                   'cp %vp %tp; touch made; exec sleep 60', GetTimeLimit='2')
+                   'cp %vp %tp; touch made; exec sleep 120', GetTimeLimit='8')
     result = run_webjob(['-e', '-f', cfg, 'job.sh'])
     assert_clean_error(result, 8, 'GetTimeLimit')
     left = os.listdir(str(job_dir))
