@@ -2018,10 +2018,12 @@ class RequestReader(object):
         import socket  # late import: standalone only
         import time  # late import: start-up time
         deadline = None
-        self.seen, scanned = len(self.buffer), 0
+        self.seen, scanned, skipped = len(self.buffer), 0, 0
         while True:
             if self.buffer[:1] in (b'\r', b'\n'):
+                size = len(self.buffer)
                 self.buffer = self.buffer.lstrip(b'\r\n')
+                skipped += size - len(self.buffer)
                 scanned = 0
             end = self.find_end(scanned)
             self.check_size(len(self.buffer) if end is None else end)
@@ -2029,14 +2031,14 @@ class RequestReader(object):
                 head, self.buffer = self.buffer[:end], self.buffer[end:]
                 return head
             scanned = max(len(self.buffer) - 2, 0)
-            if deadline is None and self.seen:
+            if deadline is None and self.buffer:
                 deadline = time.monotonic() + HEAD_TIME_LIMIT
             why = 'the connection was closed'
             try:
                 more = self.receive(self.idle_timeout if deadline is None
                                     else deadline - time.monotonic())
             except socket.timeout:
-                if not self.seen:
+                if self.seen == skipped:
                     return b''
                 raise HeadError(408, 'Request head not complete within %d s '
                                 '(%d bytes)' % (HEAD_TIME_LIMIT, self.seen),
@@ -2044,7 +2046,7 @@ class RequestReader(object):
             except OSError as exc:
                 more, why = False, exc.strerror or str(exc)
             if not more:
-                if self.seen:
+                if self.seen > skipped:
                     raise HeadError(400, 'Request head cut off after %d '
                                     'bytes: %s' % (self.seen, why),
                                     self.method_so_far())
@@ -2540,35 +2542,36 @@ def load_standalone_site(root, config, auth):
     return site
 
 
-def open_server(site, auth, tls, bind, port):
-    """A StandaloneServer listening on (bind, port)."""
-    server = StandaloneServer(site, auth, tls)
+def stop_on_signals(server):
+    """SIGTERM and SIGINT ask serve_forever to return (within its poll
+    interval), even before it runs; nothing is interrupted mid-step."""
+    import signal  # late import: standalone only
+
+    def stop(signum, frame):
+        server.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)   # INFO: even when started ignoring it
+
+
+def listen_on(server, bind, port):
+    """Bind the server's socket, or say why not."""
     try:
         server.listen(bind, port)
     except OSError as exc:
         raise webjob.WebJobError('cannot listen on %s port %d: %s'
                                  % (bind, port, exc.strerror or exc))
-    return server
 
 
 def run_server(server):
-    """Serve until SIGTERM or SIGINT; one line when listening, one when
-    stopped; return 0."""
-    import signal  # late import: standalone only
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)   # INFO: even when started ignoring it
+    """Serve until stopped; one line when listening, one when stopped;
+    return 0."""
     host, port = server.server_address[:2]
     write_stderr('listening on %s://%s:%d/ (BaseDirectory %s)' % (
         'https' if server.tls else 'http',
         '[%s]' % host if ':' in host else host, port, server.site.base))
     try:
         server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
     write_stderr('stopped')
@@ -2587,7 +2590,10 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
     check_exposure(bind, force, tls_cert, tls_key, client_ca, auth)
     tls = build_tls_context(tls_cert, tls_key, client_ca) if tls_cert else None
     site = load_standalone_site(root, config, auth)
-    return run_server(open_server(site, auth, tls, bind, port))
+    server = StandaloneServer(site, auth, tls)
+    stop_on_signals(server)
+    listen_on(server, bind, port)
+    return run_server(server)
 
 
 ###############################################################################
