@@ -192,36 +192,44 @@ class StandaloneServer(object):
         return stop_process(self.proc)
 
 
+def start_standalone(work, python=None, root=None, args=(), cwd=None):
+    """Run 'python nph_webjob.py serve --root R --port P [args]' from work
+    (or cwd), a fresh make_server_root tree under work unless root is
+    given, on a free port (three tries); a listening StandaloneServer.
+    Also used by bench_webjob.py."""
+    root = os.path.join(cwd or work, str(root)) if root is not None \
+        else make_server_root(os.path.join(work, 'server'))
+    stderr_path = os.path.join(work, 'serve.stderr')
+    for attempt in range(3):
+        port = free_port()
+        with open(stderr_path, 'wb') as err:
+            proc = subprocess.Popen(
+                [python or sys.executable, NPH_WEBJOB, 'serve', '--root',
+                 root, '--port', str(port)] + list(args),
+                cwd=cwd or work, stdin=subprocess.DEVNULL, stdout=err,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        server = StandaloneServer(proc, port, root, stderr_path)
+        try:
+            wait_for_port(LOOPBACK, port, proc=proc)
+            return server
+        except RuntimeError:
+            stop_process(proc)
+            if attempt == 2 or 'cannot listen' not in server.stderr():
+                raise RuntimeError('nph_webjob.py serve did not start: %s'
+                                   % server.stderr())
+
+
 @pytest.fixture
 def standalone_server(tmp_path_factory):
     """Factory: start(python=None, root=None, args=(), cwd=None) runs
-    'python nph_webjob.py serve --root R --port P [args]', waits for the
-    port and returns a StandaloneServer; all are stopped at teardown."""
+    start_standalone in a fresh folder; all are stopped at teardown."""
     started = []
 
     def start(python=None, root=None, args=(), cwd=None):
         work = str(tmp_path_factory.mktemp('standalone'))
-        root = os.path.join(cwd or work, str(root)) if root is not None \
-            else make_server_root(os.path.join(work, 'server'))
-        stderr_path = os.path.join(work, 'serve.stderr')
-        for attempt in range(3):
-            port = free_port()
-            with open(stderr_path, 'wb') as err:
-                proc = subprocess.Popen(
-                    [python or sys.executable, NPH_WEBJOB, 'serve', '--root',
-                     root, '--port', str(port)] + list(args),
-                    cwd=cwd or work, stdin=subprocess.DEVNULL, stdout=err,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            server = StandaloneServer(proc, port, root, stderr_path)
-            started.append(server)
-            try:
-                wait_for_port(LOOPBACK, port, proc=proc)
-                return server
-            except RuntimeError:
-                stop_process(proc)
-                if attempt == 2 or 'cannot listen' not in server.stderr():
-                    raise RuntimeError('nph_webjob.py serve did not start: %s'
-                                       % server.stderr())
+        server = start_standalone(work, python, root, args, cwd)
+        started.append(server)
+        return server
 
     yield start
     for server in started:
