@@ -552,7 +552,8 @@ def parse_query(query, names):
                 raise ValueError('no "="')
             if name not in names or name in found:
                 raise ValueError('duplicate' if name in found else 'unknown')
-            value = decode_query_value(raw)
+            value = decode_query_value(raw) if '%' in raw or '+' in raw \
+                else raw        # INFO: every check takes ASCII only anyway
             if not QUERY_CHECKS[name](value):
                 raise ValueError('value not allowed')
         except (ValueError, UnicodeError) as exc:
@@ -1299,14 +1300,20 @@ def open_inside(site, path):
     """Open path for reading as (fd, fstat), or (fd, None) when it resolves
     to a file outside BaseDirectory (a link an administrator left in
     profiles/).  O_NONBLOCK: opening a FIFO must not wait for a writer.
+    The file's real name is the kernel's for the open descriptor (one
+    readlink of /proc/self/fd), else realpath and the same inode.
 
     :raises OSError: when path cannot be opened.
     """
     fd = os.open(path, os.O_RDONLY | _O_NONBLOCK)
     try:
         info = os.fstat(fd)
-        real = os.path.realpath(path)
-        there = os.stat(real)
+        try:
+            real = os.readlink('/proc/self/fd/%d' % fd)
+            there = info
+        except OSError:         # no /proc: resolve the name, then compare
+            real = os.path.realpath(path)
+            there = os.stat(real)
     except OSError:
         os.close(fd)
         raise
