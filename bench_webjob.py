@@ -48,6 +48,7 @@ import webjob  # noqa: E402  (the client's query helpers)
 ###############################################################################
 
 WEBJOB = os.path.join(HERE, 'webjob.py')
+NPH_WEBJOB = os.path.join(HERE, 'nph_webjob.py')
 PY36 = '/root/.pyenv/versions/3.6.15/bin/python'
 MIB = 1 << 20
 LOOPBACK = '127.0.0.1'
@@ -72,9 +73,11 @@ TEE_MD5 = 'head -c "$1" /dev/zero | tee "$2" | md5sum'
 #: Repetitions per plan; rounds alternate the compared commands.
 PLANS = {
     'quick': {'runs': 6, 'rounds': 1, 'transfer': 2, 'rss': 1,
-              'seconds': 1, 'size': 8 * MIB},
+              'seconds': 1, 'size': 8 * MIB, 'jobs': 60,
+              'real_clients': False},
     'full': {'runs': 30, 'rounds': 3, 'transfer': 5, 'rss': 3,
-             'seconds': 5, 'size': 1 << 30},
+             'seconds': 5, 'size': 1 << 30, 'jobs': 300,
+             'real_clients': True},
 }
 
 #: The figures: --json key, comparison, bound (None: no goal).
@@ -90,7 +93,11 @@ FIGURES = (
     ('rss_large_mb', 'delta<', 10.0),        # large - rss_small_mb
     ('serve_rps_ratio', '>=', 0.8),
     ('cgi_rps_ratio', '>=', 0.8),
+    ('cgi_import_vs_bare', None, None),
+    ('job_request_ms', None, None),
+    ('hunt_300_s', None, None),
 )
+HUNT_CLIENTS = 300                      # the issue's figure, both plans
 
 
 class BenchError(Exception):
@@ -628,6 +635,130 @@ def measure_cgi_rps(bench, key):
                          CONNECTIONS))
 
 
+def measure_cgi_import(bench, key, python):
+    """What a CGI request pays before its first line of work: the stub's
+    `import nph_webjob` (which imports webjob) from byte code, against the
+    bare interpreter; the byte code sizes go in the note."""
+    lib = os.path.join(bench.workspace, 'cgi-lib')
+    os.mkdir(lib)
+    sizes = []
+    for name in ('nph_webjob.py', 'webjob.py'):
+        shutil.copy(os.path.join(HERE, name), lib)
+        run_checked(bench, [python, '-m', 'py_compile',
+                            os.path.join(lib, name)])
+    for name in sorted(os.listdir(os.path.join(lib, '__pycache__'))):
+        sizes.append('%s %d KiB' % (name.split('.')[0], os.path.getsize(
+            os.path.join(lib, '__pycache__', name)) // 1024))
+    argv = python_argv(bench, python)
+    times = time_commands(bench, [('bare', argv + ['-c', 'pass']), (
+        'import', argv + ['-c', 'import sys; sys.path.insert(0, %r); '
+                          'import nph_webjob' % lib])])
+    top, bottom = median(times['import']), median(times['bare'])
+    bench.set_figure(key, top / bottom, 'import nph_webjob from byte code '
+                     '%.1f ms / python -c pass %.1f ms (%s)' % (
+                         top * 1e3, bottom * 1e3, ', '.join(sizes)))
+
+
+def start_queue_server(bench, name):
+    """A fresh nph_webjob.py serve with JobQueueEnable=Y (conftest's
+    launcher) on its own BaseDirectory."""
+    conftest = load_conftest()
+    work = os.path.join(bench.workspace, name)
+    os.mkdir(work)
+    config = write_file(os.path.join(work, 'queue.cfg'), b'JobQueueEnable=Y\n')
+    server = conftest.start_standalone(work, bench.server_python,
+                                       args=['--config', config])
+    bench.cleanups.append(lambda: conftest.stop_process(server.proc))
+    return server
+
+
+def start_hunt(bench, server, name, clients):
+    """nph_webjob.py hunt start over a group file of clients."""
+    group = write_file(os.path.join(bench.workspace, name + '.group'),
+                       ('\n'.join(clients) + '\n').encode('ascii'))
+    run_checked(bench, python_argv(bench, bench.server_python) + [
+        NPH_WEBJOB, 'hunt', 'start', name, '--command', 'common.sh',
+        '--group', group, '--root', server.root], 'hunt start')
+
+
+def measure_job_request(bench, key):
+    """Median ms of a JOB request that hands an entry out (lock, settle,
+    write the entry whole with fsync, answer), over one keep-alive
+    connection, one entry per client."""
+    import http.client
+    server = start_queue_server(bench, 'jobs')
+    clients = ['bench_%04d' % n for n in range(bench.plan['jobs'])]
+    start_hunt(bench, server, 'jobs', clients)
+    conn = http.client.HTTPConnection(LOOPBACK, server.port, timeout=60)
+    times = []
+    try:
+        for client in clients:
+            url = job_url(server.cgi_url, 'default').replace(
+                'CLIENTID=' + CLIENT_ID, 'CLIENTID=' + client)
+            started = time.monotonic()
+            conn.request('JOB', url[url.index('/', 8):], headers={
+                'Content-Length': '0'})
+            reply = conn.getresponse()
+            reply.read()
+            times.append(time.monotonic() - started)
+            if reply.status != 200:
+                raise BenchError('JOB for %s answered %d' % (client,
+                                                             reply.status))
+    finally:
+        conn.close()
+    bench.set_figure(key, median(times) * 1000, 'median of %d JOB requests '
+                     'that each hand out an entry, keep-alive, one client at '
+                     'a time' % len(times))
+
+
+def measure_hunt(bench, key):
+    """Seconds from 'hunt start' over HUNT_CLIENTS clients until every
+    entry is done: real webjob.py --job processes (full plan) or simulated
+    clients (--quick: conftest's JOB/GET/PUT threads), CONNECTIONS at once."""
+    conftest = load_conftest()
+    server = start_queue_server(bench, 'hunt')
+    clients = ['host_%03d' % n for n in range(HUNT_CLIENTS)]
+    real = bench.plan['real_clients']
+    configs = [write_hunt_config(bench, server, client) for client in clients
+               ] if real else []
+    started = time.monotonic()
+    start_hunt(bench, server, 'sweep', clients)
+    if real:
+        run_in_parallel(bench, [[bench.python] + bench.flags + [
+            WEBJOB, '--job', '-f', config] for config in configs])
+    else:
+        conftest.run_simulated_clients(server.port, clients, CONNECTIONS)
+    status = run_checked(bench, python_argv(bench, bench.server_python) + [
+        NPH_WEBJOB, 'hunt', 'status', 'sweep', '--root', server.root],
+        'hunt status: not every client is done')
+    elapsed = time.monotonic() - started
+    bench.set_figure(key, elapsed, '%s; %d %s clients, %d at once' % (
+        status.splitlines()[-1], HUNT_CLIENTS, 'webjob.py --job' if real else
+        'simulated', CONNECTIONS))
+
+
+def write_hunt_config(bench, server, client):
+    """A client's config and TempDirectory for the hunt."""
+    folder = os.path.join(bench.workspace, 'hunt-clients', client)
+    os.makedirs(folder)
+    return write_file(os.path.join(folder, 'webjob.cfg'), (
+        'ClientId=%s\nURLGetURL=%s\nURLPutURL=%s\nTempDirectory=%s\n' % (
+            client, server.cgi_url, server.cgi_url, folder)).encode('ascii'))
+
+
+def run_in_parallel(bench, commands):
+    """Run commands CONNECTIONS at a time; BenchError when one fails."""
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < CONNECTIONS:
+            running.append(subprocess.Popen(
+                pending.pop(), env=bench.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        proc = running.pop(0)
+        if proc.wait(timeout=COMMAND_TIMEOUT) != 0:
+            raise BenchError('webjob.py --job exited %d' % proc.returncode)
+
+
 #: What runs, in order: (--json key, function, interpreter or None).  A
 #: function sets its key with bench.set_figure (or bench.set_split).
 MEASUREMENTS = (
@@ -639,9 +770,12 @@ MEASUREMENTS = (
     ('tiny_job_split_ms_py36', measure_tiny_job_split, PY36),
     ('serve_rps_ratio', measure_serve_rps, None),
     ('cgi_rps_ratio', measure_cgi_rps, None),
+    ('cgi_import_vs_bare', measure_cgi_import, 'default'),
     ('get_ratio', measure_get, None),
     ('capture_ratio', measure_capture_and_put, None),
     ('rss_large_mb', measure_rss, None),
+    ('job_request_ms', measure_job_request, None),
+    ('hunt_300_s', measure_hunt, None),
 )
 
 
@@ -785,9 +919,16 @@ def parse_args(argv):
                         help='interpreter that runs the servers')
     parser.add_argument('--site', action='store_true',
                         help='run interpreters with -I only, not -I -S')
+    parser.add_argument('--only', metavar='KEY,...',
+                        help='run only these MEASUREMENTS keys')
     args = parser.parse_args(argv)
     if args.size is not None and args.size < 2 * MIB:
         parser.error('--size must be at least %d bytes' % (2 * MIB))
+    known = [key for key, function, python in MEASUREMENTS]
+    args.only = args.only.split(',') if args.only else known
+    if set(args.only) - set(known):
+        parser.error('--only: unknown key(s) %s; known: %s' % (
+            ', '.join(sorted(set(args.only) - set(known))), ', '.join(known)))
     return args
 
 
@@ -812,7 +953,8 @@ def main(argv=None):
         except (BenchError, OSError, RuntimeError) as exc:
             log_progress('standalone server: %s' % exc)
         for key, function, python in MEASUREMENTS:
-            bench.attempt(key, function, python)
+            if key in args.only:
+                bench.attempt(key, function, python)
     except KeyboardInterrupt:
         log_progress('interrupted; cleaning up')
         return 130

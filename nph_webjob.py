@@ -29,7 +29,7 @@ __all__ = ['STATUS_REASONS', 'SERVER_CONTROLS', 'HTTPStatusError', 'Site',
            'Exchange', 'load_site', 'parse_query', 'process_request',
            'send_response', 'log_exchange', 'handle_request', 'run_cgi',
            'make_layout', 'StandaloneHandler', 'StandaloneServer', 'serve',
-           'main']
+           'dsvtool_main', 'main']
 
 # INFO: the config reader and the CLIENTID/FILENAME validators are shared
 # with the client.  The CGI runs through a link (nph-webjob.cgi), so look
@@ -53,6 +53,7 @@ PROGRAM = 'nph_webjob'
 STATUS_REASONS = {
     200: 'OK',
     251: 'Link Test OK',
+    252: 'No Job Queued',
     401: 'Unauthorized',
     404: 'Not Found',
     405: 'Method Not Allowed',
@@ -90,6 +91,8 @@ SERVER_CONTROLS = (
     ('GetTriggerCommandLine', 'text', ''),
     ('GetTriggerEnable', 'yn', False),
     ('IntegrityEnable', 'yn', True),
+    ('JobHandOutTimeLimit', 'uint', 3600),
+    ('JobQueueEnable', 'yn', False),
     ('MaxContentLength', 'uint', 100000000),
     ('OverrideDirectory', 'text', ''),
     ('PutTriggerCommandLine', 'text', ''),
@@ -183,10 +186,26 @@ USAGE = """\
 Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
+                           [--admin USER[,USER...]]
        nph_webjob.py verify [--root DIR | --config FILE]
        nph_webjob.py list [--root DIR | --config FILE] [--client ID]
                           [--since YYYY-MM-DD[ HH:MM[:SS]]]
+       nph_webjob.py job add --client ID[,ID...] --command NAME
+                             [--alias NAME] [--args TEXT] [--comment TEXT]
+                             [--priority N] [--expires WHEN]
+                             [--pin | --sha256 HEX | --sha1 HEX | --md5 HEX]
+       nph_webjob.py job list [--client ID] [--json]
+       nph_webjob.py job cancel CLIENT/NNNNNN...
+       nph_webjob.py hunt start NAME --command NAME [job add options]
+                                {--clients ID,... | --pattern GLOB |
+                                 --group FILE} [--rate N]
+       nph_webjob.py hunt {status|cancel} NAME [--json]
+       nph_webjob.py hunt list [--json]
+       nph_webjob.py report [--client ID] [--since WHEN] [--json]
+                            [--html FILE]
+                      (job, hunt, report: [--root DIR | --config FILE])
        nph_webjob.py install-cgi PATH [--config FILE]
+       nph_webjob.py dsvtool ARGS...      (webjob-dsvtool: sign, check, keys)
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
 """
@@ -1192,6 +1211,311 @@ def log_trigger(site, fields, pid, state, message):
 
 
 ###############################################################################
+# Job queues ##################################################################
+###############################################################################
+
+# INFO: BaseDirectory/jobqueues/<ClientId>/<NNNNNN>.job is one queue entry
+# as Key=Value lines: the 1.9 job file's keys (Command, CommandAlias,
+# CommandLine, CommandMd5/Sha1/Sha256, Comment) plus its state.  Every change
+# is made under flock on that folder's .lock and written whole (temporary
+# name, fsync, rename, folder fsync): an entry survives a kill at any point,
+# and servers sharing one BaseDirectory hand each entry out once.  Lock
+# order: a client's queue, then a hunt's; never the other way round.
+
+QUEUE_FOLDER = 'jobqueues'
+HUNT_FOLDER = '.hunts'          # jobqueues/.hunts: no ClientId starts with .
+QUEUE_NAME = 'default'          # the FILENAME of a JOB request
+ENTRY_EXTENSION = '.job'
+ENTRY_DIGITS = 6
+OPEN_STATES = ('queued', 'handed-out')
+FINAL_STATES = ('done', 'failed', 'expired', 'cancelled')
+ENTRY_KEYS = ('Entry', 'ClientId', 'Command', 'CommandAlias', 'CommandLine',
+              'CommandMd5', 'CommandSha1', 'CommandSha256', 'Comment', 'Hunt',
+              'Priority', 'Created', 'Expires', 'State', 'JobIds', 'HandOuts',
+              'HandedOut', 'Asked', 'Finished', 'Result', 'Why')
+#: What a JOB answer tells the client, in this order (the job file's keys).
+JOB_REPLY_KEYS = ('CommandAlias', 'CommandLine', 'CommandMd5', 'CommandSha1',
+                  'CommandSha256', 'Comment')
+PIN_KEYS = (('CommandMd5', 'MD5', 32), ('CommandSha1', 'SHA1', 40),
+            ('CommandSha256', 'SHA256', 64))
+MAX_HAND_OUTS = 3               # then failed: the client never answers
+DEFAULT_PRIORITY = 50           # lower runs first
+RATE_WINDOW = 60                # seconds: a hunt's Rate is per minute
+
+
+def queue_folder(base, client_id):
+    """BaseDirectory/jobqueues/<ClientId> (client_id already validated)."""
+    return os.path.join(base, QUEUE_FOLDER, client_id)
+
+
+class FolderLock(object):
+    """flock(LOCK_EX) on <folder>/.lock, held for a with block."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, '.lock')
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl  # late import: job queues only
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW,
+                          0o644)      # INFO: read-only: any owner may lock
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)       # INFO: closing releases the flock
+        self.fd = None
+
+
+def make_queue_folder(path):
+    """Create a folder under jobqueues/ owned like jobqueues/ itself: the
+    administrator's tools run as root, the CGI as the web server's user."""
+    os.makedirs(path, 0o755)
+    owner = os.stat(os.path.dirname(path))
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def write_whole(path, data):
+    """Replace path by data: temporary name, fsync, rename, folder fsync."""
+    folder, name = os.path.split(path)
+    temp = os.path.join(folder, '.%s.%d.tmp' % (name, os.getpid()))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW,
+                 0o644)
+    try:
+        webjob.write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
+    os.close(fd)
+    os.rename(temp, path)
+    fsync_folder(folder)
+
+
+def format_entry(entry):
+    """An entry's Key=Value lines, ENTRY_KEYS first, one line each."""
+    keys = list(ENTRY_KEYS) + sorted(set(entry) - set(ENTRY_KEYS))
+    return ''.join('%s=%s\n' % (key, webjob.one_line(entry[key]))
+                   for key in keys if key in entry).encode('utf-8')
+
+
+def read_entries(folder):
+    """[(entry dict)] of a queue folder, oldest first; {} when absent."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    entries = []
+    for name in sorted(names):
+        if name.endswith(ENTRY_EXTENSION) and not name.startswith('.'):
+            entry = read_key_values(os.path.join(folder, name))
+            entry['Entry'] = name[:-len(ENTRY_EXTENSION)]
+            entries.append(entry)
+    return entries
+
+
+def save_entry(folder, entry):
+    write_whole(os.path.join(folder, entry['Entry'] + ENTRY_EXTENSION),
+                format_entry(entry))
+
+
+def entry_name(entry):
+    """<ClientId>/<NNNNNN>: how tools and logs name an entry."""
+    return '%s/%s' % (entry.get('ClientId', '?'), entry['Entry'])
+
+
+def as_int(value, default=0):
+    return int(value) if _is_ascii_digits(value or '') else default
+
+
+def settle_entry(entry, now, hand_out_limit):
+    """Move an open entry on by the clock: expired past Expires, queued
+    again (or failed after MAX_HAND_OUTS) when handed out longer than
+    hand_out_limit with no result.  True when it changed."""
+    state = entry.get('State')
+    if state not in OPEN_STATES:
+        return False
+    expires = as_int(entry.get('Expires'))
+    if expires and now >= expires:
+        entry['State'], entry['Finished'] = 'expired', '%d' % now
+        entry['Why'] = 'no result before the expiry' if state == \
+            'handed-out' else 'not handed out before the expiry'
+        return True
+    if state == 'handed-out' and hand_out_limit and \
+            now - as_int(entry.get('HandedOut')) >= hand_out_limit:
+        if as_int(entry.get('HandOuts')) >= MAX_HAND_OUTS:
+            entry['State'], entry['Finished'] = 'failed', '%d' % now
+            entry['Why'] = 'handed out %s times, no result' % entry.get(
+                'HandOuts')
+        else:
+            entry['State'] = 'queued'
+            entry['Why'] = 'no result within JobHandOutTimeLimit (%d s); '\
+                'queued again' % hand_out_limit
+        return True
+    return False
+
+
+def add_entries(base, client_id, fields, now):
+    """Queue a new entry for one client; return its name (client/NNNNNN)."""
+    folder = queue_folder(base, client_id)
+    if not os.path.isdir(os.path.dirname(folder)):
+        os.makedirs(os.path.dirname(folder), 0o755)
+    if not os.path.isdir(folder):
+        make_queue_folder(folder)
+    with FolderLock(folder):
+        numbers = [as_int(entry['Entry']) for entry in read_entries(folder)]
+        entry = dict(fields, ClientId=client_id, State='queued',
+                     Created='%d' % now, HandOuts='0')
+        entry['Entry'] = '%0*d' % (ENTRY_DIGITS, max(numbers or [0]) + 1)
+        save_entry(folder, entry)
+    return entry_name(entry)
+
+
+def hand_out_job(site, exchange):
+    """JOB: hand out this client's next queued entry, exactly once.
+
+    Under the queue's lock: settle every entry by the clock, then take the
+    first queued one (Priority, then age) whose hunt's rate allows it, give
+    it a fresh Job-Id and write it as handed out before answering.
+    """
+    import io  # late import: start-up time
+    if exchange.filename != QUEUE_NAME:
+        raise HTTPStatusError(404, 'Job queue (%s) does not exist; expected '
+                              '%s' % (exchange.filename, QUEUE_NAME))
+    folder = queue_folder(site.base, exchange.client_id)
+    exchange.job_id = None
+    exchange.status, exchange.message = 252, 'No job queued'
+    if not os.path.isdir(folder):
+        return
+    now = site.clock()
+    limit = site.values['JobHandOutTimeLimit']
+    with FolderLock(folder):
+        entries = read_entries(folder)
+        for entry in entries:
+            if settle_entry(entry, now, limit):
+                save_entry(folder, entry)
+        waiting = sorted((as_int(e.get('Priority'), DEFAULT_PRIORITY),
+                          e['Entry'], e) for e in entries
+                         if e.get('State') == 'queued')
+        for priority, number, entry in waiting:
+            if entry.get('Hunt') and not hunt_allows(
+                    site.base, entry['Hunt'], exchange.client_id, now):
+                if not entry.get('Asked'):
+                    entry['Asked'] = '%d' % now
+                    save_entry(folder, entry)
+                exchange.message = 'No job handed out: hunt (%s) at its ' \
+                    'rate' % entry['Hunt']
+                continue
+            job_id = fresh_job_id(site, entries)
+            entry['JobIds'] = ' '.join(entry.get('JobIds', '').split() +
+                                       [job_id])
+            entry['HandOuts'] = '%d' % (as_int(entry.get('HandOuts')) + 1)
+            entry['State'], entry['HandedOut'] = 'handed-out', '%d' % now
+            entry.setdefault('Asked', '%d' % now)
+            save_entry(folder, entry)
+            body = ''.join('%s=%s\n' % (key, entry[key]) for key in
+                           JOB_REPLY_KEYS if entry.get(key)).encode('utf-8')
+            exchange.job_id = job_id
+            exchange.body, exchange.body_length = io.BytesIO(body), len(body)
+            exchange.status = 200
+            exchange.message = 'Success: handed out %s (%s)' % (
+                entry_name(entry), entry.get('CommandAlias'))
+            return
+
+
+def fresh_job_id(site, entries):
+    """A job id no entry of this queue was ever given (two servers with one
+    ServerId may number alike in the same second)."""
+    taken = set()
+    for entry in entries:
+        taken.update(entry.get('JobIds', '').split())
+    for attempt in range(SERIAL_MODULUS):
+        job_id = make_job_id(site)
+        if job_id not in taken:
+            return job_id
+    raise HTTPStatusError(500, 'No free job id for this queue')
+
+
+def judge_upload(env, flagged):
+    """Why a stored job failed, from its .env values ([] when it did not):
+    a KidStatus other than 0, a GetError or RunError, a program that never
+    ran, hashes the server flagged (.bad).  A record without KidStatus is
+    no WebJob .env and is not judged."""
+    why = ['hash mismatch flagged by the server'] if flagged else []
+    if 'KidStatus' not in env:
+        return why
+    status = env.get('KidStatus', 'NA')
+    for key in ('GetError', 'RunError'):
+        value = env.get(key, 'NA')
+        if value and value != 'NA':
+            why.append('%s: %s' % (key, value))
+    if status == 'NA' or not status:
+        if not why:
+            why.append('KidStatus=NA: the program did not run')
+    elif status != '0':
+        why.append('KidStatus=%s' % status)
+    return why
+
+
+def record_result(site, client_id, job_id, group, why):
+    """Tie a stored upload to the queue entry its Job-Id was handed out for:
+    done, or failed with why.  Returns the log note ('' for no entry)."""
+    folder = queue_folder(site.base, client_id)
+    if not job_id or not os.path.isdir(folder):
+        return ''
+    with FolderLock(folder):
+        for entry in read_entries(folder):
+            if job_id not in entry.get('JobIds', '').split():
+                continue
+            if entry.get('State') in ('done', 'failed') and \
+                    entry.get('Result'):
+                return '; queue entry %s already has a result (%s): kept, ' \
+                    'not counted' % (entry_name(entry), entry['Result'])
+            entry['State'] = 'failed' if why else 'done'
+            entry['Finished'] = '%d' % site.clock()
+            entry['Result'] = group
+            entry['Why'] = '; '.join(why)
+            save_entry(folder, entry)
+            return '; queue entry %s %s' % (entry_name(entry),
+                                            entry['State'])
+    return ''
+
+
+def hunt_folder(base):
+    return os.path.join(base, QUEUE_FOLDER, HUNT_FOLDER)
+
+
+def hunt_allows(base, hunt, client_id, now):
+    """True when the hunt may hand out one more job now: fewer than Rate
+    distinct clients in the last minute (Rate 0: no limit); the hand-out
+    is counted in <hunt>.handouts under the hunt's lock."""
+    folder = hunt_folder(base)
+    record = os.path.join(folder, hunt + '.hunt')
+    if not (webjob.is_client_id(hunt) and os.path.isfile(record)):
+        return True             # INFO: a hunt removed by hand limits nothing
+    rate = as_int(read_key_values(record).get('Rate'))
+    path = os.path.join(folder, hunt + '.handouts')
+    with FolderLock(folder):
+        if rate:
+            recent = set()
+            try:
+                with open(path, 'rb') as handle:
+                    for line in handle:
+                        when, _, who = line.decode('ascii', 'replace') \
+                            .strip().partition(' ')
+                        if now - as_int(when) < RATE_WINDOW:
+                            recent.add(who)
+            except OSError:
+                pass
+            if client_id not in recent and len(recent) >= rate:
+                return False
+        append_log(path, '%d %s\n' % (now, client_id))
+    return True
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -1244,10 +1568,11 @@ def process_request(environ, stdin, site=None):
             site = load_site(path or DEFAULT_CONFIG, required=bool(path))
         exchange.site = site
         site.check_layout()
-        if exchange.method not in ('GET', 'PUT'):
+        if exchange.method not in ('GET', 'PUT') and not (
+                exchange.method == 'JOB' and site.values['JobQueueEnable']):
             raise HTTPStatusError(405, 'Method (%s) not allowed'
                                   % webjob.one_line(exchange.method[:32]))
-        names = GET_PARAMETERS if exchange.method == 'GET' else PUT_PARAMETERS
+        names = PUT_PARAMETERS if exchange.method == 'PUT' else GET_PARAMETERS
         query = parse_query(environ.get('QUERY_STRING', ''), names)
         exchange.client_id = query['CLIENTID']
         exchange.filename = query['FILENAME']
@@ -1256,6 +1581,8 @@ def process_request(environ, stdin, site=None):
         check_user(site, exchange)
         if exchange.method == 'GET':
             serve_get(site, exchange)
+        elif exchange.method == 'JOB':
+            hand_out_job(site, exchange)
         else:
             serve_put(site, exchange, query, stdin)
     except HTTPStatusError as exc:
@@ -1331,7 +1658,8 @@ def serve_get(site, exchange):
     """
     import errno  # late import: start-up time
     import stat  # late import: start-up time
-    exchange.job_id = make_job_id(site)
+    if not (exchange.job_id and site.values['JobQueueEnable']):
+        exchange.job_id = make_job_id(site)     # a queued job keeps its own
     stored = hooked_name(site.values, exchange.filename)
     tried = []
     for folder in (exchange.client_id, COMMON_PROFILE):
@@ -1502,7 +1830,15 @@ def serve_put(site, exchange, query, stdin):
                               'for a name in incoming/')
     exchange.group, note = store_upload(site, stdin, prefix, suffix, lengths,
                                         exchange.job_id)
-    exchange.status, exchange.message = 200, 'Success' + note
+    path = os.path.join(site.incoming, exchange.group + '.')
+    why = judge_upload(read_key_values(path + 'env'),
+                       os.path.exists(path + FLAG_EXTENSION))
+    if site.values['JobQueueEnable']:
+        note += record_result(site, exchange.client_id, exchange.job_id,
+                              exchange.group, why)
+    exchange.status = 200
+    exchange.message = ('Stored; job failed: %s' % '; '.join(why) if why
+                        else 'Success') + note
 
 
 def send_response(exchange, out, nph=True, extra_headers=()):
@@ -2234,6 +2570,7 @@ class StandaloneHandler(object):
         self.auth = server.auth
         self.connection = connection
         self.address = address
+        self.path = self.command = None     # the request's (serve_admin)
         self.reader = RequestReader(connection, server.idle_timeout)
         self.out = _SocketOut(connection)
 
@@ -2252,10 +2589,13 @@ class StandaloneHandler(object):
         except HeadError as exc:
             self.refuse(exc)
             return False
+        self.path, self.command = head.target, head.method
         environ, length = self.build_environ(head)
         close = length is None or 'close' in head.connection_tokens() or (
             head.version == 'HTTP/1.0' and
             'keep-alive' not in head.connection_tokens())
+        if self.server.admins and head.target.startswith(ADMIN_PATH):
+            return self.serve_admin_pages(head, environ, length, close)
         refused = self.authenticate(head, environ)
         body = _Body(self.reader, length or 0)
         if refused is None:
@@ -2275,6 +2615,48 @@ class StandaloneHandler(object):
         send_response(exchange, self.out, True, extra)
         log_exchange(exchange, self.site)
         run_triggers(exchange)
+        return not close
+
+    def serve_admin_pages(self, head, environ, length, close):
+        """Read-only report pages for an --admin user (serve_admin, in
+        Reports below); any other user gets 401.  True to keep going."""
+        refused = self.authenticate(head, environ)
+        user = environ.get('REMOTE_USER')
+        if refused is None and user not in self.server.admins:
+            refused = 'user (%s) is not an administrator (--admin)' % (
+                webjob.one_line(user or '-')[:64])
+        exchange = Exchange(environ)
+        exchange.site, exchange.filename = self.site, 'admin'
+        if refused is None:
+            status, headers, body, size = serve_admin(self, self.site)
+            exchange.message = 'Administrator page (%s) for %s' % (
+                webjob.one_line(head.target[:128]), user)
+        else:
+            status, body, size = 401, None, 0
+            headers = [('WWW-Authenticate', 'Basic realm="WebJob"')]
+            exchange.message = refused
+        close = close or length is None or length > 0
+        lines = ['HTTP/1.1 %d %s' % (status, STATUS_REASONS[status]),
+                 'Date: %s' % http_date()] + [
+            '%s: %s' % pair for pair in headers] + [
+            'Content-Length: %d' % size]
+        if close:
+            lines.append('Connection: close')
+        self.connection.settimeout(self.server.idle_timeout)
+        try:
+            self.out.write(('\r\n'.join(lines) + '\r\n\r\n').encode(
+                'latin-1'))
+            if body is not None and head.method != 'HEAD':
+                exchange.server_length = copy_body(body, size, self.out)
+        except OSError as exc:
+            exchange.message += '; response not delivered: %s' % (
+                exc.strerror or exc)
+            close = True
+        finally:
+            if body is not None:
+                body.close()
+        exchange.status = status
+        log_exchange(exchange, self.site)
         return not close
 
     def refuse(self, error):
@@ -2371,10 +2753,11 @@ class StandaloneServer(object):
     handler_class = StandaloneHandler
     idle_timeout = IDLE_TIMEOUT
 
-    def __init__(self, site, auth=None, tls=None):
+    def __init__(self, site, auth=None, tls=None, admins=()):
         self.site = site
         self.auth = auth or Authentication()
         self.tls = tls
+        self.admins = frozenset(admins)     # users of the ADMIN_PATH pages
         self.socket = None
         self.server_address = None
         self.stopping = False
@@ -2510,7 +2893,8 @@ def is_loopback(address):
         for info in infos)
 
 
-def check_exposure(bind, force, tls_cert, tls_key, client_ca, auth):
+def check_exposure(bind, force, tls_cert, tls_key, client_ca, auth,
+                   admins=()):
     """Refuse option sets that do not go together, and a non-loopback
     address without TLS and authentication unless forced: evidence and
     credentials would cross the network in the clear or be open to anyone.
@@ -2520,6 +2904,9 @@ def check_exposure(bind, force, tls_cert, tls_key, client_ca, auth):
     if bool(tls_cert) != bool(tls_key) or (client_ca and not tls_cert):
         raise webjob.UsageError('--tls-cert and --tls-key go together, and '
                                 '--client-ca needs them')
+    if admins and not auth.enabled:
+        raise webjob.UsageError('--admin needs --htpasswd or --client-ca: '
+                                'the report pages are for named users only')
     if not is_loopback(bind) and not force and not (tls_cert and auth.enabled):
         raise webjob.WebJobError('refusing to listen on %s without TLS and '
                                  'authentication (--tls-cert/--tls-key and '
@@ -2587,17 +2974,17 @@ def run_server(server):
 
 def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
           tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
-          force=False):
+          force=False, admins=()):
     """Run the standalone server until SIGTERM or SIGINT; return 0.
 
     :raises webjob.WebJobError: for a refused bind, a bad config or a port
         that cannot be opened.
     """
     auth = Authentication(client_ca, htpasswd)
-    check_exposure(bind, force, tls_cert, tls_key, client_ca, auth)
+    check_exposure(bind, force, tls_cert, tls_key, client_ca, auth, admins)
     tls = build_tls_context(tls_cert, tls_key, client_ca) if tls_cert else None
     site = load_standalone_site(root, config, auth)
-    server = StandaloneServer(site, auth, tls)
+    server = StandaloneServer(site, auth, tls, admins)
     stop_on_signals(server)
     listen_on(server, bind, port)
     return run_server(server)
@@ -2772,6 +3159,1698 @@ def resolve_base(options):
 
 
 ###############################################################################
+# Hunts #######################################################################
+###############################################################################
+
+# INFO: a hunt is one job queued for many clients at once: jobqueues/.hunts/
+# <name>.hunt holds its job and limits, <name>.clients names each client's
+# entry ('<ClientId> <NNNNNN>' lines), <name>.handouts counts hand-outs for
+# its Rate.  Progress is read from the entries themselves, so it can never
+# disagree with what the queues hand out.
+
+#: Progress of one client, from its entry's state (queued splits by whether
+#: the client has asked since: pending, or never seen).
+PROGRESS = ('done', 'failed', 'running', 'pending', 'never-seen', 'expired',
+            'cancelled')
+DURATION_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
+
+
+def parse_expiry(text, now):
+    """--expires: a duration ('90m', '2h', '3d', '3600s') from now, or a
+    local 'YYYY-MM-DD[ HH:MM[:SS]]'; the epoch it names.
+
+    :raises webjob.UsageError: for anything else, or a time in the past.
+    """
+    import time  # late import: tools only
+    unit = DURATION_UNITS.get(text[-1:])
+    if unit and _is_ascii_digits(text[:-1]):
+        return int(now) + int(text[:-1]) * unit
+    try:
+        stamp = parse_since(text)
+    except webjob.UsageError:
+        raise webjob.UsageError('--expires: expected a duration (90m, 2h, '
+                                '3d) or YYYY-MM-DD[ HH:MM[:SS]], got [%s]'
+                                % webjob.one_line(text[:40]))
+    epoch = int(time.mktime(time.strptime(stamp, '%Y%m%d%H%M%S')))
+    if epoch <= now:
+        raise webjob.UsageError('--expires: [%s] is in the past' %
+                                webjob.one_line(text[:40]))
+    return epoch
+
+
+def known_clients(base):
+    """Every client the server knows: a profile, a queue, or an upload."""
+    import re  # late import: tools only
+    found = set()
+    for folder in (os.path.join(base, 'profiles'),
+                   os.path.join(base, QUEUE_FOLDER)):
+        try:
+            found.update(name for name in os.listdir(folder)
+                         if webjob.is_client_id(name) and
+                         os.path.isdir(os.path.join(folder, name)))
+        except OSError:
+            pass
+    found.discard(COMMON_PROFILE)
+    try:
+        for group in read_groups(os.path.join(base, 'incoming')):
+            match = re.match(GROUP_NAME, group)
+            if match and webjob.is_client_id(match.group('client')):
+                found.add(match.group('client'))
+    except OSError:
+        pass
+    return found
+
+
+def read_group_file(path):
+    """Client ids from a group file: one a line, '#' comments, blanks.
+
+    :raises webjob.UsageError: naming the file and line of a bad id.
+    """
+    try:
+        with open(path, 'rb') as handle:
+            data = handle.read(webjob.MAX_CONFIG_SIZE)
+    except OSError as exc:
+        raise webjob.UsageError('--group: %s: %s' % (path, exc.strerror))
+    clients = []
+    for number, line in enumerate(data.decode('utf-8', 'replace')
+                                  .splitlines(), 1):
+        name = line.split('#', 1)[0].strip()
+        if not name:
+            continue
+        if not webjob.is_client_id(name):
+            raise webjob.UsageError('--group: %s:%d: [%s] is not a client id'
+                                    % (path, number,
+                                       webjob.one_line(name[:64])))
+        clients.append(name)
+    return clients
+
+
+def select_clients(base, options):
+    """The hunt's or job's clients, sorted and once each, from --client /
+    --clients, --pattern (over known_clients) and --group."""
+    import fnmatch  # late import: tools only
+    chosen = set()
+    for name in (options.clients or '').split(','):
+        if name:
+            if not webjob.is_client_id(name):
+                raise webjob.UsageError('--clients: [%s] is not a client id'
+                                        % webjob.one_line(name[:64]))
+            chosen.add(name)
+    if getattr(options, 'pattern', None):
+        matched = fnmatch.filter(sorted(known_clients(base)), options.pattern)
+        if not matched:
+            raise webjob.UsageError('--pattern: [%s] matches no known client '
+                                    '(profiles/, jobqueues/, incoming/)'
+                                    % webjob.one_line(options.pattern[:64]))
+        chosen.update(matched)
+    if getattr(options, 'group', None):
+        chosen.update(read_group_file(options.group))
+    if not chosen:
+        raise webjob.UsageError('no client: give --clients, --pattern or '
+                                '--group')
+    return sorted(chosen)
+
+
+def job_fields(base, options, client_id):
+    """The entry keys of the job described by the options, for one client;
+    --pin takes the SHA-256 of the program this client would be served.
+
+    :raises webjob.UsageError: for a bad name, hash or pin.
+    """
+    if not webjob.is_program_name(options.command):
+        raise webjob.UsageError('--command: [%s] is not a plain program name'
+                                % webjob.one_line(options.command[:64]))
+    alias = options.alias or options.command
+    if not webjob.is_program_name(alias):
+        raise webjob.UsageError('--alias: [%s] is not a plain program name'
+                                % webjob.one_line(alias[:64]))
+    fields = {'Command': options.command, 'CommandAlias': alias,
+              'CommandLine': ' '.join([alias] + (options.args or '').split()),
+              'Comment': webjob.one_line(options.comment or ''),
+              'Priority': '%d' % options.priority}
+    for key, name, size in PIN_KEYS:
+        value = getattr(options, name.lower())
+        if value is not None:
+            if len(value) != size or not set(value) <= HEX_DIGITS:
+                raise webjob.UsageError('--%s: expected %d hex digits'
+                                        % (name.lower(), size))
+            fields[key] = value.lower()
+    if options.pin:
+        if alias != options.command:
+            raise webjob.UsageError('--pin: the client downloads %s, not the '
+                                    'stored %s; give --sha256' % (
+                                        alias, options.command))
+        path = stored_program(base, client_id, options.command)
+        if path is None:
+            raise webjob.UsageError('--pin: no profiles/%s/commands/%s nor '
+                                    'profiles/common/commands/%s' % (
+                                        client_id, options.command,
+                                        options.command))
+        fields['CommandSha256'] = hash_file(path, ['SHA256'])['SHA256']
+    if options.expires is not None:
+        fields['Expires'] = '%d' % options.expires
+    return fields
+
+
+def stored_program(base, client_id, name):
+    """The file a GET of name by this client is served, or None."""
+    for folder in (client_id, COMMON_PROFILE):
+        path = os.path.join(base, 'profiles', folder, 'commands', name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def queue_jobs(base, options, clients, now, hunt=None):
+    """One entry per client; returns their names."""
+    made = []
+    for client_id in clients:
+        fields = job_fields(base, options, client_id)
+        if hunt:
+            fields['Hunt'] = hunt
+        made.append(add_entries(base, client_id, fields, now))
+    return made
+
+
+def start_hunt(base, options, out, now):
+    """hunt start: the hunt record, then one entry per client; 0."""
+    name = options.name
+    if not webjob.is_client_id(name):
+        raise webjob.UsageError('hunt: [%s] is not a valid hunt name (letters,'
+                                ' digits, "_", "-", ".")' %
+                                webjob.one_line(name[:64]))
+    clients = select_clients(base, options)
+    for client_id in clients[:1]:
+        job_fields(base, options, client_id)    # INFO: refuse before writing
+    folder = hunt_folder(base)
+    if not os.path.isdir(os.path.dirname(folder)):
+        os.makedirs(os.path.dirname(folder), 0o755)
+    if not os.path.isdir(folder):
+        make_queue_folder(folder)
+    record = os.path.join(folder, name + '.hunt')
+    with FolderLock(folder):
+        if os.path.exists(record):
+            raise webjob.WebJobError('hunt %s exists already (%s)' % (
+                name, record))
+        fields = dict(job_fields(base, options, clients[0]), Name=name,
+                      Rate='%d' % options.rate, Created='%d' % now,
+                      Clients='%d' % len(clients))
+        if options.pin:         # INFO: each client's own, in its entry
+            del fields['CommandSha256']
+        write_whole(record, format_entry(fields))
+    made = queue_jobs(base, options, clients, now, hunt=name)
+    write_whole(os.path.join(folder, name + '.clients'), ''.join(
+        '%s %s\n' % tuple(entry.split('/')) for entry in made).encode('ascii'))
+    out.write('hunt %s: %s queued for %d clients%s%s\n' % (
+        name, fields['CommandLine'], len(clients),
+        ', at most %d per minute' % options.rate if options.rate else '',
+        ', expires %s' % format_epoch_local(options.expires)
+        if options.expires else ''))
+    return 0
+
+
+def format_epoch_local(epoch):
+    import time  # late import: tools only
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(int(epoch)))
+
+
+def entry_view(entry, now, hand_out_limit):
+    """A copy of an entry settled by the clock (nothing is written)."""
+    view = dict(entry)
+    settle_entry(view, now, hand_out_limit)
+    return view
+
+
+def progress_of(view):
+    """One of PROGRESS for a settled entry."""
+    state = view.get('State')
+    if state == 'handed-out':
+        return 'running'
+    if state == 'queued':
+        return 'pending' if view.get('Asked') else 'never-seen'
+    return state if state in PROGRESS else 'failed'
+
+
+def hunt_rows(base, name, now, hand_out_limit):
+    """[(client, entry view)] of a hunt, in its .clients order.
+
+    :raises webjob.WebJobError: when the hunt does not exist.
+    """
+    path = os.path.join(hunt_folder(base), name + '.clients')
+    if not webjob.is_client_id(name) or not os.path.isfile(path):
+        raise webjob.WebJobError('hunt %s: no such hunt (%s)' % (
+            webjob.one_line(name[:64]), path))
+    rows = []
+    with open(path, 'rb') as handle:
+        for line in handle:
+            client_id, _, number = line.decode('ascii', 'replace').strip() \
+                .partition(' ')
+            if not (webjob.is_client_id(client_id) and number.isdigit()):
+                continue
+            entry_path = os.path.join(queue_folder(base, client_id),
+                                      number + ENTRY_EXTENSION)
+            entry = read_key_values(entry_path) if os.path.isfile(
+                entry_path) else {'State': 'failed',
+                                  'Why': 'queue entry missing'}
+            entry.update(Entry=number, ClientId=client_id)
+            rows.append((client_id, entry_view(entry, now, hand_out_limit)))
+    return rows
+
+
+def hunt_names(base):
+    try:
+        names = os.listdir(hunt_folder(base))
+    except OSError:
+        return []
+    return sorted(name[:-len('.hunt')] for name in names
+                  if name.endswith('.hunt') and not name.startswith('.'))
+
+
+def hunt_progress(base, name, now, hand_out_limit):
+    """(hunt record, rows, totals) where rows are (client, progress, entry
+    view) and totals count each PROGRESS value."""
+    rows = [(client, progress_of(view), view) for client, view
+            in hunt_rows(base, name, now, hand_out_limit)]
+    record = read_key_values(os.path.join(hunt_folder(base), name + '.hunt'))
+    totals = dict((key, 0) for key in PROGRESS)
+    for client, progress, view in rows:
+        totals[progress] += 1
+    return record, rows, totals
+
+
+def show_hunt(base, name, out, as_json, now, hand_out_limit):
+    """hunt status: a line (or JSON object) per client, then the totals;
+    0 when every client is done, 1 otherwise."""
+    import json  # late import: tools only
+    record, rows, totals = hunt_progress(base, name, now, hand_out_limit)
+    for client, progress, view in rows:
+        if as_json:
+            out.write(json.dumps({
+                'kind': 'hunt-client', 'hunt': name, 'client': client,
+                'progress': progress, 'entry': entry_name(view),
+                'result': view.get('Result') or None,
+                'why': view.get('Why') or None}, sort_keys=True) + '\n')
+        else:
+            why = view.get('Why', '') if progress in (
+                'failed', 'expired', 'cancelled') else ''
+            out.write('%s %s %s %s%s\n' % (
+                client, log_field(progress), entry_name(view),
+                log_field(view.get('Result')),
+                ' -- ' + webjob.one_line(why) if why else ''))
+    if as_json:
+        out.write(json.dumps(dict(totals, kind='hunt', hunt=name,
+                                  clients=len(rows),
+                                  command=record.get('CommandLine')),
+                             sort_keys=True) + '\n')
+    else:
+        out.write('hunt %s: %d clients: %s\n' % (name, len(rows), ', '.join(
+            '%d %s' % (totals[key], key) for key in PROGRESS)))
+    return 0 if totals['done'] == len(rows) else 1
+
+
+def list_queue(base, out, client, as_json, now, hand_out_limit):
+    """job list: one line (or JSON object) per queue entry."""
+    import json  # late import: tools only
+    clients = [client] if client else sorted(
+        name for name in os.listdir(os.path.join(base, QUEUE_FOLDER))
+        if webjob.is_client_id(name)) if os.path.isdir(
+            os.path.join(base, QUEUE_FOLDER)) else []
+    count = 0
+    for client_id in clients:
+        for entry in read_entries(queue_folder(base, client_id)):
+            entry['ClientId'] = client_id
+            view = entry_view(entry, now, hand_out_limit)
+            count += 1
+            if as_json:
+                record = dict((key, view[key]) for key in ENTRY_KEYS
+                              if key in view)
+                record.update(kind='job', name=entry_name(view))
+                out.write(json.dumps(record, sort_keys=True) + '\n')
+                continue
+            out.write('%s %s\n' % (entry_name(view), ' '.join(log_field(
+                view.get(key)) for key in ('State', 'CommandLine', 'Hunt',
+                                           'HandOuts', 'Result', 'Why'))))
+    return count
+
+
+def cancel_entries(base, names, out, now):
+    """job cancel: cancel open entries named client/NNNNNN; 1 when one of
+    them was not open or does not exist."""
+    failed = 0
+    for name in names:
+        client_id, slash, number = name.partition('/')
+        if not (slash and webjob.is_client_id(client_id) and
+                number.isdigit() and len(number) == ENTRY_DIGITS):
+            raise webjob.UsageError('job cancel: [%s]: expected CLIENT/NNNNNN'
+                                    % webjob.one_line(name[:80]))
+        folder = queue_folder(base, client_id)
+        path = os.path.join(folder, number + ENTRY_EXTENSION)
+        if not os.path.isfile(path):
+            out.write('%s: no such entry\n' % name)
+            failed += 1
+            continue
+        with FolderLock(folder):
+            entry = read_key_values(path)
+            entry['Entry'] = number
+            if entry.get('State') not in OPEN_STATES:
+                out.write('%s: not cancelled: already %s\n' % (
+                    name, entry.get('State')))
+                failed += 1
+                continue
+            entry.update(State='cancelled', Finished='%d' % now,
+                         Why='cancelled by the administrator')
+            save_entry(folder, entry)
+        out.write('%s: cancelled\n' % name)
+    return 1 if failed else 0
+
+
+def cancel_hunt(base, name, out, now):
+    """hunt cancel: cancel every open entry of the hunt."""
+    names = [entry_name(view) for client, view in
+             hunt_rows(base, name, now, 0) if view.get('State') in OPEN_STATES]
+    if not names:
+        out.write('hunt %s: nothing open to cancel\n' % name)
+        return 0
+    return cancel_entries(base, names, out, now)
+
+
+###############################################################################
+# Reports #####################################################################
+###############################################################################
+
+# INFO: report reads incoming/, the manifest, nph-webjob.log and the queues,
+# and writes nothing but its output (and --html FILE, whole or not at all).
+# It shows what list does not: every failed job and why, GETs that never
+# came back as a PUT, each client's last contact.
+
+LOG_FIELDS = ('date', 'time', 'jid', 'user', 'address', 'method', 'client',
+              'filename', 'length', 'server_length', 'duration', 'status')
+
+
+def parse_log_line(line):
+    """{field: value} of one nph-webjob.log line ('-' becomes ''), with
+    'message'; None for a line that is not in the format."""
+    head, sep, message = line.rstrip('\n').partition(' --')
+    parts = head.split(' ')
+    if not sep or len(parts) != len(LOG_FIELDS):
+        return None
+    record = dict((key, '' if value == '-' else value)
+                  for key, value in zip(LOG_FIELDS, parts))
+    record['message'] = message[1:] if message.startswith(' ') else message
+    return record
+
+
+def read_log(base):
+    """The parsed lines of logfiles/nph-webjob.log, oldest first."""
+    path = os.path.join(base, 'logfiles', LOG_NAME)
+    try:
+        handle = open(path, 'rb')
+    except OSError:
+        return []
+    with handle:
+        return [record for record in (
+            parse_log_line(line.decode('utf-8', 'replace'))
+            for line in handle) if record is not None]
+
+
+def veto_kind(why):
+    """'dsv-veto', 'gethook-veto', 'hash-mismatch' or 'failed', by the
+    words the client and server use."""
+    text = ' '.join(why)
+    if 'DSV' in text:
+        return 'dsv-veto'
+    if 'GetHook' in text:
+        return 'gethook-veto'
+    if 'hash mismatch' in text or 'differs from the pinned' in text:
+        return 'hash-mismatch'
+    return 'failed'
+
+
+def collect_jobs(base, client=None, since=None):
+    """One dict per incoming group, oldest first: who, what, exit status,
+    result (ok / failed) and why, the server's hash verification."""
+    import re  # late import: tools only
+    incoming = os.path.join(base, 'incoming')
+    try:
+        groups = read_groups(incoming)
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
+    recorded = read_manifest(os.path.join(base, 'logfiles', MANIFEST_NAME))[0]
+    jobs = []
+    for group, exts in groups.items():
+        match = re.match(GROUP_NAME, group)
+        if not match or (client and match.group('client') != client) or \
+                (since and match.group('stamp') < since):
+            continue
+        path = os.path.join(incoming, group + '.')
+        env = read_key_values(path + 'env') if 'env' in exts else {}
+        rdy = read_key_values(path + 'rdy') if 'rdy' in exts else {}
+        why = judge_upload(env, 'bad' in exts)
+        if 'rdy' not in exts:
+            why.append('incomplete: no .rdy')
+        declared = read_declared_hashes(path + 'env') if 'env' in exts \
+            else (None, None, None)
+        if 'bad' in exts:
+            hashes = 'mismatch'
+        elif declared[0] and (declared[1] or declared[2]) and \
+                group + '.out' in recorded:
+            hashes = 'match:%s' % declared[0]
+        else:
+            hashes = 'unchecked'
+        stamp = match.group('stamp')
+        jobs.append({
+            'kind': 'job', 'group': group, 'client': match.group('client'),
+            'program': match.group('program'),
+            'date': '%s-%s-%s %s:%s:%s' % (stamp[:4], stamp[4:6], stamp[6:8],
+                                           stamp[8:10], stamp[10:12],
+                                           stamp[12:]),
+            'jid': rdy.get('Jid') or env.get('Jid') or None,
+            'kid_status': env.get('KidStatus') or None,
+            'get_error': env.get('GetError') or None,
+            'run_error': env.get('RunError') or None,
+            'result': veto_kind(why) if why else 'ok', 'why': why,
+            'hashes': hashes, 'files': sorted(exts - {'lck'}),
+            '_order': (stamp, match.group('serial'))})
+    jobs.sort(key=lambda job: job['_order'])
+    for job in jobs:
+        del job['_order']
+    return jobs
+
+
+def collect_log_findings(records, client=None):
+    """(failures, last contact per client) from the log: GETs refused or
+    never followed by a PUT with their Job-Id."""
+    put_ids = set(r['jid'] for r in records if r['method'] == 'PUT' and
+                  r['jid'])
+    failures, contact = [], {}
+    for record in records:
+        who = record['client']
+        if not who or (client and who != client):
+            continue
+        contact[who] = record
+        if record['method'] != 'GET':
+            continue
+        if record['status'] == '200' and record['jid'] not in put_ids:
+            why = ['GET without a PUT']
+        elif record['status'] not in ('200', ''):
+            why = ['GET refused: %s %s' % (record['status'],
+                                          record['message'])]
+        else:
+            continue
+        failures.append({
+            'kind': 'failure', 'date': '%s %s' % (record['date'],
+                                                  record['time']),
+            'client': who, 'program': record['filename'] or None,
+            'jid': record['jid'] or None, 'why': why,
+            'result': veto_kind(why) if 'GetHook' in record['message']
+            else 'failed', 'source': 'log'})
+    return failures, contact
+
+
+def build_report(base, client=None, since=None):
+    """Everything the report shows: jobs, failures (jobs and log), clients
+    (last contact), hunts (progress)."""
+    import time  # late import: tools only
+    jobs = collect_jobs(base, client, since)
+    records = read_log(base)
+    if since:
+        records = [r for r in records if (r['date'] + r['time']).replace(
+            '-', '').replace(':', '') >= since]
+    log_failures, contact = collect_log_findings(records, client)
+    failures = [dict(job, kind='failure', source='upload') for job in jobs
+                if job['result'] != 'ok'] + log_failures
+    failures.sort(key=lambda item: item['date'])
+    names = set(contact) | set(job['client'] for job in jobs)
+    if not client:
+        names |= known_clients(base)
+    elif webjob.is_client_id(client):
+        names.add(client)
+    clients = []
+    for name in sorted(names):
+        last = contact.get(name)
+        mine = [job for job in jobs if job['client'] == name]
+        clients.append({
+            'kind': 'client', 'client': name,
+            'last_contact': '%s %s' % (last['date'], last['time'])
+            if last else None,
+            'last_request': '%s %s %s' % (last['method'], last['filename'],
+                                          last['status']) if last else None,
+            'jobs': len(mine),
+            'failed': sum(1 for job in mine if job['result'] != 'ok')})
+    now = time.time()
+    hunts = []
+    for name in hunt_names(base):
+        try:
+            record, rows, totals = hunt_progress(base, name, now, 0)
+        except webjob.WebJobError:
+            continue
+        hunts.append({'kind': 'hunt', 'hunt': name,
+                      'command': record.get('CommandLine'),
+                      'clients': len(rows), 'totals': totals,
+                      'rows': [{'client': c, 'progress': p,
+                                'entry': entry_name(v),
+                                'result': v.get('Result') or None,
+                                'why': v.get('Why') or None}
+                               for c, p, v in rows]})
+    return {'jobs': jobs, 'failures': failures, 'clients': clients,
+            'hunts': hunts}
+
+
+def write_report(report, out, as_json):
+    """The report as text lines, or JSON lines (one object each)."""
+    import json  # late import: tools only
+    items = report['failures'] + report['clients'] + report['jobs']
+    if as_json:
+        for item in items + [dict(hunt, rows=None) for hunt in
+                             report['hunts']]:
+            out.write(json.dumps(dict((k, v) for k, v in item.items()
+                                      if v is not None),
+                                 sort_keys=True) + '\n')
+    else:
+        for item in report['failures']:
+            out.write('failure %s %s %s %s %s -- %s\n' % (
+                item['date'], log_field(item['client']),
+                log_field(item['program']), log_field(item['jid']),
+                log_field(item['result']), '; '.join(item['why'])))
+        for item in report['clients']:
+            out.write('client %s jobs=%d failed=%d last-contact %s\n' % (
+                log_field(item['client']), item['jobs'], item['failed'],
+                '%(last_contact)s %(last_request)s' % item
+                if item['last_contact'] else 'never'))
+        for item in report['jobs']:
+            out.write('job %s %s %s %s %s %s %s\n' % (
+                item['date'], log_field(item['client']),
+                log_field(item['program']), log_field(item['jid']),
+                log_field(item['kid_status']), log_field(item['result']),
+                log_field(item['hashes'])))
+        for hunt in report['hunts']:
+            out.write('hunt %s %d clients: %s\n' % (
+                hunt['hunt'], hunt['clients'], ', '.join(
+                    '%d %s' % (hunt['totals'][key], key) for key in PROGRESS)))
+    summary = {'kind': 'summary', 'jobs': len(report['jobs']),
+               'failures': len(report['failures']),
+               'clients': len(report['clients']),
+               'hunts': len(report['hunts'])}
+    out.write(json.dumps(summary, sort_keys=True) + '\n' if as_json else
+              'report: %(jobs)d jobs, %(failures)d failures, %(clients)d '
+              'clients, %(hunts)d hunts\n' % summary)
+    return len(report['failures'])
+
+
+#: The report as HTML: one self-contained page (style inline, no script,
+#: no request for anything else), the same for report --html and the
+#: standalone server's administrator pages.  Uploads are shown as escaped
+#: text only; controls, ANSI escapes and bidi overrides become visible \\x..
+HTML_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; "
+               "img-src data:; form-action 'none'; base-uri 'none'")
+PREVIEW_LIMIT = 1 << 16         # bytes of each .out/.err shown in the page
+EMBED_LIMIT = 1 << 18           # a static report embeds files up to this
+ADMIN_PATH = '/webjob-admin/'   # the standalone server's read-only pages
+ADMIN_FILES = ADMIN_PATH + 'files/'
+_BIDI = frozenset(range(0x202a, 0x202f)) | frozenset(range(0x2066, 0x206a))
+HTML_STYLE = """
+body{font:14px sans-serif;margin:1em 2em;color:#111}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #bbb;padding:2px 6px;text-align:left;vertical-align:top}
+th{background:#eee}
+pre{background:#f6f6f6;border:1px solid #ccc;padding:6px;max-height:30em;
+overflow:auto;white-space:pre-wrap;word-break:break-all}
+.ok,.done{background:#c8f0c8}.failed,.dsv-veto,.gethook-veto,
+.hash-mismatch,.mismatch{background:#f6c0c0}.running,.pending{background:#fbeeb0}
+.never-seen,.expired,.cancelled,.unchecked{background:#ddd}
+.bar{display:inline-block;height:1em;vertical-align:middle}
+"""
+
+
+def html_text(value):
+    """Escape text for HTML and make every control character, ANSI escape
+    and bidi override visible as \\xNN / \\uNNNN instead of acting."""
+    import html  # late import: reports only
+    out = []
+    for ch in '' if value is None else str(value):
+        code = ord(ch)
+        if ch in '\n\t':
+            out.append(ch)
+        elif code < 32 or 127 <= code < 160 or 0xdc80 <= code <= 0xdcff:
+            out.append('\\x%02x' % (code & 0xff))
+        elif code in _BIDI or code == 0xfeff:
+            out.append('\\u%04x' % code)
+        else:
+            out.append(ch)
+    return html.escape(''.join(out), quote=True)
+
+
+def html_table(headers, rows, classes=None):
+    """A table; rows are tuples of already-escaped cells."""
+    head = ''.join('<th>%s</th>' % html_text(h) for h in headers)
+    body = []
+    for n, row in enumerate(rows):
+        css = classes[n] if classes else None
+        body.append('<tr%s>%s</tr>' % (
+            ' class="%s"' % html_text(css) if css else '',
+            ''.join('<td>%s</td>' % cell for cell in row)))
+    return '<table><tr>%s</tr>%s</table>\n' % (head, ''.join(body))
+
+
+def html_cell(value, css=None):
+    text = html_text('-' if value in (None, '') else value)
+    return '<span class="%s">%s</span>' % (html_text(css), text) if css \
+        else text
+
+
+def static_link(path, name):
+    """A static report's download: the file itself as a data: URL when it
+    is small enough, else None."""
+    import base64  # late import: reports only
+    if os.path.getsize(path) > EMBED_LIMIT:
+        return None
+    with open(path, 'rb') as handle:
+        data = base64.b64encode(handle.read()).decode('ascii')
+    return 'data:application/octet-stream;base64,' + data
+
+
+def served_link(path, name):
+    """The standalone server's download of an incoming file."""
+    return ADMIN_FILES + name
+
+
+def render_html(report, base, link=static_link):
+    """The whole report as one HTML page (str)."""
+    import time  # late import: reports only
+    parts = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+             '<meta http-equiv="Content-Security-Policy" content="%s">'
+             '<title>WebJob locker report</title><style>%s</style></head>'
+             '<body>\n' % (html_text(HTML_POLICY), HTML_STYLE)]
+    jobs, failures = report['jobs'], report['failures']
+    parts.append('<h1>WebJob locker report</h1>\n<p id="summary">%s: %d '
+                 'jobs, %d failures, %d clients, %d hunts; made %s</p>\n' % (
+                     html_text(base), len(jobs), len(failures),
+                     len(report['clients']), len(report['hunts']),
+                     html_text(time.strftime('%Y-%m-%d %H:%M:%S'))))
+    parts.append('<h2 id="clients">Clients</h2>\n' + html_table(
+        ('Client', 'Last contact', 'Last request', 'Jobs', 'Failed'),
+        [(html_cell(c['client']), html_cell(c['last_contact'] or 'never'),
+          html_cell(c['last_request']), html_cell(c['jobs']),
+          html_cell(c['failed'], 'failed' if c['failed'] else None))
+         for c in report['clients']]))
+    parts.append('<h2 id="hunts">Hunts</h2>\n')
+    for hunt in report['hunts']:
+        parts.append(html_hunt(hunt))
+    parts.append('<h2 id="failures">Failures</h2>\n' + html_table(
+        ('Date', 'Client', 'Program', 'Job id', 'Result', 'Why'),
+        [(html_cell(f['date']), html_cell(f['client']),
+          html_cell(f['program']), html_cell(f['jid']),
+          html_cell(f['result'], f['result']),
+          html_cell('; '.join(f['why']))) for f in failures]))
+    parts.append('<h2 id="jobs">Jobs</h2>\n' + html_table(
+        ('Date', 'Client', 'Program', 'Job id', 'KidStatus', 'Result',
+         'Server hash check (at upload)'),
+        [(html_cell(j['date']), html_cell(j['client']),
+          '<a href="#job-%d">%s</a>' % (n, html_cell(j['program'])),
+          html_cell(j['jid']), html_cell(j['kid_status']),
+          html_cell(j['result'], j['result']),
+          html_cell(j['hashes'], j['hashes'].split(':')[0]))
+         for n, j in enumerate(jobs)],
+        ['job ' + j['result'] for j in jobs]))
+    incoming = os.path.join(base, 'incoming')
+    for n, job in enumerate(jobs):
+        parts.append(html_job(n, job, incoming, link))
+    parts.append('</body></html>\n')
+    return ''.join(parts)
+
+
+def html_hunt(hunt):
+    """A hunt's totals as a bar and a table per client."""
+    totals, count = hunt['totals'], max(hunt['clients'], 1)
+    bar = ''.join('<span class="bar %s" style="width:%dpx" title="%s"></span>'
+                  % (key, 400 * totals[key] // count, key)
+                  for key in PROGRESS if totals[key])
+    return ('<h3 class="hunt">%s: %s</h3>\n<p>%s<br>%s</p>\n' % (
+        html_text(hunt['hunt']), html_text(hunt['command']), bar,
+        html_text(', '.join('%d %s' % (totals[k], k) for k in PROGRESS))) +
+        html_table(('Client', 'Progress', 'Entry', 'Result', 'Why'), [
+            (html_cell(r['client']), html_cell(r['progress'], r['progress']),
+             html_cell(r['entry']), html_cell(r['result']),
+             html_cell(r['why'])) for r in hunt['rows']]))
+
+
+def html_job(n, job, incoming, link):
+    """One job: its .env as a table, .out and .err as escaped text."""
+    path = os.path.join(incoming, job['group'] + '.')
+    parts = ['<section class="job" id="job-%d"><h3>%s</h3>\n' % (
+        n, html_text(job['group']))]
+    if 'env' in job['files']:
+        env = read_key_values(path + 'env')
+        parts.append(html_table(('Key', 'Value'), [
+            (html_cell(key), html_cell(value)) for key, value in
+            env.items()]))
+    for ext in ('out', 'err'):
+        if ext not in job['files']:
+            continue
+        name = job['group'] + '.' + ext
+        size = os.path.getsize(path + ext)
+        with open(path + ext, 'rb') as handle:
+            data = handle.read(PREVIEW_LIMIT)
+        href = link(path + ext, name)
+        parts.append('<h4>.%s (%d bytes%s) %s</h4>\n<pre class="%s">%s</pre>'
+                     '\n' % (ext, size, ', first %d shown' % PREVIEW_LIMIT
+                             if size > PREVIEW_LIMIT else '',
+                             '<a download="%s" href="%s">download</a>' % (
+                                 html_text(name), html_text(href))
+                             if href else '(too large to embed: incoming/%s)'
+                             % html_text(name), ext, html_text(data.decode(
+                                 'utf-8', 'surrogateescape'))))
+    parts.append('</section>\n')
+    return ''.join(parts)
+
+
+def write_html_report(report, base, path):
+    """report --html FILE: the page, written whole (temporary, fsync,
+    rename) or not at all."""
+    data = render_html(report, base).encode('utf-8')
+    temp = '%s.%d.tmp' % (path, os.getpid())
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
+                     0o644)
+        try:
+            webjob.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except OSError as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise webjob.WebJobError('--html: %s: %s' % (path, exc.strerror))
+
+
+def serve_admin(handler, site):
+    """The read-only administrator pages of the standalone server: the
+    report at ADMIN_PATH, incoming files (as downloads) below ADMIN_FILES;
+    (status, headers, open body or None, body length)."""
+    import io  # late import: administrator pages only
+    headers = [('Content-Security-Policy', HTML_POLICY + "; "
+                "frame-ancestors 'none'"), ('X-Content-Type-Options',
+                                             'nosniff'),
+               ('Cache-Control', 'no-store'), ('Referrer-Policy',
+                                              'no-referrer')]
+    path = handler.path.split('?', 1)[0]
+    if handler.command not in ('GET', 'HEAD'):
+        return 405, headers + [('Allow', 'GET, HEAD')], None, 0
+    if path == ADMIN_PATH:
+        page = render_html(build_report(site.base), site.base,
+                           served_link).encode('utf-8')
+        return 200, headers + [('Content-Type', 'text/html; charset=utf-8')],\
+            io.BytesIO(page), len(page)
+    name = path[len(ADMIN_FILES):] if path.startswith(ADMIN_FILES) else ''
+    stem, dot, ext = name.rpartition('.')
+    if not (dot and stem and ext in GROUP_EXTENSIONS and
+            webjob.is_program_name(name)):
+        return 404, headers, None, 0
+    try:
+        body = open(os.path.join(site.incoming, name), 'rb')
+    except OSError:
+        return 404, headers, None, 0
+    return 200, headers + [
+        ('Content-Type', 'application/octet-stream'),
+        ('Content-Disposition', 'attachment; filename="%s"' % name)], body, \
+        os.fstat(body.fileno()).st_size
+
+
+###############################################################################
+# DSV tool: constants and errors ##############################################
+###############################################################################
+
+# INFO: webjob-dsvtool (nph_webjob.py dsvtool) signs, so unlike the client
+# it handles private keys; it lives here, on the administrator's machine,
+# not in the client that every suspect host runs.  It reads DER and PEM and
+# verifies with the client's own code (webjob.der_*, webjob.pem_*,
+# webjob.verify_*).  Python ints are not constant-time; the tool is meant to
+# run on the operator's own signing host.  Keys and passphrases never appear
+# in messages.
+
+DSVTOOL_VERSION = '1.0.0'
+DSVTOOL_USAGE = """\
+Usage: webjob-dsvtool {-s|--sign-payload} {-k|--key-file} key \
+[{-a|--hash} sha256|sha384|sha512|sha1] {payload|-} [payload ...]
+       webjob-dsvtool {-c|--check-signature} {-f|--cert-file} cert \
+signature [signature ...]
+       webjob-dsvtool {-c|--check-signature} {-t|--cert-tree} tree \
+signature [signature ...]
+       webjob-dsvtool {-g|--generate-key} {-b|--bits} bits {-t|--type} rsa \
+[{-n|--common-name} name] [{-o|--output} prefix]
+       webjob-dsvtool {-p|--generate-password} [{-l|--length} length]
+       webjob-dsvtool {-v|--version}
+(webjob-dsvtool is "python3 nph_webjob.py dsvtool", or nph_webjob.py linked
+under that name.)
+"""
+DSVTOOL_SIGN_HASHES = ('sha256', 'sha384', 'sha512', 'sha1')
+DSVTOOL_PASSWORD_ALPHABET = ('ABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                             'abcdefghijklmnopqrstuvwxyz0123456789')
+DSV_MAX_PASSPHRASE_LENGTH = 1024  # protocol.md §6; the original's is unknown
+DSV_MAX_SIG_FILE = 64 * 1024
+DSV_MAX_PBKDF2_ITERATIONS = 10 ** 7  # a hostile key file must not hang us
+OID_SHA256_WITH_RSA = '1.2.840.113549.1.1.11'
+OID_PBES2 = '1.2.840.113549.1.5.13'          # RFC 8018 appendix A.4
+OID_PBKDF2 = '1.2.840.113549.1.5.12'         # RFC 8018 appendix A.2
+
+#: RFC 8018 appendix B.1: PBKDF2 PRF OID -> hashlib name.
+PBKDF2_PRFS = {'1.2.840.113549.2.7': 'sha1', '1.2.840.113549.2.8': 'sha224',
+               '1.2.840.113549.2.9': 'sha256', '1.2.840.113549.2.10': 'sha384',
+               '1.2.840.113549.2.11': 'sha512'}
+#: NIST CSOR aesNNN-CBC OIDs (RFC 3565 §4.1) -> key length.
+AES_CBC_OIDS = {'2.16.840.1.101.3.4.1.2': 16, '2.16.840.1.101.3.4.1.22': 24,
+                '2.16.840.1.101.3.4.1.42': 32}
+#: OpenSSL's legacy PEM ``DEK-Info`` cipher names -> key length.
+PEM_DEK_CIPHERS = {'AES-128-CBC': 16, 'AES-192-CBC': 24, 'AES-256-CBC': 32}
+
+
+class DsvUsageError(webjob.DsvError):
+    """Bad webjob-dsvtool command line (exit code 2, as XER_Usage)."""
+    exit_code = 2
+
+
+class KeyFileError(webjob.DsvError):
+    """A private key cannot be read, decrypted or used."""
+
+###############################################################################
+# DSV tool: DER and PEM encoders ##############################################
+###############################################################################
+
+
+def der_encode_tlv(tag, value):
+    """Encode one TLV, definite length in fewest octets (X.690 §10.1)."""
+    length = len(value)
+    if length < 0x80:
+        return bytes((tag, length)) + value
+    octets = length.to_bytes((length.bit_length() + 7) // 8, 'big')
+    return bytes((tag, 0x80 | len(octets))) + octets + value
+
+
+def der_encode_integer(value):
+    """Encode a non-negative INTEGER in minimal two's complement (§8.3)."""
+    return der_encode_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1,
+                                               'big'))
+
+
+def der_encode_sequence(*items):
+    """Encode a SEQUENCE of already encoded items (X.690 §8.9)."""
+    return der_encode_tlv(0x30, b''.join(items))
+
+
+def der_encode_oid(dotted):
+    """Encode an OBJECT IDENTIFIER from dotted text (X.690 §8.19)."""
+    arcs = [int(arc) for arc in dotted.split('.')]
+    body = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7f]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | arc & 0x7f)
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return der_encode_tlv(0x06, bytes(body))
+
+
+def pem_encode(der, label):
+    """Armour DER as RFC 7468 text: base64 in 64-column lines."""
+    import base64  # late import: start-up time
+    text = base64.b64encode(der).decode('ascii')
+    lines = [text[at:at + 64] for at in range(0, len(text), 64)]
+    return ('-----BEGIN %s-----\n%s\n-----END %s-----\n'
+            % (label, '\n'.join(lines), label)).encode('ascii')
+
+###############################################################################
+# DSV tool: AES-CBC decryption ################################################
+###############################################################################
+
+# Decryption only, for encrypted private keys.  Tables are built per call
+# (about a millisecond), not at import, and nothing is cached globally.
+
+
+def aes_build_tables():
+    """Build ``[sbox, inv_sbox, td0, td1, td2, td3]`` (FIPS-197 §5.1.1).
+
+    S-box: GF(2^8) inverse plus affine map; each Td table folds InvSubBytes
+    into one InvMixColumns column (§5.3.2-5.3.3).
+    """
+    exp, log = [0] * 255, [0] * 256
+    x = 1
+    for power in range(255):  # powers of the generator 3 (= x + 1)
+        exp[power], log[x] = x, power
+        x ^= (x << 1) ^ (0x11b if x & 0x80 else 0)
+
+    def mul(a, b):
+        """Multiply in GF(2^8) through the log tables."""
+        return exp[(log[a] + log[b]) % 255] if a and b else 0
+    sbox, inv_sbox = [0] * 256, [0] * 256
+    for a in range(256):
+        b = exp[-log[a] % 255] if a else 0
+        s = b
+        for _ in range(4):
+            b = (b << 1 | b >> 7) & 0xff
+            s ^= b
+        sbox[a], inv_sbox[s ^ 0x63] = s ^ 0x63, a
+    td0 = [mul(i, 14) << 24 | mul(i, 9) << 16 | mul(i, 13) << 8 | mul(i, 11)
+           for i in inv_sbox]
+    rotations = [[(w >> 8 * r | w << 32 - 8 * r) & 0xffffffff for w in td0]
+                 for r in (1, 2, 3)]
+    return [sbox, inv_sbox, td0] + rotations
+
+
+def aes_decryption_key_schedule(key, tables):
+    """Key expansion (FIPS-197 §5.2) as round keys for the equivalent
+    inverse cipher (§5.3.5): reversed, inner ones through InvMixColumns.
+    """
+    sbox, _, td0, td1, td2, td3 = tables
+    nk = len(key) // 4
+    words = [int.from_bytes(key[4 * i:4 * i + 4], 'big') for i in range(nk)]
+    rcon = 1
+    for i in range(nk, 4 * (nk + 7)):
+        t = words[-1]
+        if i % nk == 0:
+            t = (t << 8 | t >> 24) & 0xffffffff  # RotWord
+        if i % nk == 0 or (nk > 6 and i % nk == 4):
+            t = (sbox[t >> 24] << 24 | sbox[t >> 16 & 255] << 16 |
+                 sbox[t >> 8 & 255] << 8 | sbox[t & 255])  # SubWord
+        if i % nk == 0:
+            t ^= rcon << 24
+            rcon = rcon << 1 ^ (0x11b if rcon & 0x80 else 0)
+        words.append(words[i - nk] ^ t)
+    rounds = [words[at:at + 4] for at in range(0, len(words), 4)][::-1]
+    for rk in rounds[1:-1]:
+        rk[:] = [td0[sbox[w >> 24]] ^ td1[sbox[w >> 16 & 255]] ^
+                 td2[sbox[w >> 8 & 255]] ^ td3[sbox[w & 255]] for w in rk]
+    return rounds
+
+
+def aes_decrypt_block(block, rounds, tables):
+    """Decrypt one block: equivalent inverse cipher (FIPS-197 Figure 15)."""
+    _, inv_sbox, td0, td1, td2, td3 = tables
+    s0, s1, s2, s3 = [int.from_bytes(block[4 * i:4 * i + 4], 'big') ^
+                      rounds[0][i] for i in range(4)]
+    for rk in rounds[1:-1]:
+        s0, s1, s2, s3 = (
+            td0[s0 >> 24] ^ td1[s3 >> 16 & 255] ^ td2[s2 >> 8 & 255] ^
+            td3[s1 & 255] ^ rk[0],
+            td0[s1 >> 24] ^ td1[s0 >> 16 & 255] ^ td2[s3 >> 8 & 255] ^
+            td3[s2 & 255] ^ rk[1],
+            td0[s2 >> 24] ^ td1[s1 >> 16 & 255] ^ td2[s0 >> 8 & 255] ^
+            td3[s3 & 255] ^ rk[2],
+            td0[s3 >> 24] ^ td1[s2 >> 16 & 255] ^ td2[s1 >> 8 & 255] ^
+            td3[s0 & 255] ^ rk[3])
+    out = b''
+    for i, (a, b, c, d) in enumerate(((s0, s3, s2, s1), (s1, s0, s3, s2),
+                                      (s2, s1, s0, s3), (s3, s2, s1, s0))):
+        word = (inv_sbox[a >> 24] << 24 | inv_sbox[b >> 16 & 255] << 16 |
+                inv_sbox[c >> 8 & 255] << 8 | inv_sbox[d & 255])
+        out += (word ^ rounds[-1][i]).to_bytes(4, 'big')
+    return out
+
+
+def aes_cbc_decrypt(key, iv, data):
+    """AES-CBC decryption (SP 800-38A §6.2); padding is left in place.
+
+    :raises KeyFileError: bad key, IV or ciphertext length.
+    """
+    if len(key) not in (16, 24, 32) or len(iv) != 16 or not data or len(
+            data) % 16:
+        raise KeyFileError('bad encrypted key data')
+    tables = aes_build_tables()
+    rounds = aes_decryption_key_schedule(key, tables)
+    out, previous = [], iv
+    for at in range(0, len(data), 16):
+        block = data[at:at + 16]
+        plain = aes_decrypt_block(block, rounds, tables)
+        out.append((int.from_bytes(plain, 'big') ^ int.from_bytes(
+            previous, 'big')).to_bytes(16, 'big'))
+        previous = block
+    return b''.join(out)
+
+
+def pkcs7_unpad(data):
+    """Strip PKCS#7 padding (RFC 5652 §6.3); bad padding: wrong passphrase.
+
+    :raises KeyFileError: padding invalid.
+    """
+    pad = data[-1] if data else 0
+    if not 1 <= pad <= 16 or data[-pad:] != bytes((pad,)) * pad:
+        raise KeyFileError('cannot decrypt private key: wrong passphrase?')
+    return data[:-pad]
+
+###############################################################################
+# DSV tool: private keys ######################################################
+###############################################################################
+
+
+def dsv_read_passphrase(stdin):
+    """Return the key passphrase as bytes (protocol.md §6).
+
+    DSV_PASSPHRASE, else a getpass prompt when stdin is a terminal; never
+    waits on a pipe.
+    :raises KeyFileError: no source, or longer than the maximum.
+    """
+    value = os.environ.get('DSV_PASSPHRASE')
+    if value is not None:
+        value = os.fsencode(value)
+    elif stdin is not None and stdin.isatty():
+        import getpass  # late import: start-up time
+        try:
+            value = getpass.getpass('Passphrase: ').encode('utf-8')
+        except EOFError:
+            value = b''
+    else:
+        raise KeyFileError('private key is encrypted: set DSV_PASSPHRASE or '
+                           'run from a terminal')
+    if len(value) > DSV_MAX_PASSPHRASE_LENGTH:
+        raise KeyFileError('passphrase too long')
+    return value
+
+
+def evp_bytes_to_key(passphrase, salt, length):
+    """OpenSSL EVP_BytesToKey, MD5, one iteration: D_i = MD5(D_i-1||P||S)."""
+    import hashlib  # late import: start-up time
+    key, block = b'', b''
+    while len(key) < length:
+        block = hashlib.md5(block + passphrase + salt).digest()
+        key += block
+    return key[:length]
+
+
+def pem_legacy_decrypt(dek_info, data, passphrase):
+    """Decrypt a legacy ``Proc-Type: 4,ENCRYPTED`` PEM body (AES-*-CBC).
+
+    Key = EVP_BytesToKey(MD5, passphrase, salt = first 8 IV octets).
+    :raises KeyFileError: unsupported cipher or wrong passphrase.
+    """
+    cipher, _, iv_hex = dek_info.partition(',')
+    length = PEM_DEK_CIPHERS.get(cipher.strip().upper())
+    try:
+        iv = bytes.fromhex(iv_hex.strip())
+    except ValueError:
+        iv = b''
+    if length is None or len(iv) != 16:
+        raise KeyFileError('unsupported key encryption %s' % cipher.strip())
+    key = evp_bytes_to_key(passphrase, iv[:8], length)
+    return pkcs7_unpad(aes_cbc_decrypt(key, iv, data))
+
+
+def pkcs8_decrypt(der, passphrase):
+    """Decrypt an EncryptedPrivateKeyInfo (RFC 5958 §3): PBES2 with PBKDF2
+    and AES-CBC (RFC 8018 §6.2, A.2, A.4), as openssl genpkey/pkcs8 write.
+
+    :raises DERError: malformed structure.
+    :raises KeyFileError: unsupported scheme or wrong passphrase.
+    """
+    import hashlib  # late import: start-up time
+    start, end = webjob.der_read_expected(der, 0, len(der), 0x30)
+    webjob.der_expect_end(end, len(der))
+    oid, params, pos = webjob.der_read_algorithm(der, start, end)
+    encrypted, pos = webjob.der_read_octetstring(der, pos, end)
+    webjob.der_expect_end(pos, end)
+    if oid != OID_PBES2:
+        raise KeyFileError('unsupported key encryption %s' % oid)
+    start, end = webjob.der_read_expected(params, 0, len(params), 0x30)
+    kdf, kdf_params, pos = webjob.der_read_algorithm(params, start, end)
+    cipher, iv_der, pos = webjob.der_read_algorithm(params, pos, end)
+    webjob.der_expect_end(pos, end)
+    iv, iv_end = webjob.der_read_octetstring(iv_der, 0, len(iv_der))
+    webjob.der_expect_end(iv_end, len(iv_der))
+    if kdf != OID_PBKDF2 or cipher not in AES_CBC_OIDS:
+        raise KeyFileError('unsupported key encryption %s' % cipher)
+    start, end = webjob.der_read_expected(kdf_params, 0, len(kdf_params), 0x30)
+    salt, pos = webjob.der_read_octetstring(kdf_params, start, end)
+    iterations, pos = webjob.der_read_integer(kdf_params, pos, end)
+    length = AES_CBC_OIDS[cipher]
+    if pos < end and kdf_params[pos] == 0x02:
+        key_length, pos = webjob.der_read_integer(kdf_params, pos, end)
+        if key_length != length:
+            raise KeyFileError('bad PBKDF2 key length')
+    prf = '1.2.840.113549.2.7'  # DEFAULT algid-hmacWithSHA1
+    if pos < end:
+        prf, prf_params, pos = webjob.der_read_algorithm(kdf_params, pos, end)
+        if prf_params not in (b'', webjob.DER_NULL):
+            raise webjob.DERError('bad PBKDF2 PRF parameters')
+    webjob.der_expect_end(pos, end)
+    if prf not in PBKDF2_PRFS:
+        raise KeyFileError('unsupported PBKDF2 PRF %s' % prf)
+    if not 1 <= iterations <= DSV_MAX_PBKDF2_ITERATIONS:
+        raise KeyFileError('bad PBKDF2 iteration count')
+    key = hashlib.pbkdf2_hmac(PBKDF2_PRFS[prf], passphrase, salt, iterations,
+                              length)
+    return pkcs7_unpad(aes_cbc_decrypt(key, iv, encrypted))
+
+
+def rsa_private_key_decode(der):
+    """Decode a two-prime RSAPrivateKey (RFC 8017 A.1.2) with cheap checks.
+
+    Returns ``(n, e, d, p, q, dP, dQ, qInv)``.
+    :raises DERError: malformed, multi-prime or inconsistent.
+    """
+    version, n, e, d, p, q, dp, dq, qinv = webjob.der_read_integer_sequence(der, 9)
+    webjob.rsa_check_public(n, e)
+    if (version != 0 or n != p * q or dp != d % (p - 1) or
+            dq != d % (q - 1) or qinv * q % p != 1):
+        raise webjob.DERError('inconsistent RSA private key')
+    return n, e, d, p, q, dp, dq, qinv
+
+
+def dsa_private_key_build(p, q, g, y, x):
+    """Return ``(p, q, g, y, x)`` if 0 < x < q and y = g^x mod p (FIPS 186-4).
+
+    :raises DERError: out of range or inconsistent.
+    """
+    webjob.dsa_check_public(p, q, g, y)
+    if not 0 < x < q or pow(g, x, p) != y:
+        raise webjob.DERError('inconsistent DSA private key')
+    return p, q, g, y, x
+
+
+def pkcs8_decode(der):
+    """Decode a PrivateKeyInfo (RFC 5958 §2) holding an RSA or DSA key.
+
+    DSA keeps p, q, g in the parameters and x as an INTEGER (RFC 5912).
+    :raises DERError: malformed or unsupported.
+    """
+    start, end = webjob.der_read_expected(der, 0, len(der), 0x30)
+    webjob.der_expect_end(end, len(der))
+    version, pos = webjob.der_read_integer(der, start, end)
+    oid, params, pos = webjob.der_read_algorithm(der, pos, end)
+    private, pos = webjob.der_read_octetstring(der, pos, end)
+    for optional in (0xa0, 0x81):  # attributes, publicKey (RFC 5958)
+        if pos < end and der[pos] == optional:
+            pos = webjob.der_read_tlv(der, pos, end)[2]
+    webjob.der_expect_end(pos, end)
+    if version not in (0, 1):
+        raise webjob.DERError('bad PrivateKeyInfo version')
+    if oid == webjob.OID_RSA_ENCRYPTION and params == webjob.DER_NULL:
+        return 'rsa', rsa_private_key_decode(private)
+    if oid == webjob.OID_DSA and params:
+        p, q, g = webjob.der_read_integer_sequence(params, 3)
+        x, pos = webjob.der_read_integer(private, 0, len(private))
+        webjob.der_expect_end(pos, len(private))
+        return 'dsa', dsa_private_key_build(p, q, g, pow(g, x, p), x)
+    raise webjob.DERError('unsupported private key algorithm')
+
+
+def openssl_dsa_private_key_decode(der):
+    """Decode OpenSSL's ``DSA PRIVATE KEY``: SEQUENCE {0, p, q, g, y, x}.
+
+    :raises DERError: malformed or inconsistent.
+    """
+    version, p, q, g, y, x = webjob.der_read_integer_sequence(der, 6)
+    if version != 0:
+        raise webjob.DERError('bad DSA private key version')
+    return 'dsa', dsa_private_key_build(p, q, g, y, x)
+
+
+def load_private_key(data, get_passphrase):
+    """Decode the one RSA or DSA private key in PEM ``data``.
+
+    PKCS#1 ``RSA PRIVATE KEY`` or OpenSSL ``DSA PRIVATE KEY`` (maybe legacy
+    encrypted), PKCS#8 ``PRIVATE KEY`` or ``ENCRYPTED PRIVATE KEY``.
+    ``get_passphrase()`` is called only for an encrypted key.  Returns
+    ``('rsa', (n, e, d, p, q, dP, dQ, qInv))`` or ``('dsa', (p, q, g, y, x))``.
+    :raises KeyFileError: none, several, bad or undecryptable.
+    """
+    decoders = (('RSA PRIVATE KEY', lambda der: ('rsa',
+                                                 rsa_private_key_decode(der))),
+                ('DSA PRIVATE KEY', openssl_dsa_private_key_decode),
+                ('PRIVATE KEY', pkcs8_decode),
+                ('ENCRYPTED PRIVATE KEY', pkcs8_decode))
+    found = []
+    try:
+        for label, decode in decoders:
+            found.extend((label, decode, headers, der) for headers, der
+                         in webjob.pem_decode_with_headers(data, label))
+    except webjob.PEMError as exc:
+        raise KeyFileError('cannot read private key: %s' % exc) from None
+    if len(found) != 1:
+        raise KeyFileError('expected one RSA or DSA private key, found %d'
+                           % len(found))
+    label, decode, headers, der = found[0]
+    encrypted = (label == 'ENCRYPTED PRIVATE KEY' or
+                 headers.get('Proc-Type') == '4,ENCRYPTED')
+    try:
+        if label == 'ENCRYPTED PRIVATE KEY':
+            der = pkcs8_decrypt(der, get_passphrase())
+        elif encrypted:
+            der = pem_legacy_decrypt(headers.get('DEK-Info', ''), der,
+                                     get_passphrase())
+        return decode(der)
+    except webjob.DERError:
+        if encrypted:
+            raise KeyFileError('cannot decrypt private key: wrong '
+                               'passphrase?') from None
+        raise KeyFileError('cannot read private key: malformed or '
+                           'unsupported') from None
+
+###############################################################################
+# DSV tool: signing ###########################################################
+###############################################################################
+
+
+def mod_inverse(a, m):
+    """a^-1 mod m by extended Euclid; COMPAT(3.6): pow(a, -1, m) is 3.8+.
+
+    :raises ValueError: a has no inverse modulo m.
+    """
+    r0, r1, t0, t1 = m, a % m, 0, 1
+    while r1:
+        quotient = r0 // r1
+        r0, r1, t0, t1 = r1, r0 - quotient * r1, t1, t0 - quotient * t1
+    if r0 != 1:
+        raise ValueError('not invertible')
+    return t0 % m
+
+
+def rsa_pkcs1v15_sign(key, hash_name, digest):
+    """RSASSA-PKCS1-v1_5-SIGN (RFC 8017 §8.2.1) with the CRT form of RSASP1
+    (§5.2.1 step 2.b).  The caller verifies the result (fault check).
+    """
+    n, _, _, p, q, dp, dq, qinv = key
+    k = (n.bit_length() + 7) // 8
+    m = int.from_bytes(webjob.rsa_pkcs1v15_encode(hash_name, digest, k), 'big')
+    s1, s2 = pow(m, dp, p), pow(m, dq, q)
+    return (s2 + q * (qinv * (s1 - s2) % p)).to_bytes(k, 'big')
+
+
+def rfc6979_nonces(x, q, hash_name, digest):
+    """Yield the deterministic DSA nonces k of RFC 6979 §3.2 (steps b-h).
+
+    HMAC_DRBG seeded with x and H(m): no biased or repeated k can leak x.
+    """
+    import hmac  # late import: start-up time
+    qlen = q.bit_length()
+    rlen = (qlen + 7) // 8
+
+    def bits2int(octets):
+        """RFC 6979 §2.3.2: the leftmost qlen bits as an integer."""
+        return int.from_bytes(octets, 'big') >> max(0, 8 * len(octets) - qlen)
+
+    def mac(key, data):
+        """HMAC with the message's hash function."""
+        return hmac.new(key, data, hash_name).digest()
+    # int2octets(x) || bits2octets(h1), §2.3.3-2.3.4
+    seed = (x.to_bytes(rlen, 'big') +
+            (bits2int(digest) % q).to_bytes(rlen, 'big'))
+    v, k = b'\x01' * len(digest), b'\x00' * len(digest)    # steps b, c
+    k = mac(k, v + b'\x00' + seed)                         # step d
+    v = mac(k, v)                                          # step e
+    k = mac(k, v + b'\x01' + seed)                         # step f
+    v = mac(k, v)                                          # step g
+    while True:                                            # step h
+        t = b''
+        while 8 * len(t) < qlen:
+            v = mac(k, v)
+            t += v
+        nonce = bits2int(t)
+        if 0 < nonce < q:
+            yield nonce
+        k = mac(k, v + b'\x00')
+        v = mac(k, v)
+
+
+def dsa_sign(key, hash_name, digest):
+    """DSA signature generation (FIPS 186-4 §4.6) with RFC 6979 nonces;
+    returns the DER Dss-Sig-Value.
+    """
+    p, q, g, _, x = key
+    z = int.from_bytes(digest, 'big') >> max(0, 8 * len(digest) -
+                                             q.bit_length())
+    for k in rfc6979_nonces(x, q, hash_name, digest):
+        r = pow(g, k, p) % q
+        s = pow(k, q - 2, q) * (z + x * r) % q
+        if r and s:  # else the next k (RFC 6979 §3.4)
+            return der_encode_sequence(der_encode_integer(r),
+                                       der_encode_integer(s))
+
+
+def dsv_sign_digest(private, hash_name, digest):
+    """Sign ``digest`` with a loaded key, verifying before release: an
+    inconsistent key or a CRT fault would otherwise leak the factors of n.
+
+    :raises KeyFileError: the signature does not verify.
+    """
+    kind, key = private
+    if kind == 'rsa':
+        signature, public = rsa_pkcs1v15_sign(key, hash_name, digest), key[:2]
+    else:
+        signature, public = dsa_sign(key, hash_name, digest), key[:4]
+    try:
+        webjob.verify_with_key(kind, public, hash_name, digest, signature)
+    except webjob.SignatureError:
+        raise KeyFileError('private key is inconsistent') from None
+    return signature
+
+###############################################################################
+# DSV tool: RSA key and certificate generation ################################
+###############################################################################
+
+
+def small_primes_product(limit):
+    """Return the product of the odd primes below ``limit`` (trial sieve)."""
+    product, is_prime = 1, bytearray([1]) * limit
+    for n in range(3, limit, 2):
+        if is_prime[n]:
+            product *= n
+            is_prime[n * n::2 * n] = bytes(len(range(n * n, limit, 2 * n)))
+    return product
+
+
+def miller_rabin(n, rounds):
+    """Miller-Rabin, random bases (FIPS 186-4 C.3.1); error <= 4^-rounds."""
+    import secrets  # late import: start-up time
+    d, s = n - 1, 0
+    while not d & 1:
+        d, s = d >> 1, s + 1
+    for _ in range(rounds):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x == 1 or x == n - 1:
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def rsa_generate_prime(bits, e, sieve):
+    """Return a random ``bits``-bit prime p with gcd(p - 1, e) = 1.
+
+    Top two bits set: p >= sqrt(2) * 2^(bits-1) (FIPS 186-4 B.3.3 step 4).
+    A gcd with the small-prime product drops most composites before
+    Miller-Rabin (40 rounds).  ``e`` must be prime.
+    """
+    import math  # late import: start-up time
+    import secrets
+    while True:
+        p = secrets.randbits(bits) | 3 << bits - 2 | 1
+        if math.gcd(p, sieve) == 1 and (p - 1) % e and miller_rabin(p, 40):
+            return p
+
+
+def rsa_generate_key(bits, e=65537):
+    """Generate ``(n, e, d, p, q, dP, dQ, qInv)``, n of exactly ``bits``.
+
+    FIPS 186-4 B.3.1, B.3.3: |p - q| > 2^(bits/2 - 100), and
+    d = e^-1 mod lcm(p - 1, q - 1) > 2^(bits/2).
+    """
+    import math  # late import: start-up time
+    sieve = small_primes_product(2000)
+    while True:
+        p = rsa_generate_prime(bits // 2, e, sieve)
+        q = rsa_generate_prime(bits // 2, e, sieve)
+        if abs(p - q) >> (bits // 2 - 100) == 0:
+            continue
+        p, q = max(p, q), min(p, q)
+        d = mod_inverse(e, (p - 1) * (q - 1) // math.gcd(p - 1, q - 1))
+        if d.bit_length() > bits // 2:
+            return (p * q, e, d, p, q, d % (p - 1), d % (q - 1),
+                    mod_inverse(q, p))
+
+
+def x509_encode_time(when):
+    """UTCTime before 2050, else GeneralizedTime (RFC 5280 §4.1.2.5)."""
+    import time  # late import: start-up time
+    moment = time.gmtime(when)
+    if moment.tm_year < 2050:
+        return der_encode_tlv(0x17, time.strftime('%y%m%d%H%M%SZ',
+                                                  moment).encode('ascii'))
+    return der_encode_tlv(0x18, time.strftime('%Y%m%d%H%M%SZ',
+                                              moment).encode('ascii'))
+
+
+def x509_build_self_signed(key, common_name, days=3652):
+    """Return the DER of a self-signed X.509 v3 certificate (RFC 5280).
+
+    sha256WithRSAEncryption, random 128-bit serial, CN subject = issuer,
+    ``days`` from now, plus basicConstraints cA (critical) and a
+    subjectKeyIdentifier (§4.2.1.2 method 1), as ``openssl req -x509``.
+    """
+    import hashlib  # late import: start-up time
+    import secrets
+    import time
+    now = int(time.time())
+    algorithm = der_encode_sequence(der_encode_oid(OID_SHA256_WITH_RSA),
+                                    webjob.DER_NULL)
+    name = der_encode_sequence(der_encode_tlv(0x31, der_encode_sequence(
+        der_encode_oid(webjob.OID_COMMON_NAME),
+        der_encode_tlv(0x0c, common_name.encode('utf-8')))))
+    public = der_encode_sequence(der_encode_integer(key[0]),
+                                 der_encode_integer(key[1]))
+    spki = der_encode_sequence(der_encode_sequence(
+        der_encode_oid(webjob.OID_RSA_ENCRYPTION), webjob.DER_NULL),
+        der_encode_tlv(0x03, b'\x00' + public))  # RFC 3279 §2.3.1
+    true = b'\x01\x01\xff'
+    extensions = der_encode_tlv(0xa3, der_encode_sequence(
+        der_encode_sequence(der_encode_oid('2.5.29.19'), true, der_encode_tlv(
+            0x04, der_encode_sequence(true))),  # basicConstraints cA
+        der_encode_sequence(der_encode_oid('2.5.29.14'), der_encode_tlv(
+            0x04, der_encode_tlv(0x04, hashlib.sha1(public).digest())))))
+    tbs = der_encode_sequence(
+        der_encode_tlv(0xa0, der_encode_integer(2)),
+        der_encode_integer(secrets.randbits(128) | 1 << 127), algorithm,
+        name, der_encode_sequence(x509_encode_time(now),
+                                  x509_encode_time(now + days * 86400)),
+        name, spki, extensions)
+    signature = dsv_sign_digest(('rsa', key), 'sha256',
+                                hashlib.sha256(tbs).digest())
+    return der_encode_sequence(tbs, algorithm,
+                               der_encode_tlv(0x03, b'\x00' + signature))
+
+###############################################################################
+# DSV tool: command line ######################################################
+###############################################################################
+
+
+def dsv_write_file(path, data, mode=0o644, replace=True):
+    """Write ``data`` to ``path``: through a temporary name and a rename
+    (``replace``), or created with O_EXCL, which never overwrites.
+    """
+    target = '%s.%d.tmp' % (path, os.getpid()) if replace else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, 'wb') as stream:
+            stream.write(data)
+        if replace:
+            os.replace(target, path)
+    except BaseException:
+        try:
+            os.unlink(target)
+        except OSError:
+            pass
+        raise
+
+
+def dsvtool_parse_int(text, low, high, what):
+    """Parse a decimal command-line number within ``low..high``.
+
+    :raises DsvUsageError: not a number, or out of range.
+    """
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise DsvUsageError('%s must be a number from %d to %d'
+                            % (what, low, high))
+    return int(text)
+
+
+def dsvtool_parse_args(argv):
+    """Parse the position-dependent command line (protocol.md §6).
+
+    Options come in the synopsis order, each with its own argument, so a
+    bundled flag such as ``-sk`` is an unknown mode.  Returns
+    ``(mode_function, options)``.
+
+    :raises DsvUsageError: anything else.
+    """
+    args = list(argv)
+
+    def take(names, required=True):
+        """Pop ``names value`` off the front of args (None if optional)."""
+        if args and args[0] in names:
+            if len(args) < 2:
+                raise DsvUsageError('option %s needs a value' % args[0])
+            del args[0]
+            return args.pop(0)
+        if required:
+            raise DsvUsageError('expected %s' % '|'.join(names))
+        return None
+    mode = args.pop(0) if args else None
+    rest = None  # name of the option that takes the remaining arguments
+    if mode in ('-s', '--sign-payload'):
+        function, rest = dsvtool_sign, 'payloads'
+        options = {'key': take(('-k', '--key-file')),
+                   'hash': take(('-a', '--hash'), False) or 'sha256'}
+        if options['hash'] not in DSVTOOL_SIGN_HASHES:
+            raise DsvUsageError('unsupported hash %s' % options['hash'])
+    elif mode in ('-c', '--check-signature'):
+        function, rest = dsvtool_check, 'signatures'
+        if args and args[0] in ('-t', '--cert-tree'):
+            options = {'cert_tree': take(('-t', '--cert-tree'))}
+        else:
+            options = {'cert_file': take(('-f', '--cert-file'))}
+    elif mode in ('-g', '--generate-key'):
+        function = dsvtool_generate_key
+        bits = dsvtool_parse_int(take(('-b', '--bits')), 1024, 8192, 'bits')
+        if bits % 256:
+            raise DsvUsageError('bits must be a multiple of 256')
+        if take(('-t', '--type')) != 'rsa':
+            raise DsvUsageError('only rsa keys can be generated')
+        options = {'bits': bits, 'common_name': take(
+            ('-n', '--common-name'), False) or 'webjob-dsv',
+                   'prefix': take(('-o', '--output'), False) or 'webjob-dsv'}
+    elif mode in ('-p', '--generate-password'):
+        function, length = dsvtool_generate_password, take(
+            ('-l', '--length'), False)
+        options = {'length': dsvtool_parse_int(length or '20', 8, 1024,
+                                               'length')}
+    elif mode in ('-v', '--version'):
+        function, options = dsvtool_version, {}
+    else:
+        raise DsvUsageError('unknown mode %s' % mode if mode else 'no mode')
+    if rest and not args:
+        raise DsvUsageError('no %s given' % rest)
+    if rest:
+        options[rest] = args
+    elif args:
+        raise DsvUsageError('unexpected argument %s' % args[0])
+    return function, options
+
+
+def dsvtool_sign(options, stdin, stdout, stderr):
+    """Sign mode: write ``<payload>.sig`` (one base64 line) per payload, or
+    the line to stdout for ``-``.  Returns 1 if any payload failed.
+    """
+    import base64  # late import: start-up time
+    data = webjob.dsv_read_small_file(options['key'])
+    private = load_private_key(data, lambda: dsv_read_passphrase(stdin))
+    hash_name, status = options['hash'], 0
+    for payload in options['payloads']:
+        try:
+            if payload == '-':
+                digest = webjob.hash_stream_all(stdin, [hash_name])[hash_name]
+            else:
+                with open(payload, 'rb') as stream:
+                    digest = webjob.hash_stream_all(stream, [hash_name])[hash_name]
+            line = base64.b64encode(dsv_sign_digest(private, hash_name,
+                                                    digest)) + b'\n'
+            if payload == '-':
+                stdout.write(line.decode('ascii'))
+            else:
+                dsv_write_file(payload + '.sig', line)
+        except OSError as exc:
+            stderr.write('webjob-dsvtool: %s: %s\n' % (payload, exc.strerror))
+            status = 1
+    return status
+
+
+def dsvtool_check(options, stdin, stdout, stderr):
+    """Check mode: print ``<sig>: OK`` or ``<sig>: FAILED`` per signature.
+
+    The payload is the signature name minus ``.sig``.  SHA-1 signatures
+    are accepted here, unlike in the client: this tool inspects old
+    signatures too.  Returns 1 if any failed.
+
+    :raises DsvError: no usable certificate.
+    """
+    source = options.get('cert_tree') or options['cert_file']
+    try:
+        spkis = (webjob.load_certificate_tree(source) if 'cert_tree' in options
+                 else webjob.x509_load_spkis(webjob.dsv_read_small_file(source)))
+    except webjob.DsvError as exc:
+        raise webjob.DsvError('%s: %s' % (source, exc)) from None
+    if not spkis:
+        raise webjob.DsvError('%s: no usable certificate' % source)
+    status = 0
+    for sig_path in options['signatures']:
+        verdict = 'FAILED'
+        try:
+            if not sig_path.endswith('.sig'):
+                raise webjob.DsvError('signature file name must end in .sig')
+            webjob.verify_payload_file(sig_path[:-4], webjob.dsv_read_small_file(
+                sig_path, DSV_MAX_SIG_FILE), spkis, allow_sha1=True)
+            verdict = 'OK'
+        except webjob.SignatureError:
+            pass
+        except (OSError, webjob.DsvError) as exc:
+            stderr.write('webjob-dsvtool: %s: %s\n' % (
+                sig_path, getattr(exc, 'strerror', None) or exc))
+        stdout.write('%s: %s\n' % (sig_path, verdict))
+        status |= verdict != 'OK'
+    return status
+
+
+def dsvtool_generate_key(options, stdin, stdout, stderr):
+    """Generate-key mode: ``<prefix>.key`` (PKCS#1 PEM, mode 0600) and
+    ``<prefix>.crt`` (self-signed PEM certificate).  Never overwrites.
+
+    :raises DsvError: an output file exists.
+    """
+    prefix = options['prefix']
+    for suffix in ('.key', '.crt'):
+        if os.path.lexists(prefix + suffix):
+            raise webjob.DsvError('%s%s exists: not overwritten' % (prefix, suffix))
+    key = rsa_generate_key(options['bits'])
+    cert = x509_build_self_signed(key, options['common_name'])
+    private = der_encode_sequence(*[der_encode_integer(value)
+                                    for value in (0,) + key])
+    dsv_write_file(prefix + '.key', pem_encode(private, 'RSA PRIVATE KEY'),
+                   0o600, replace=False)
+    dsv_write_file(prefix + '.crt', pem_encode(cert, 'CERTIFICATE'), 0o644,
+                   replace=False)
+    return 0
+
+
+def dsvtool_generate_password(options, stdin, stdout, stderr):
+    """Generate-password mode: letters and digits drawn with ``secrets``."""
+    import secrets  # late import: start-up time
+    stdout.write(''.join(secrets.choice(DSVTOOL_PASSWORD_ALPHABET)
+                         for _ in range(options['length'])) + '\n')
+    return 0
+
+
+def dsvtool_version(options, stdin, stdout, stderr):
+    """Version mode: ``webjob-dsvtool <version>``."""
+    stdout.write('webjob-dsvtool %s\n' % DSVTOOL_VERSION)
+    return 0
+
+
+def dsvtool_main(argv, stdin=None, stdout=None, stderr=None):
+    """Run webjob-dsvtool; return its exit code (0 ok, 1 failure, 2 usage).
+
+    ``argv`` excludes the program name.  The one catch-all: errors become
+    one ``webjob-dsvtool: ...`` line on stderr, never a traceback, and
+    never key material (unexpected errors show only their type).
+    """
+    stdin = sys.stdin.buffer if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        function, options = dsvtool_parse_args(argv)
+        return function(options, stdin, stdout, stderr)
+    except DsvUsageError as exc:
+        stderr.write('webjob-dsvtool: %s\n%s' % (exc, DSVTOOL_USAGE))
+        return exc.exit_code
+    except webjob.WebJobError as exc:
+        stderr.write('webjob-dsvtool: %s\n' % exc)
+        return exc.exit_code
+    except OSError as exc:
+        stderr.write('webjob-dsvtool: %s: %s\n' % (exc.filename, exc.strerror))
+        return 1
+    except KeyboardInterrupt:
+        stderr.write('webjob-dsvtool: interrupted\n')
+        return 1
+    except Exception as exc:  # last resort: never a traceback
+        stderr.write('webjob-dsvtool: internal error: %s\n'
+                     % type(exc).__name__)
+        return 1
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -2793,7 +4872,9 @@ def parse_serve_args(argv):
     parser.add_argument('--client-ca')
     parser.add_argument('--htpasswd')
     parser.add_argument('--force', action='store_true')
+    parser.add_argument('--admin', default='')
     options = parser.parse_args(argv)
+    options.admins = [name for name in options.admin.split(',') if name]
     if not 0 <= options.port < 65536:
         raise webjob.UsageError('--port: expected 0-65535')
     return options
@@ -2833,6 +4914,121 @@ def run_locker_tool(command, argv):
     return 0
 
 
+def parse_fleet_args(command, argv):
+    """The job, hunt and report options: 'job add|list|cancel', 'hunt
+    start|status|cancel|list', 'report'."""
+    import argparse  # late import: start-up time
+    import time  # late import: tools only
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise webjob.UsageError('%s: %s' % (self.prog, message))
+
+    actions = {'job': ('add', 'list', 'cancel'),
+               'hunt': ('start', 'status', 'cancel', 'list'),
+               'report': ('',)}[command]
+    action = argv[0] if argv[:1] and argv[0] in actions else ''
+    if action not in actions:
+        raise webjob.UsageError('%s: expected %s' % (command, ' or '.join(
+            actions)))
+    parser = Parser(prog=('nph_webjob.py %s %s' % (command, action)).strip(),
+                    add_help=False)
+    parser.add_argument('--root')
+    parser.add_argument('--config')
+    if action in ('add', 'start'):
+        parser.add_argument('--command', required=True)
+        parser.add_argument('--alias')
+        parser.add_argument('--args')
+        parser.add_argument('--comment')
+        parser.add_argument('--priority', type=int, default=DEFAULT_PRIORITY)
+        parser.add_argument('--expires')
+        parser.add_argument('--pin', action='store_true')
+        for key, name, size in PIN_KEYS:
+            parser.add_argument('--' + name.lower())
+        parser.add_argument('--clients', '--client')
+    if action == 'start':
+        parser.add_argument('name')
+        parser.add_argument('--pattern')
+        parser.add_argument('--group')
+        parser.add_argument('--rate', type=int, default=0)
+    if action in ('status', 'cancel') and command == 'hunt':
+        parser.add_argument('name')
+    if action == 'cancel' and command == 'job':
+        parser.add_argument('entries', nargs='+')
+    if action in ('list', 'status', ''):
+        parser.add_argument('--json', action='store_true')
+    if command == 'job' and action == 'list' or command == 'report':
+        parser.add_argument('--client')
+    if command == 'report':
+        parser.add_argument('--since')
+        parser.add_argument('--html')
+    options = parser.parse_args(argv[1:] if action else argv)
+    options.action, options.now = action, time.time()
+    if getattr(options, 'client', None) is not None and \
+            not webjob.is_client_id(options.client):
+        raise webjob.UsageError('--client: not a valid client id')
+    if getattr(options, 'expires', None) is not None:
+        options.expires = parse_expiry(options.expires, options.now)
+    if getattr(options, 'since', None):
+        options.since = parse_since(options.since)
+    if getattr(options, 'rate', 0) < 0 or \
+            getattr(options, 'priority', 0) < 0:
+        raise webjob.UsageError('--rate and --priority: expected 0 or more')
+    return options
+
+
+def run_fleet_tool(command, argv, out):
+    """job, hunt and report; the exit codes their functions give."""
+    options = parse_fleet_args(command, argv)
+    base = resolve_base(options)
+    limit = resolve_hand_out_limit(options)
+    now, action = options.now, options.action
+    try:
+        if command == 'report':
+            report = build_report(base, options.client, options.since)
+            if options.html:
+                write_html_report(report, base, options.html)
+            return 1 if write_report(report, out, options.json) else 0
+        if command == 'job' and action == 'add':
+            clients = select_clients(base, options)
+            for name in queue_jobs(base, options, clients, now):
+                out.write('%s: queued\n' % name)
+            return 0
+        if command == 'job' and action == 'list':
+            list_queue(base, out, options.client, options.json, now, limit)
+            return 0
+        if command == 'job':
+            return cancel_entries(base, options.entries, out, now)
+        if action == 'start':
+            return start_hunt(base, options, out, now)
+        if action == 'status':
+            return show_hunt(base, options.name, out, options.json, now,
+                             limit)
+        if action == 'cancel':
+            return cancel_hunt(base, options.name, out, now)
+        for name in hunt_names(base):
+            show_hunt(base, name, out, options.json, now, limit) \
+                if options.json else out.write('%s\n' % name)
+        return 0
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (exc.filename or base,
+                                             exc.strerror or exc))
+
+
+def resolve_hand_out_limit(options):
+    """JobHandOutTimeLimit of --config (or the CGI's), else the default."""
+    path = options.config or os.environ.get(CONFIG_VARIABLE)
+    if not path:
+        return dict((n, d) for n, k, d in SERVER_CONTROLS)[
+            'JobHandOutTimeLimit']
+    try:
+        return load_site(path, True).values['JobHandOutTimeLimit']
+    except HTTPStatusError as exc:
+        raise webjob.WebJobError(exc.message)
+
+
 def main(argv=None):
     """CGI when GATEWAY_INTERFACE is set, else the command line; exit code.
 
@@ -2840,15 +5036,22 @@ def main(argv=None):
     '=' into arguments, and a hostile one must still get an HTTP answer.
     """
     cgi = bool(os.environ.get('GATEWAY_INTERFACE')) and argv is None
+    invoked = os.path.basename(sys.argv[0] if sys.argv else '')
     argv = sys.argv[1:] if argv is None else argv
     try:
         if cgi:
             return run_cgi()
+        if invoked.startswith('webjob-dsvtool'):
+            return dsvtool_main(argv)
+        if argv[:1] == ['dsvtool']:
+            return dsvtool_main(argv[1:])
         if argv[:1] in (['-h'], ['--help']):
             sys.stdout.write(USAGE)
             return 0
         if argv[:1] in (['verify'], ['list']):
             return run_locker_tool(argv[0], argv[1:])
+        if argv[:1] in (['job'], ['hunt'], ['report']):
+            return run_fleet_tool(argv[0], argv[1:], sys.stdout)
         if argv == [SUPERVISE_COMMAND]:
             return run_trigger_supervisor(sys.stdin.buffer)
         if argv[:1] == ['install-cgi']:
@@ -2858,14 +5061,15 @@ def main(argv=None):
                                     '[--config FILE]')
         if argv[:1] != ['serve']:
             raise webjob.UsageError('expected "serve", "verify", "list", '
-                                    '"install-cgi" or -h'
+                                    '"job", "hunt", "report", '
+                                    '"install-cgi", "dsvtool" or -h'
                                     if argv else
                                     'not a CGI request (GATEWAY_INTERFACE '
                                     'is unset) and no command given')
         options = parse_serve_args(argv[1:])
         return serve(options.root, options.bind, options.port, options.config,
                      options.tls_cert, options.tls_key, options.client_ca,
-                     options.htpasswd, options.force)
+                     options.htpasswd, options.force, options.admins)
     except webjob.UsageError as exc:
         write_stderr(exc)
         sys.stderr.write(USAGE)
