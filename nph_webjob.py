@@ -1180,10 +1180,19 @@ def collect_stderr(fd):
         finally:
             os.close(fd)
 
+    import signal  # late import: triggers only
     reader = threading.Thread(target=drain)
     reader.daemon = True
     reader.kept = []
-    reader.start()
+    # INFO: the thread is born with these blocked, so SIGALRM (the time
+    # limit) always interrupts the main thread's waitpid, never its read.
+    wanted = [signal.SIGALRM, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+              signal.SIGPIPE, signal.SIGHUP]
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        reader.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return reader
 
 

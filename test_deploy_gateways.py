@@ -16,12 +16,13 @@ import os
 import shutil
 import ssl
 import subprocess
+import sys
 
 import pytest
 
 import nph_webjob
-from conftest import (CGI_PATH, LOOPBACK, PARSED_CGI_PATH, read_log_lines,
-                      write_file)
+from conftest import (CGI_PATH, LOOPBACK, PARSED_CGI_PATH, WEBJOB,
+                      read_log_lines, write_file)
 
 GET_QUERY = ('VERSION=webjob-1.0.0&SYSTEM=Linux&CLIENTID=%s&FILENAME=%s'
              '&RUNTYPE=snapshot')
@@ -266,3 +267,58 @@ def test_cgi_refuses_a_certificate_cn_that_is_not_the_user(tmp_path):
         'QUERY_STRING': GET_QUERY % ('client_1', 'hostname.sh')}, None, site)
     assert exchange.status == 453
     assert 'certificate' in exchange.message
+
+
+def client_config(folder, url, pki, **extra):
+    """A job config as client_1, every SSL control on (as the README's)."""
+    controls = dict(
+        ClientId='client_1', URLGetURL=url, URLPutURL=url,
+        TempDirectory=str(folder), OverwriteExecutable='Y', HashType='SHA256',
+        SSLVerifyPeerCert='Y', SSLBundledCAsFile=pki.path('ca.crt'),
+        SSLExpectedPeerCN='webjob.test', SSLMaxChainLength='1',
+        SSLUseCertificate='Y', SSLPublicCertFile=pki.path('client.crt'),
+        SSLPrivateKeyFile=pki.path('client.key'), URLAuthType='basic',
+        URLUsername='client_1', URLPassword='secret-1')
+    controls.update(extra)
+    path = os.path.join(str(folder), 'job.cfg')
+    write_file(path, ''.join('%s=%s\n' % pair for pair in
+                             sorted(controls.items())).encode())
+    return path
+
+
+def run_client(cfg, program):
+    return subprocess.run([sys.executable, WEBJOB, '-e', '-f', cfg, program],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=120)
+
+
+def test_client_under_nginx_and_the_nph_name_sees_failures(tmp_path,
+                                                           nginx_server, pki):
+    """The original's name behind fcgiwrap: a missing program is not run as
+    an empty file, and a refused upload is not taken for stored, so
+    UnlinkOutput=Y keeps the client's only copy."""
+    nginx_server.clean()
+    url = 'https://%s:%d%s' % (LOOPBACK, nginx_server.port, CGI_PATH)
+    work = tmp_path / 'job'
+    work.mkdir()
+    cfg = client_config(work, url, pki, UnlinkOutput='Y')
+    result = run_client(cfg, 'missing.sh')
+    assert result.returncode != 0
+    assert b'Status = [404]' in result.stderr, result.stderr
+    commands = os.path.join(nginx_server.root, 'profiles', 'client_1',
+                            'commands')
+    write_file(os.path.join(commands, 'capped.sh'), b'#!/bin/sh\necho kept\n',
+               0o755)
+    overrides = os.path.join(nginx_server.top, 'clients')
+    prepare_failures(nginx_server.root, overrides)
+    try:
+        result = run_client(cfg, 'capped.sh')
+    finally:
+        remove_failures(nginx_server.root, overrides)
+        os.unlink(os.path.join(commands, 'capped.sh'))
+    assert result.returncode != 0
+    assert b'Status = [455]' in result.stderr, result.stderr
+    kept = [name for name in os.listdir(str(work)) if name.endswith('.out')]
+    assert len(kept) == 1
+    assert (work / kept[0]).read_bytes() == b'kept\n'
+    assert os.listdir(os.path.join(nginx_server.root, 'incoming')) == []
