@@ -2374,16 +2374,104 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
 # Locker tools: verify and list ###############################################
 ###############################################################################
 
-def read_groups(incoming):
-    """{group: set of extensions} for the group files in incoming/; the
-    temporary dot-files of an upload in progress are not groups."""
-    groups = {}
-    for name in os.listdir(incoming):
-        stem, dot, ext = name.rpartition('.')
-        if dot and stem and not name.startswith('.') and \
-                ext in GROUP_EXTENSIONS + ('lck',):
-            groups.setdefault(stem, set()).add(ext)
-    return groups
+#: What verify can find, one row per kind: (kind, the text it prints, True
+#: when it makes verify exit 1).  A finding is (file or group name, kind,
+#: detail); the text's %s takes the detail.
+FINDINGS = (
+    ('in_progress', 'upload in progress (a live process holds its lock)',
+     False),
+    ('incomplete', 'incomplete: %s', True),
+    ('stale_lock', 'stale lock: no live process holds it (an upload that '
+     'was killed)', True),
+    ('orphan_temporary', 'orphan temporary file of an upload that was '
+     'killed', True),
+    ('stray', 'not part of any group (planted or left behind)', True),
+    ('not_a_file', 'not a regular file (%s)', True),
+    ('unreadable', 'unreadable: %s', True),
+    ('flagged', 'flagged at upload: %s', True),
+    ('hash_mismatch', 'does not match %s in .env', True),
+    ('not_in_manifest', 'not in the manifest', True),
+    ('changed', 'changed since upload (SHA-256 differs from the manifest)',
+     True),
+    ('missing', 'missing since upload (in the manifest)', True),
+    ('duplicate_job_id', 'job id %s repeats that of %s', True),
+    ('malformed_manifest', 'malformed line [%s]', True),
+)
+FINDING_TEXT = dict((kind, text) for kind, text, problem in FINDINGS)
+PROBLEM_KINDS = frozenset(kind for kind, text, problem in FINDINGS if problem)
+LOCK_EXTENSION = 'lck'
+
+GROUP_NAME = (r'(?P<client>.+?)_(?P<stamp>\d{14})_(?P<serial>\d{5})_'
+              r'(?P<program>.+)\Z')
+
+
+def describe_file_type(mode):
+    """'directory', 'symbolic link', ... for a non-regular lstat mode."""
+    import stat  # late import: tools only
+    for test, name in ((stat.S_ISDIR, 'directory'),
+                       (stat.S_ISLNK, 'symbolic link'),
+                       (stat.S_ISFIFO, 'FIFO'), (stat.S_ISSOCK, 'socket'),
+                       (stat.S_ISCHR, 'character device'),
+                       (stat.S_ISBLK, 'block device')):
+        if test(mode):
+            return name
+    return 'unknown type'
+
+
+def scan_incoming(incoming):
+    """Sort every entry of incoming/ into groups and the rest.
+
+    Returns (groups, temporaries, findings): groups {group: {ext: lstat}}
+    of the regular files named <group>.<ext> (ext a group extension or
+    lck), temporaries {group: [name]} of the '.<group>.<ext>' files an
+    upload writes first, and a finding for every other entry.  Nothing is
+    followed: a link or folder named like a group file is a finding.
+
+    :raises webjob.WebJobError: when incoming/ cannot be listed.
+    """
+    import re  # late import: tools only
+    import stat  # late import: tools only
+    try:
+        names = sorted(os.listdir(incoming))
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
+    groups, temporaries, findings = {}, {}, []
+    extensions = GROUP_EXTENSIONS + (LOCK_EXTENSION,)
+    for name in names:
+        try:
+            info = os.lstat(os.path.join(incoming, name))
+        except OSError:
+            continue                # INFO: gone since the listing
+        stem, dot, ext = name[name.startswith('.'):].rpartition('.')
+        named = bool(dot) and ext in extensions and \
+            re.match(GROUP_NAME, stem) is not None
+        if not stat.S_ISREG(info.st_mode):
+            findings.append((name, 'not_a_file',
+                             describe_file_type(info.st_mode)))
+        elif not named or (name.startswith('.') and ext == LOCK_EXTENSION):
+            findings.append((name, 'stray', ''))
+        elif name.startswith('.'):
+            temporaries.setdefault(stem, []).append(name)
+        else:
+            groups.setdefault(stem, {})[ext] = info
+    return groups, temporaries, findings
+
+
+def lock_is_held(path):
+    """True when a live process holds the flock of an upload's .lck (its
+    store_upload); False for a lock a killed upload left."""
+    import errno  # late import: tools only
+    import fcntl  # late import: tools only
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(fd)            # INFO: releases a lock taken just now
 
 
 def read_manifest(path):
@@ -2393,34 +2481,63 @@ def read_manifest(path):
     try:
         handle = open(path, 'rb')
     except OSError as exc:
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return recorded, malformed
         raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
-    with handle:
-        for number, line in enumerate(handle, 1):
-            digest, sep, name = line.rstrip(b'\n').decode(
-                'utf-8', 'surrogateescape').partition('  ')
-            if sep and len(digest) == 64 and set(digest) <= HEX_DIGITS and \
-                    name and '/' not in name:
-                recorded[name] = digest.lower()
-            else:
-                malformed.append((number, webjob.one_line(line[:80])))
+    try:
+        with handle:
+            for number, line in enumerate(handle, 1):
+                digest, sep, name = line.rstrip(b'\n').decode(
+                    'utf-8', 'surrogateescape').partition('  ')
+                if sep and len(digest) == 64 and set(digest) <= HEX_DIGITS \
+                        and name and '/' not in name:
+                    recorded[name] = digest.lower()
+                else:
+                    malformed.append((number, webjob.one_line(line[:80])))
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
     return recorded, malformed
 
 
+def check_group_lock(incoming, group, exts, findings):
+    """'held', 'stale' or None (no lock) for a group's .lck; a stale one is
+    a finding."""
+    if LOCK_EXTENSION not in exts:
+        return None
+    name = '%s.%s' % (group, LOCK_EXTENSION)
+    try:
+        held = lock_is_held(os.path.join(incoming, name))
+    except OSError as exc:
+        findings.append((name, 'unreadable', exc.strerror or str(exc)))
+        return None
+    if not held:
+        findings.append((name, 'stale_lock', ''))
+    return 'held' if held else 'stale'
+
+
 def verify_group(incoming, group, exts, recorded):
-    """The problems of one group: incomplete, flagged at upload, streams that
-    do not match the .env's hashes, files changed since upload."""
-    problems = []
-    if 'rdy' not in exts:
-        problems.append((group, 'incomplete: no .rdy'))
+    """The findings of one group that is not in progress: incomplete,
+    flagged at upload, streams that do not match the .env's hashes, files
+    changed since upload or never recorded."""
+    findings = []
+    sealed = 'rdy' in exts
+    if not sealed:
+        findings.append((group, 'incomplete', 'no .rdy'))
+    for ext in STREAM_EXTENSIONS:
+        name = group + '.' + ext
+        if sealed and ext not in exts and name not in recorded:
+            findings.append((group, 'incomplete', 'no .' + ext))
     path = os.path.join(incoming, group + '.')
-    if 'bad' in exts:
-        result = read_key_values(path + 'bad').get('Result', 'mismatch')
-        problems.append((group + '.bad', 'flagged at upload: %s' % result))
-    declared = read_declared_hashes(path + 'env') if 'env' in exts else \
-        (None, None, None)
-    for ext in sorted(exts - {'lck'}):
+    try:
+        if 'bad' in exts:
+            result = read_key_values(path + 'bad').get('Result', 'mismatch')
+            findings.append((group + '.bad', 'flagged', result))
+        declared = read_declared_hashes(path + 'env') if 'env' in exts else \
+            (None, None, None)
+    except OSError as exc:
+        findings.append((group, 'unreadable', exc.strerror or str(exc)))
+        declared = (None, None, None)
+    for ext in sorted(set(exts) - {LOCK_EXTENSION}):
         name = group + '.' + ext
         want = {'out': declared[1], 'err': declared[2]}.get(ext)
         names = ['SHA256'] + ([declared[0]] if want and declared[0] !=
@@ -2428,48 +2545,86 @@ def verify_group(incoming, group, exts, recorded):
         try:
             sums = hash_file(path + ext, names)
         except OSError as exc:
-            problems.append((name, 'unreadable: %s' % exc.strerror))
+            findings.append((name, 'unreadable', exc.strerror or str(exc)))
             continue
         if want and sums[declared[0]] != want:
-            problems.append((name, 'does not match %s (%s) in .env' % (
+            findings.append((name, 'hash_mismatch', '%s (%s)' % (
                 'StdOutHash' if ext == 'out' else 'StdErrHash', declared[0])))
         if name not in recorded:
-            problems.append((name, 'not in the manifest'))
+            if sealed:
+                findings.append((name, 'not_in_manifest', ''))
         elif recorded[name] != sums['SHA256']:
-            problems.append((name, 'changed since upload (SHA-256 differs '
-                             'from the manifest)'))
-    return problems
+            findings.append((name, 'changed', ''))
+    return findings
+
+
+def read_job_id(path):
+    """The Jid of a .rdy, or None."""
+    try:
+        value = read_key_values(path, 512).get('Jid')
+    except OSError:
+        return None
+    return value if value and is_job_id(value) else None
+
+
+def check_locker(base):
+    """Every finding about base's incoming/ and manifest, in name order,
+    and the summary counts (groups, manifest files).  verify prints them;
+    other tools may format them otherwise."""
+    incoming = os.path.join(base, 'incoming')
+    groups, temporaries, findings = scan_incoming(incoming)
+    recorded, malformed = read_manifest(os.path.join(base, 'logfiles',
+                                                     MANIFEST_NAME))
+    findings.extend(('%s:%d' % (MANIFEST_NAME, n), 'malformed_manifest',
+                     text) for n, text in malformed)
+    present = set(name for name, kind, detail in findings
+                  if kind == 'not_a_file')
+    job_ids = {}
+    for group in sorted(set(groups) | set(temporaries)):
+        exts = groups.get(group, {})
+        present.update(group + '.' + ext for ext in exts)
+        lock = check_group_lock(incoming, group, exts, findings)
+        if lock == 'held' and 'rdy' not in exts:
+            findings.append((group, 'in_progress', ''))
+            continue
+        findings.extend((name, 'orphan_temporary', '')
+                        for name in temporaries.get(group, ()))
+        if not exts or set(exts) == {LOCK_EXTENSION}:
+            continue                # INFO: the lock is reported already
+        findings.extend(verify_group(incoming, group, exts, recorded))
+        job_id = read_job_id(os.path.join(incoming, group + '.rdy')) \
+            if 'rdy' in exts else None
+        if job_id in job_ids:
+            findings.append((group, 'duplicate_job_id', (job_id,
+                                                         job_ids[job_id])))
+        elif job_id:
+            job_ids[job_id] = group
+    findings.extend((name, 'missing', '')
+                    for name in sorted(set(recorded) - present))
+    return findings, len(groups), len(recorded)
+
+
+def format_finding(name, kind, detail):
+    """'<name>: <what>' as verify prints it."""
+    text = FINDING_TEXT[kind]
+    if '%s' in text:
+        text = text % detail
+    return '%s: %s' % (webjob.one_line(name), text)
 
 
 def verify_locker(base, out):
-    """Check every group in base/incoming; print one line per problem and a
-    summary.  Returns the number of problems."""
-    incoming = os.path.join(base, 'incoming')
-    try:
-        groups = read_groups(incoming)
-    except OSError as exc:
-        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
-    manifest = os.path.join(base, 'logfiles', MANIFEST_NAME)
-    recorded, malformed = read_manifest(manifest)
-    problems = [('%s:%d' % (MANIFEST_NAME, n), 'malformed line [%s]' % text)
-                for n, text in malformed]
-    seen = set()
-    for group in sorted(groups):
-        exts = groups[group]
-        seen.update(group + '.' + ext for ext in exts)
-        if 'lck' not in exts:       # INFO: an upload in progress is skipped
-            problems.extend(verify_group(incoming, group, exts, recorded))
-    for name in sorted(set(recorded) - seen):
-        problems.append((name, 'missing since upload (in the manifest)'))
-    for name, problem in problems:
-        out.write('%s: %s\n' % (webjob.one_line(name), problem))
-    out.write('verify: %d groups, %d files in the manifest, %d problems\n' % (
-        len(groups), len(recorded), len(problems)))
-    return len(problems)
-
-
-GROUP_NAME = (r'(?P<client>.+?)_(?P<stamp>\d{14})_(?P<serial>\d{5})_'
-              r'(?P<program>.+)\Z')
+    """Check every file of base/incoming and the manifest; print one line
+    per finding and a summary.  Returns the number of problems."""
+    findings, groups, recorded = check_locker(base)
+    problems = sum(1 for name, kind, detail in findings
+                   if kind in PROBLEM_KINDS)
+    for finding in findings:
+        out.write(format_finding(*finding) + '\n')
+    busy = len(findings) - problems
+    out.write('verify: %d groups, %d files in the manifest, %d problems%s\n'
+              % (groups, recorded, problems, ', %d uploads in progress' % busy
+                 if busy else ''))
+    return problems
 
 
 def list_jobs(base, out, client=None, since=None):
@@ -2477,24 +2632,21 @@ def list_jobs(base, out, client=None, since=None):
     KidStatus OutSize ErrSize EnvSize ('-' when unknown)."""
     import re  # late import: tools only
     incoming = os.path.join(base, 'incoming')
-    try:
-        groups = read_groups(incoming)
-    except OSError as exc:
-        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
+    groups = scan_incoming(incoming)[0]
     rows = []
     for group, exts in groups.items():
         match = re.match(GROUP_NAME, group)
-        if not match or (client and match.group('client') != client) or \
+        if (client and match.group('client') != client) or \
                 (since and match.group('stamp') < since):
             continue
         rows.append((match.group('stamp'), match.group('serial'), group,
                      match, exts))
     for stamp, serial, group, match, exts in sorted(rows):
         path = os.path.join(incoming, group + '.')
-        env = read_key_values(path + 'env') if 'env' in exts else {}
-        rdy = read_key_values(path + 'rdy') if 'rdy' in exts else {}
+        env = read_optional_values(path + 'env') if 'env' in exts else {}
+        rdy = read_optional_values(path + 'rdy') if 'rdy' in exts else {}
         status = env.get('KidStatus', '')
-        sizes = [os.path.getsize(path + ext) if ext in exts else None
+        sizes = [exts[ext].st_size if ext in exts else None
                  for ext in STREAM_EXTENSIONS]
         fields = [match.group('client'), match.group('program'),
                   rdy.get('Jid') or env.get('Jid'),
@@ -2503,6 +2655,14 @@ def list_jobs(base, out, client=None, since=None):
             stamp[:4], stamp[4:6], stamp[6:8], stamp[8:10], stamp[10:12],
             stamp[12:], ' '.join(log_field(f) for f in fields)))
     return len(rows)
+
+
+def read_optional_values(path):
+    """read_key_values, or {} for a file that cannot be read now."""
+    try:
+        return read_key_values(path)
+    except OSError:
+        return {}
 
 
 def parse_since(text):
