@@ -363,6 +363,7 @@ MinSpareServers 2
 MaxSpareServers 8
 KeepAlive On
 Timeout 30
+LimitRequestBody 0
 DocumentRoot {top}/htdocs
 <Directory />
   AllowOverride None
@@ -712,10 +713,11 @@ FCGIWRAP = shutil.which('fcgiwrap') or '/usr/sbin/fcgiwrap'
 NGINX_CONF = """\
 user {user} {group};
 worker_processes 1;
+worker_rlimit_nofile 4096;
 pid {top}/run/nginx.pid;
 error_log {top}/logs/nginx-error.log warn;
 events {{
-    worker_connections 64;
+    worker_connections 1024;
 }}
 http {{
     access_log {top}/logs/nginx-access.log;
@@ -820,7 +822,7 @@ class NginxServer(CgiSite):
                'LD_LIBRARY_PATH': self.libdir}
         with open(os.path.join(self.top, 'logs', 'fcgiwrap'), 'wb') as out:
             self.fcgiwrap = subprocess.Popen(
-                [FCGIWRAP, '-c', '2', '-s', 'unix:' + self.socket],
+                [FCGIWRAP, '-c', '4', '-s', 'unix:' + self.socket],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, cwd=self.top, preexec_fn=drop_to(self.www),
                 start_new_session=True)
