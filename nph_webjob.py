@@ -2169,58 +2169,47 @@ def check_htpasswd_password(stored_hash, password):
 class SerialCounter(object):
     """The standalone server's serial numbers (job ids and group names).
 
-    They continue across restarts: the next number is kept in logfiles/
-    nph-webjob-serial.<ServerId>, reserved SERIAL_BLOCK at a time (one
-    fsynced write per block; a killed server skips the rest of its block),
-    so a restart within the same second never issues an id again.  The
-    file is flocked for the server's life: a second server with the same
-    ServerId on the same locker is refused instead of repeating its ids.
+    They continue across restarts and are shared by every server on the
+    locker with the same ServerId: the next free number is kept in
+    logfiles/nph-webjob-serial.<ServerId>, and each server reserves
+    SERIAL_BLOCK numbers at a time under flock (one fsynced write per
+    block; a killed server skips the rest of its block).  So neither a
+    restart within the same second nor a second server repeats an id.
     """
 
-    def __init__(self, path, server_id):
-        import errno  # late import: standalone only
-        import fcntl  # late import: standalone only
+    def __init__(self, path):
         import threading  # late import: standalone only
         self.path = path
+        self.lock = threading.Lock()
+        self.next = self.limit = 0
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW,
                               0o644)
         except OSError as exc:
             raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self.fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise webjob.WebJobError('%s: %s' % (path, exc.strerror))
-            raise webjob.WebJobError(
-                'ServerId (%s) is in use by another server on this locker '
-                '(%s is locked): give each server its own ServerId '
-                '(--server-id or ServerId in its config), or job ids repeat'
-                % (server_id, path))
-        self.lock = threading.Lock()
-        self.next = self.limit = self.read_reserved()
         self.reserve()
 
-    def read_reserved(self):
-        """The first number no earlier server may have used."""
-        text = os.pread(self.fd, 64, 0).decode('ascii', 'replace').strip()
-        if not text:
-            return 1
-        key, _, value = text.partition('=')
-        if key != 'NextSerial' or not webjob.is_digits(value):
-            os.close(self.fd)
-            raise webjob.WebJobError(
-                '%s: damaged (expected NextSerial=<digits>): remove it to '
-                'start again from 1' % self.path)
-        return int(value)
-
     def reserve(self):
-        """Record that numbers up to limit + SERIAL_BLOCK may be in use."""
-        self.limit = self.next + SERIAL_BLOCK
-        os.pwrite(self.fd, ('NextSerial=%020d\n' % self.limit).encode(
-            'ascii'), 0)
-        os.fsync(self.fd)
+        """Take the next SERIAL_BLOCK numbers of the file for this server.
+
+        :raises webjob.WebJobError: when the file is damaged.
+        """
+        import fcntl  # late import: standalone only
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            text = os.pread(self.fd, 64, 0).decode('ascii', 'replace').strip()
+            key, _, value = text.partition('=')
+            if text and (key != 'NextSerial' or not webjob.is_digits(value)):
+                raise webjob.WebJobError(
+                    '%s: damaged (expected NextSerial=<digits>): remove it to '
+                    'start again from 1' % self.path)
+            self.next = int(value) if text else 1
+            self.limit = self.next + SERIAL_BLOCK
+            os.pwrite(self.fd, ('NextSerial=%020d\n' % self.limit).encode(
+                'ascii'), 0)
+            os.fsync(self.fd)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def __call__(self):
         with self.lock:
@@ -2334,7 +2323,15 @@ def wait_for_signal(caught):
 def log_connection_error(site, address, exc):
     """One log line for a connection that failed before its request reached
     the application (reset, cut off, TLS handshake), which the server saw
-    but could not answer."""
+    but could not answer.  A TLS peer that closes without a close_notify
+    (a client's probe handshake: SSLEOFError, or on Python 3.6 with
+    OpenSSL 3 an SSLError 'unexpected eof') has sent no request: one line
+    on stderr."""
+    ssl = sys.modules.get('ssl')        # INFO: imported when TLS is on
+    if ssl is not None and isinstance(exc, ssl.SSLError) and \
+            'eof' in str(exc).lower():
+        write_stderr('%s: connection closed: %s' % (address, exc))
+        return
     exchange = Exchange({'REMOTE_ADDR': address})
     exchange.status = 400
     exchange.message = 'Connection error before a complete request: %s: %s' \
@@ -2672,7 +2669,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
         raise webjob.WebJobError('%s: %s' % (exc.filename, exc.strerror))
     server_id = site.values['ServerId']
     site.next_serial = SerialCounter(os.path.join(
-        site.logfiles, SERIAL_FILE % server_id), server_id)
+        site.logfiles, SERIAL_FILE % server_id))
     if 'ServerId' not in site.values['_where'] and 'ServerId' not in overrides:
         write_stderr('warning: ServerId is the default (%s): give each server '
                      'on a locker its own (--server-id)' % server_id)
@@ -2693,14 +2690,20 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
             try:
                 if tls is not None:
                     request.settimeout(IDLE_TIMEOUT)
-                    request = tls.wrap_socket(request, server_side=True)
+                    try:
+                        request = tls.wrap_socket(request, server_side=True)
+                    except OSError as exc:      # no request seen: stderr
+                        write_stderr('%s: TLS handshake failed: %s: %s' % (
+                            client_address[0], type(exc).__name__, exc))
+                        return
                 socketserver.TCPServer.finish_request(self, request,
                                                       client_address)
             finally:
                 connections.remove(fd)
 
         def handle_error(self, request, client_address):
-            """A dropped connection is one log line, not a traceback."""
+            """A connection dropped in its request is one log line, not a
+            traceback."""
             log_connection_error(site, client_address[0], sys.exc_info()[1])
 
     try:
