@@ -93,6 +93,7 @@ FIGURES = (
     ('rss_large_mb', 'delta<', 10.0),        # large - rss_small_mb
     ('serve_rps_ratio', '>=', 0.8),
     ('cgi_rps_ratio', '>=', 0.8),
+    ('cgi_import_vs_bare', None, None),
     ('job_request_ms', None, None),
     ('hunt_300_s', None, None),
 )
@@ -634,6 +635,30 @@ def measure_cgi_rps(bench, key):
                          CONNECTIONS))
 
 
+def measure_cgi_import(bench, key, python):
+    """What a CGI request pays before its first line of work: the stub's
+    `import nph_webjob` (which imports webjob) from byte code, against the
+    bare interpreter; the byte code sizes go in the note."""
+    lib = os.path.join(bench.workspace, 'cgi-lib')
+    os.mkdir(lib)
+    sizes = []
+    for name in ('nph_webjob.py', 'webjob.py'):
+        shutil.copy(os.path.join(HERE, name), lib)
+        run_checked(bench, [python, '-m', 'py_compile',
+                            os.path.join(lib, name)])
+    for name in sorted(os.listdir(os.path.join(lib, '__pycache__'))):
+        sizes.append('%s %d KiB' % (name.split('.')[0], os.path.getsize(
+            os.path.join(lib, '__pycache__', name)) // 1024))
+    argv = python_argv(bench, python)
+    times = time_commands(bench, [('bare', argv + ['-c', 'pass']), (
+        'import', argv + ['-c', 'import sys; sys.path.insert(0, %r); '
+                          'import nph_webjob' % lib])])
+    top, bottom = median(times['import']), median(times['bare'])
+    bench.set_figure(key, top / bottom, 'import nph_webjob from byte code '
+                     '%.1f ms / python -c pass %.1f ms (%s)' % (
+                         top * 1e3, bottom * 1e3, ', '.join(sizes)))
+
+
 def start_queue_server(bench, name):
     """A fresh nph_webjob.py serve with JobQueueEnable=Y (conftest's
     launcher) on its own BaseDirectory."""
@@ -745,6 +770,7 @@ MEASUREMENTS = (
     ('tiny_job_split_ms_py36', measure_tiny_job_split, PY36),
     ('serve_rps_ratio', measure_serve_rps, None),
     ('cgi_rps_ratio', measure_cgi_rps, None),
+    ('cgi_import_vs_bare', measure_cgi_import, 'default'),
     ('get_ratio', measure_get, None),
     ('capture_ratio', measure_capture_and_put, None),
     ('rss_large_mb', measure_rss, None),
@@ -893,9 +919,16 @@ def parse_args(argv):
                         help='interpreter that runs the servers')
     parser.add_argument('--site', action='store_true',
                         help='run interpreters with -I only, not -I -S')
+    parser.add_argument('--only', metavar='KEY,...',
+                        help='run only these MEASUREMENTS keys')
     args = parser.parse_args(argv)
     if args.size is not None and args.size < 2 * MIB:
         parser.error('--size must be at least %d bytes' % (2 * MIB))
+    known = [key for key, function, python in MEASUREMENTS]
+    args.only = args.only.split(',') if args.only else known
+    if set(args.only) - set(known):
+        parser.error('--only: unknown key(s) %s; known: %s' % (
+            ', '.join(sorted(set(args.only) - set(known))), ', '.join(known)))
     return args
 
 
@@ -920,7 +953,8 @@ def main(argv=None):
         except (BenchError, OSError, RuntimeError) as exc:
             log_progress('standalone server: %s' % exc)
         for key, function, python in MEASUREMENTS:
-            bench.attempt(key, function, python)
+            if key in args.only:
+                bench.attempt(key, function, python)
     except KeyboardInterrupt:
         log_progress('interrupted; cleaning up')
         return 130
