@@ -10,34 +10,20 @@ bench_webjob.py measures the full numbers.  Also: an upload above Apache's
 default 1 GiB body limit through Apache and nginx.
 """
 
-import asyncio
-import hashlib
 import os
 import re
 import subprocess
 import sys
 
-import pytest
-
 from conftest import (LOOPBACK, NPH_WEBJOB, PARSED_CGI_PATH, STUB_CGI_PATH,
-                      WEBJOB, write_file)
+                      WEBJOB, fleet_out, install_fleet_program,
+                      simulate_fleet)
 from test_nph_webjob import query
 from test_webjob import deployed_cfg, server_cfg
 
 LOAD_PROCESSES = int(os.environ.get('WEBJOB_LOAD_PROCESSES', '100'))
 LOAD_SIMULATED = int(os.environ.get('WEBJOB_LOAD_SIMULATED', '2000'))
 JOB_TIMEOUT = 600               # seconds for a whole wave of jobs
-ECHO_PROGRAM = b'#!/bin/sh\necho "job $1 of the fleet"\n'
-
-
-def expected_out(number):
-    return ('job %d of the fleet\n' % number).encode()
-
-
-def install_program(root):
-    """profiles/common/commands/fleet.sh: prints its job number."""
-    write_file(os.path.join(str(root), 'profiles', 'common', 'commands',
-                            'fleet.sh'), ECHO_PROGRAM, 0o755)
 
 
 def read_stored_outs(root):
@@ -60,7 +46,7 @@ def assert_all_stored(root, count):
     """count jobs, each stored once and byte-identical; verify clean."""
     found = read_stored_outs(root)
     assert sorted(found) == list(range(count))
-    assert all(found[n] == expected_out(n) for n in found)
+    assert all(found[n] == fleet_out(n) for n in found)
     result = subprocess.run([sys.executable, NPH_WEBJOB, 'verify', '--root',
                              str(root)], stdout=subprocess.PIPE, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:]
@@ -91,7 +77,7 @@ def run_fleet(tmp_path, make_cfg, count, python=sys.executable):
 def test_fleet_of_real_jobs_against_the_standalone_server(tmp_path,
                                                           standalone_server):
     server = standalone_server(args=['--server-id', 'load_1'])
-    install_program(server.root)
+    install_fleet_program(server.root)
 
     def make_cfg(job_dir):
         return server_cfg(job_dir, server.cgi_url, job_dir)
@@ -104,7 +90,7 @@ def test_fleet_of_real_jobs_against_the_standalone_server(tmp_path,
 def test_fleet_of_real_jobs_against_apache(tmp_path, apache_server):
     apache = apache_server()
     apache.clean()
-    install_program(apache.root)
+    install_fleet_program(apache.root)
     url = 'http://%s:%d%s' % (LOOPBACK, apache.port, STUB_CGI_PATH)
 
     def make_cfg(job_dir):
@@ -118,7 +104,7 @@ def test_fleet_of_real_jobs_against_apache(tmp_path, apache_server):
 def test_fleet_of_real_jobs_against_nginx_and_fcgiwrap(tmp_path, nginx_server,
                                                        pki):
     nginx_server.clean()
-    install_program(nginx_server.root)
+    install_fleet_program(nginx_server.root)
 
     def make_cfg(job_dir):
         return deployed_cfg(job_dir, nginx_server.cgi_url, job_dir, pki)
@@ -129,66 +115,13 @@ def test_fleet_of_real_jobs_against_nginx_and_fcgiwrap(tmp_path, nginx_server,
 
 # Simulated clients ###########################################################
 
-def env_for(number, out):
-    """The .env a client would send for job number (SHA256 hashes)."""
-    return ('Version=webjob 1.0.0\nClientId=client_1\nJid=NA\nKidStatus=0\n'
-            'HashType=SHA256\nStdOutHash=%s\nStdErrHash=%s\nJob=%d\n' % (
-                hashlib.sha256(out).hexdigest(),
-                hashlib.sha256(b'').hexdigest(), number)).encode()
-
-
-async def exchange(port, request):
-    """One request on its own connection; (status, fields, body)."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        head = await reader.readuntil(b'\r\n\r\n')
-        lines = head.decode('latin-1').split('\r\n')
-        fields = dict(line.split(': ', 1) for line in lines[1:] if line)
-        body = await reader.readexactly(int(fields['Content-Length']))
-        return int(lines[0].split()[1]), fields, body
-    finally:
-        writer.close()
-
-
-async def simulated_job(port, number):
-    """GET fleet.sh, then PUT what it would print; the PUT's status."""
-    status, fields, body = await exchange(port, (
-        'GET /cgi-client/nph-webjob.cgi?%s HTTP/1.1\r\nHost: %s:%d\r\n'
-        'Connection: close\r\n\r\n' % (query(filename='fleet.sh'), LOOPBACK,
-                                       port)).encode())
-    if status != 200 or body != ECHO_PROGRAM:
-        return 'GET %d' % status
-    out = expected_out(number)
-    env = env_for(number, out)
-    lengths = (len(out), 0, len(env))
-    status, fields, body = await exchange(port, (
-        'PUT /cgi-client/nph-webjob.cgi?%s HTTP/1.1\r\nHost: %s:%d\r\n'
-        'Job-Id: %s\r\nContent-Type: application/octet-stream\r\n'
-        'Content-Length: %d\r\nConnection: close\r\n\r\n' % (
-            query(filename='fleet.sh', lengths=lengths), LOOPBACK, port,
-            fields['Job-Id'], sum(lengths))).encode() + out + env)
-    return status
-
-
-async def simulate_fleet(port, count):
-    """count simulated clients at once; their PUT statuses (or errors)."""
-    async def guarded(number):
-        try:
-            return await simulated_job(port, number)
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            return '%s: %s' % (type(exc).__name__, exc)
-    return await asyncio.gather(*[guarded(n) for n in range(count)])
-
-
 def test_simulated_fleet_against_the_standalone_server(standalone_server):
     """Every client connects at once: the listen backlog must hold them
     (socketserver's default of 5 lost 8-16% of 300)."""
     server = standalone_server(args=['--server-id', 'load_2'])
-    install_program(server.root)
-    statuses = asyncio.run(simulate_fleet(server.port, LOAD_SIMULATED))
-    failed = [(n, s) for n, s in enumerate(statuses) if s != 200]
+    install_fleet_program(server.root)
+    outcomes = simulate_fleet(server.port, LOAD_SIMULATED)
+    failed = [(n, s) for n, (s, seconds) in enumerate(outcomes) if s != 200]
     assert failed == []
     assert_all_stored(server.root, LOAD_SIMULATED)
     lines = server.log_lines(2 * LOAD_SIMULATED)
