@@ -221,6 +221,13 @@ class HTTPStatusError(Exception):
         self.message = message
 
 
+class Terminated(HTTPStatusError):
+    """The web server ended the CGI (SIGTERM: the client went away, or a
+    timeout); raised where the CGI was, so the upload is cleaned up and the
+    request still gets its log line.  While the body is read it ends the
+    body (copy_stream), as a cut connection does."""
+
+
 def write_stderr(message):
     """One line on stderr (Apache's error_log under CGI), never failing."""
     webjob.write_stderr(message, PROGRAM)
@@ -706,6 +713,8 @@ def copy_stream(stdin, fd, length, digests=None):
             chunk = stdin.read(min(BLOCK_SIZE, length - done))
         except OSError as exc:      # includes socket.timeout on 3.6-3.9
             return done, 'read error: %s' % (exc.strerror or exc)
+        except Terminated as exc:   # the CGI's SIGTERM: the body ends here
+            return done, exc.message
         if not chunk:
             return done, 'end of input'
         if fd is not None:
@@ -2449,12 +2458,6 @@ def run_cgi(environ=None, stdin=None, stdout=None):
                    extra_headers=[('Connection', 'close')] if nph else ())
     stdout.flush()
     return 0
-
-
-class Terminated(HTTPStatusError):
-    """The web server ended the CGI (SIGTERM: the client went away, or a
-    timeout); raised where the CGI was, so the upload is cleaned up and the
-    request still gets its log line."""
 
 
 def catch_termination():

@@ -295,11 +295,13 @@ def test_cgi_terminated_mid_put_removes_everything_and_logs(tmp_path,
     finally:
         stop_process(proc)
     assert (proc.returncode, stderr) == (0, b'')
-    assert stdout.startswith(b'HTTP/1.1 500 Internal Server Error\r\n')
     assert incoming(server_root) == []
     line = LOG_LINE.match(read_log_lines(server_root, 1)[-1])
-    assert (line.group('status'), line.group('method')) == ('500', 'PUT')
+    assert line.group('method') == 'PUT'
     assert 'Terminated by signal (15)' in line.group('message')
+    # 456 when the signal ended the body's read, 500 when it hit a write
+    assert line.group('status') in ('456', '500')
+    assert stdout.startswith(b'HTTP/1.1 %s ' % line.group('status').encode())
 
 
 def test_client_gone_mid_put_under_apache_leaves_nothing(apache_server):
@@ -313,7 +315,7 @@ def test_client_gone_mid_put_under_apache_leaves_nothing(apache_server):
     finally:
         sock.close()                                    # a reset, mid-body
     line = LOG_LINE.match(apache.log_lines(1)[-1])
-    assert line.group('status') == '500', line.group(0)
+    assert line.group('status') in ('456', '500'), line.group(0)
     assert apache.incoming() == []
 
 
