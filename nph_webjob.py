@@ -2497,7 +2497,8 @@ def run_cgi(environ=None, stdin=None, stdout=None):
     script = environ.get('SCRIPT_FILENAME') or sys.argv[0]
     nph = os.path.basename(script).startswith('nph-')
     os.umask(0o022)
-    catch_termination()
+    if environ.get('REQUEST_METHOD') not in PARTIAL_METHODS:
+        catch_termination()     # INFO: a resumable PATCH keeps what it had
     stdout = stdout or sys.stdout.buffer
     handle_request(environ, stdin or sys.stdin.buffer, stdout, nph=nph,
                    extra_headers=[('Connection', 'close')] if nph else ())
@@ -3352,9 +3353,6 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
     server_id = site.values['ServerId']
     site.next_serial = SerialCounter(os.path.join(
         site.logfiles, SERIAL_FILE % server_id))
-    if 'ServerId' not in site.values['_where'] and 'ServerId' not in overrides:
-        write_stderr('warning: ServerId is the default (%s): give each server '
-                     'on a locker its own (--server-id)' % server_id)
     raise_file_limit()
     connections = Connections()
 
@@ -3415,6 +3413,9 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
                  % ('https' if tls else 'http',
                     '[%s]' % host if ':' in host else host, port, site.base,
                     server_id))
+    if 'ServerId' not in site.values['_where'] and 'ServerId' not in overrides:
+        write_stderr('warning: ServerId is the default (%s): give each server '
+                     'on a locker its own (--server-id)' % server_id)
     # INFO: unblocked before any thread starts: a thread, and every trigger
     # or hook it starts, inherits the mask; one held now is handled here.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
