@@ -74,11 +74,12 @@ TEE_MD5 = 'head -c "$1" /dev/zero | tee "$2" | md5sum'
 PLANS = {
     'quick': {'runs': 6, 'rounds': 1, 'transfer': 2, 'rss': 1,
               'seconds': 1, 'size': 8 * MIB, 'jobs': 60,
-              'real_clients': False, 'stream_sizes': ()},
+              'real_clients': False, 'stream_sizes': (), 'wave': 200},
     'full': {'runs': 30, 'rounds': 3, 'transfer': 5, 'rss': 3,
              'seconds': 5, 'size': 1 << 30, 'jobs': 300,
              'real_clients': True,
-             'stream_sizes': (2 << 30, 8 << 30)},   # besides --size
+             'stream_sizes': (2 << 30, 8 << 30),    # besides --size
+             'wave': 2000},
 }
 
 #: The figures: --json key, comparison, bound (None: no goal).
@@ -101,7 +102,19 @@ FIGURES = (
     ('stream_rss_mib', None, None),
     ('stream_ratio', '>=', 0.8),
     ('resume_ratio', '>=', 0.8),
+    ('load_standalone_jobs_s', None, None),
+    ('load_standalone_p99_ms', None, None),
+    ('load_apache_jobs_s', None, None),
+    ('load_apache_p99_ms', None, None),
+    ('load_nginx_jobs_s', None, None),
+    ('load_nginx_p99_ms', None, None),
+    ('jobs_per_hour', None, None),
+    ('server_peak_rss_mb', None, None),
+    ('small_put_vs_dav', '>=', 0.5),
+    ('large_put_vs_dav', '>=', 0.5),
 )
+SMALL_PUT = 4096                        # bytes of the small-PUT comparison
+LARGE_PUT = 2 << 30                     # bytes of the large one (full plan)
 HUNT_CLIENTS = 300                      # the issue's figure, both plans
 
 
@@ -412,11 +425,13 @@ def check_serves(bench, url, expected, what, auth=None):
         raise BenchError('%s did not serve the program' % what)
 
 
-def load_with_ab(bench, url, seconds, auth=None):
-    """ab's figures for CONNECTIONS keep-alive clients over seconds:
-    {'rps', 'p50_ms', 'p99_ms', 'complete', 'failed', 'non_2xx'}."""
+def load_with_ab(bench, url, seconds, auth=None, put=None):
+    """ab's figures for CONNECTIONS keep-alive clients over seconds (GETs,
+    or PUTs of the file put): {'rps', 'p50_ms', 'p99_ms', 'complete',
+    'failed', 'non_2xx'}."""
     argv = ['ab', '-k', '-c', str(CONNECTIONS), '-t', str(seconds), '-n',
-            '100000000'] + (['-A', auth] if auth else []) + [url]
+            '100000000'] + (['-A', auth] if auth else []) + (
+        ['-u', put, '-T', 'application/octet-stream'] if put else []) + [url]
     figures = {'failed': 0, 'non_2xx': 0}
     for line in run_checked(bench, argv).splitlines():
         words = line.split()
@@ -886,6 +901,210 @@ def run_in_parallel(bench, commands):
             raise BenchError('webjob.py --job exited %d' % proc.returncode)
 
 
+def percentile(values, fraction):
+    """The value below which fraction of the sorted values lie."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run_fleet_load(bench, port, count, **target):
+    """count simulated clients at once (conftest.simulate_fleet: GET then
+    PUT each); (jobs/s, p99 job seconds).  Every PUT must be 200."""
+    conftest = load_conftest()
+    started = time.monotonic()
+    outcomes = conftest.simulate_fleet(port, count, **target)
+    elapsed = time.monotonic() - started
+    failed = [outcome for outcome, seconds in outcomes if outcome != 200]
+    if failed:
+        raise BenchError('%d of %d simulated jobs failed, e.g. %s' % (
+            len(failed), count, failed[0]))
+    return count / elapsed, percentile([s for o, s in outcomes], 0.99)
+
+
+def set_load_figures(bench, front, rate, p99, how):
+    bench.set_figure('load_%s_jobs_s' % front, rate, '%d jobs (GET then PUT) '
+                     'started at once, %s' % (bench.plan['jobs'], how))
+    bench.set_figure('load_%s_p99_ms' % front, p99 * 1000, 'p99 of the jobs '
+                     'above, GET to the PUT\'s answer')
+
+
+def measure_load_standalone(bench, key):
+    """Jobs/s and p99 at plan['jobs'] concurrent jobs, then a longer wave
+    (plan['wave']) for jobs per hour and the server's peak RSS (VmHWM)."""
+    conftest = load_conftest()
+    work = os.path.join(bench.workspace, 'load')
+    os.mkdir(work)
+    server = conftest.start_standalone(work, bench.server_python,
+                                       args=['--server-id', 'bench_load'])
+    bench.cleanups.append(lambda: conftest.stop_process(server.proc))
+    conftest.install_fleet_program(server.root)
+    rate, p99 = run_fleet_load(bench, server.port, bench.plan['jobs'])
+    set_load_figures(bench, 'standalone', rate, p99, 'nph_webjob.py serve')
+    wave = bench.plan['wave']
+    rate, p99 = run_fleet_load(bench, server.port, wave)
+    bench.set_figure('jobs_per_hour', rate * 3600, '%d simulated jobs at '
+                     'once against serve: %.0f jobs/s, p99 %.0f ms' % (
+                         wave, rate, p99 * 1000))
+    with open('/proc/%d/status' % server.proc.pid) as status:
+        peak = [line.split()[1] for line in status if line.startswith(
+            'VmHWM:')][0]
+    bench.set_figure('server_peak_rss_mb', int(peak) / 1024.0, 'serve\'s '
+                     'VmHWM after %d + %d jobs at once, MiB' % (
+                         bench.plan['jobs'], wave))
+
+
+def start_web_server(bench, key, what, *programs):
+    """conftest's ApacheServer or NginxServer, or None (skipped) without
+    root or the programs."""
+    if os.geteuid() != 0 or not all(shutil.which(name, path=os.pathsep.join(
+            [os.environ.get('PATH', ''), '/usr/sbin'])) for name in programs):
+        bench.skip(key, 'needs root and %s' % ', '.join(programs))
+        return None
+    conftest = load_conftest()
+    scratch = tempfile.mkdtemp(prefix='bench-%s-' % what, dir=bench.workspace)
+    os.chmod(scratch, 0o755)
+    if what == 'apache':
+        server = conftest.ApacheServer(scratch, bench.server_python)
+    else:
+        os.mkdir(os.path.join(scratch, 'pki'))
+        pki = conftest.PKI(os.path.join(scratch, 'pki'))
+        server = conftest.NginxServer(scratch, bench.server_python, pki)
+        server.pki = pki
+    bench.cleanups.append(server.stop)
+    conftest.install_fleet_program(server.root)
+    return server
+
+
+def measure_load_apache(bench, key):
+    """As measure_load_standalone, through Apache (the install-cgi stub,
+    Basic auth, plain port)."""
+    apache = start_web_server(bench, key, 'apache', 'apache2')
+    if apache is not None:
+        conftest = load_conftest()
+        rate, p99 = run_fleet_load(bench, apache.port, bench.plan['jobs'],
+                                   path=conftest.STUB_CGI_PATH,
+                                   auth='%s:%s' % (CLIENT_ID, PASSWORD))
+        set_load_figures(bench, 'apache', rate, p99, 'Apache prefork + '
+                         'mod_cgi, install-cgi stub, Basic auth')
+
+
+def measure_load_nginx(bench, key):
+    """As measure_load_standalone, through nginx + fcgiwrap as the README
+    configures them (TLS, client certificate, Basic auth)."""
+    import ssl
+    nginx = start_web_server(bench, key, 'nginx', 'nginx', 'fcgiwrap')
+    if nginx is not None:
+        conftest = load_conftest()
+        context = ssl.create_default_context(cafile=nginx.pki.path('ca.crt'))
+        context.load_cert_chain(nginx.pki.path('client.crt'),
+                                nginx.pki.path('client.key'))
+        rate, p99 = run_fleet_load(bench, nginx.port, bench.plan['jobs'],
+                                   path=conftest.PARSED_CGI_PATH,
+                                   context=context,
+                                   auth='%s:%s' % (CLIENT_ID, PASSWORD))
+        set_load_figures(bench, 'nginx', rate, p99, 'nginx + fcgiwrap, TLS '
+                         'with a client certificate, Basic auth')
+
+
+# The WebDAV reference: nginx's own PUT into a folder.
+DAV_CONF = '''\
+user root root;
+worker_processes 1;
+daemon off;
+pid {top}/nginx.pid;
+error_log {top}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {top}/body;
+    server {{
+        listen 127.0.0.1:{port};
+        location /up/ {{
+            root {top};
+            dav_methods PUT;
+            client_max_body_size 0;
+        }}
+    }}
+}}
+'''
+
+
+def start_dav(bench):
+    """nginx with dav_methods PUT on a free port; the upload URL's base."""
+    conftest = load_conftest()
+    top = tempfile.mkdtemp(prefix='bench-dav-', dir=bench.workspace)
+    for sub in ('body', 'up'):
+        os.mkdir(os.path.join(top, sub))
+    port = conftest.free_port()
+    conf = write_file(os.path.join(top, 'nginx.conf'), DAV_CONF.format(
+        top=top, port=port).encode('ascii'))
+    proc = subprocess.Popen(['nginx', '-c', conf, '-p', top + '/', '-e',
+                             os.path.join(top, 'error.log')],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    bench.cleanups.append(lambda: conftest.stop_process(proc))
+    conftest.wait_for_port(LOOPBACK, port, proc=proc)
+    return 'http://%s:%d/up/' % (LOOPBACK, port), os.path.join(top, 'up')
+
+
+def measure_small_put_vs_dav(bench, key):
+    """PUTs/s of a 4 KiB upload, ab -k -c CONNECTIONS: serve (fsync of each
+    file and the folder before the answer) / nginx WebDAV PUT (nginx has
+    no fsync: the reference is less durable)."""
+    if os.geteuid() != 0 or not shutil.which('nginx', path=os.pathsep.join(
+            [os.environ.get('PATH', ''), '/usr/sbin'])):
+        bench.skip(key, 'needs root and nginx')
+        return
+    body = write_file(os.path.join(bench.workspace, 'small-put.bin'),
+                      b'x' * SMALL_PUT)
+    dav, folder = start_dav(bench)
+    ours = job_url(bench.server.cgi_url, 'hostname.sh', (SMALL_PUT, 0, 0))
+    runs = {'serve': [], 'dav': []}
+    for _ in range(bench.plan['rounds']):
+        for label, url in (('serve', ours), ('dav', dav + 'small.bin')):
+            runs[label].append(load_with_ab(bench, url, bench.plan['seconds'],
+                                            put=body)['rps'])
+        clear_folder(os.path.join(bench.server.root, 'incoming'))
+    serve, reference = median(runs['serve']), median(runs['dav'])
+    bench.set_figure(key, serve / reference, 'serve %.0f PUT/s (fsync) / '
+                     'nginx WebDAV %.0f PUT/s (no fsync), 4 KiB, ab -k -c %d'
+                     % (serve, reference, CONNECTIONS))
+
+
+def measure_large_put_vs_dav(bench, key):
+    """Seconds to store a LARGE_PUT upload: curl -T into nginx WebDAV then
+    sync(1) of the file (the same durability) / curl -T into serve (which
+    hashes, writes and fsyncs before its answer)."""
+    if os.geteuid() != 0 or not shutil.which('nginx', path=os.pathsep.join(
+            [os.environ.get('PATH', ''), '/usr/sbin'])):
+        bench.skip(key, 'needs root and nginx')
+        return
+    size = LARGE_PUT if bench.plan is PLANS['full'] else bench.size
+    sparse = os.path.join(bench.workspace, 'large-put.bin')
+    with open(sparse, 'wb') as handle:
+        handle.truncate(size)
+    dav, folder = start_dav(bench)
+    ours = job_url(bench.server.cgi_url, 'hostname.sh', (size, 0, 0))
+    stored = os.path.join(folder, 'large.bin')
+    commands = [('serve', CURL + ['-o', '/dev/null', '-H', 'Expect:', '-T',
+                                  sparse, ours]),
+                ('dav', ['sh', '-c', '"$@" && sync "%s"' % stored, 'put'] +
+                 CURL + ['-o', '/dev/null', '-H', 'Expect:', '-T', sparse,
+                         dav + 'large.bin'])]
+    times = {'serve': [], 'dav': []}
+    for _ in range(bench.plan['rounds']):
+        for label, argv in commands:
+            settle_disk(bench)
+            times[label].append(run_timed(bench, argv)[0])
+            clear_folder(os.path.join(bench.server.root, 'incoming'))
+            clear_folder(folder)
+    serve, reference = median(times['serve']), median(times['dav'])
+    bench.set_figure(key, reference / serve, 'nginx WebDAV + sync %.2f s / '
+                     'serve %.2f s for %d bytes (curl -T, %.0f / %.0f MB/s)' % (
+                         reference, serve, size, size / reference / 1e6,
+                         size / serve / 1e6))
+
+
 #: What runs, in order: (--json key, function, interpreter or None).  A
 #: function sets its key with bench.set_figure (or bench.set_split).
 MEASUREMENTS = (
@@ -905,6 +1124,11 @@ MEASUREMENTS = (
     ('hunt_300_s', measure_hunt, None),
     ('stream_disk_peak_mib', measure_stream, None),
     ('resume_ratio', measure_resume, None),
+    ('load_standalone_jobs_s', measure_load_standalone, None),
+    ('load_apache_jobs_s', measure_load_apache, None),
+    ('load_nginx_jobs_s', measure_load_nginx, None),
+    ('small_put_vs_dav', measure_small_put_vs_dav, None),
+    ('large_put_vs_dav', measure_large_put_vs_dav, None),
 )
 
 

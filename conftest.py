@@ -6,8 +6,11 @@ Everything here starts real processes on 127.0.0.1 and waits on ports or
 files, never on sleeps.  Used by test_nph_webjob.py and test_webjob.py.
 """
 
+import asyncio
+import base64
 import glob
 import grp
+import hashlib
 import http.client
 import os
 import pwd
@@ -376,6 +379,7 @@ MaxSpareServers 8
 KeepAlive On
 Timeout 30
 TraceEnable off
+LimitRequestBody 0
 DocumentRoot {top}/htdocs
 <Directory />
   AllowOverride None
@@ -563,7 +567,8 @@ class CgiSite(object):
         return '\n'.join(text)
 
     def clean(self):
-        """Empty incoming/ and the log, so a test sees only its own work.
+        """Empty incoming/, the log and the manifest, so a test sees only
+        its own work (and verify only its own groups).
 
         A CGI writes its log line after its answer, so the previous test's
         last request may still be logging: wait until no CGI of this site
@@ -574,9 +579,10 @@ class CgiSite(object):
         incoming = os.path.join(self.root, 'incoming')
         for name in os.listdir(incoming):
             os.unlink(os.path.join(incoming, name))
-        log = os.path.join(self.root, 'logfiles', 'nph-webjob.log')
-        if os.path.exists(log):
-            open(log, 'w').close()
+        for name in ('nph-webjob.log', 'nph-webjob-manifest.sha256'):
+            log = os.path.join(self.root, 'logfiles', name)
+            if os.path.exists(log):
+                open(log, 'w').close()
 
 
 APACHE_TLS_CONF = """\
@@ -757,10 +763,11 @@ FCGIWRAP = shutil.which('fcgiwrap') or '/usr/sbin/fcgiwrap'
 NGINX_CONF = """\
 user {user} {group};
 worker_processes 1;
+worker_rlimit_nofile 4096;
 pid {top}/run/nginx.pid;
 error_log {top}/logs/nginx-error.log warn;
 events {{
-    worker_connections 64;
+    worker_connections 1024;
 }}
 http {{
     access_log {top}/logs/nginx-access.log;
@@ -878,7 +885,7 @@ class NginxServer(CgiSite):
                'LD_LIBRARY_PATH': self.libdir}
         with open(os.path.join(self.top, 'logs', 'fcgiwrap'), 'wb') as out:
             self.fcgiwrap = subprocess.Popen(
-                [FCGIWRAP, '-c', '2', '-s', 'unix:' + self.socket],
+                [FCGIWRAP, '-c', '4', '-s', 'unix:' + self.socket],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, cwd=self.top, preexec_fn=drop_to(self.www),
                 start_new_session=True)
@@ -1025,6 +1032,102 @@ def run_simulated_clients(port, clients, workers=12):
         thread.join()
     if errors:
         raise errors[0]
+
+
+# Load: fleets of simulated clients, all at once #############################
+
+FLEET_PROGRAM = b'#!/bin/sh\necho "job $1 of the fleet"\n'
+
+
+def fleet_out(number):
+    """What job number of a fleet prints (and uploads as its .out)."""
+    return ('job %d of the fleet\n' % number).encode()
+
+
+def install_fleet_program(root):
+    """profiles/common/commands/fleet.sh under a BaseDirectory."""
+    write_file(os.path.join(str(root), 'profiles', 'common', 'commands',
+                            'fleet.sh'), FLEET_PROGRAM, 0o755)
+
+
+def _fleet_env(number, out):
+    return ('Version=webjob 1.0.0\nClientId=client_1\nJid=NA\nKidStatus=0\n'
+            'HashType=SHA256\nStdOutHash=%s\nStdErrHash=%s\nJob=%d\n' % (
+                hashlib.sha256(out).hexdigest(),
+                hashlib.sha256(b'').hexdigest(), number)).encode()
+
+
+async def _fleet_exchange(target, request):
+    """One request on its own connection; (status, fields, body)."""
+    host, port, path, context, auth = target
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=context,
+        server_hostname='webjob.test' if context else None)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b'\r\n\r\n')
+        lines = head.decode('latin-1').split('\r\n')
+        fields = dict(line.split(': ', 1) for line in lines[1:] if line)
+        body = await reader.readexactly(int(fields['Content-Length']))
+        return int(lines[0].split()[1]), fields, body
+    finally:
+        writer.close()
+
+
+def _fleet_head(target, method, query, extra=''):
+    host, port, path, context, auth = target
+    if auth:
+        extra += 'Authorization: Basic %s\r\n' % base64.b64encode(
+            auth.encode()).decode()
+    return ('%s %s?%s HTTP/1.1\r\nHost: %s:%d\r\n%sConnection: close\r\n'
+            '\r\n' % (method, path, query, host, port, extra)).encode()
+
+
+async def _fleet_job(target, number):
+    """GET fleet.sh, then PUT what it prints: the PUT's status, or why the
+    job failed."""
+    status, fields, body = await _fleet_exchange(target, _fleet_head(
+        target, 'GET', queue_query('client_1', 'fleet.sh')))
+    if status != 200 or body != FLEET_PROGRAM:
+        return 'GET %d' % status
+    out = fleet_out(number)
+    env = _fleet_env(number, out)
+    lengths = (len(out), 0, len(env))
+    status, fields, body = await _fleet_exchange(target, _fleet_head(
+        target, 'PUT', queue_query('client_1', 'fleet.sh', lengths),
+        'Job-Id: %s\r\nContent-Type: application/octet-stream\r\n'
+        'Content-Length: %d\r\n' % (fields['Job-Id'], sum(lengths)))
+        + out + env)
+    return status
+
+
+def simulate_fleet(port, count, path='/cgi-client/nph-webjob.cgi',
+                   context=None, auth=None):
+    """count simulated clients started at once in this one process
+    (asyncio), each a GET then a PUT as client_1; [(PUT status or the
+    error, seconds the job took)] by job number.  context: an SSLContext
+    (server name webjob.test); auth: 'user:password' for Basic.  Also used
+    by bench_webjob.py."""
+    target = (LOOPBACK, port, path, context, auth)
+
+    async def timed(number):
+        started = time.monotonic()
+        try:
+            outcome = await _fleet_job(target, number)
+        except (OSError, EOFError, ValueError, KeyError,
+                asyncio.IncompleteReadError) as exc:
+            outcome = '%s: %s' % (type(exc).__name__, exc)
+        return outcome, time.monotonic() - started
+
+    async def everyone():
+        return await asyncio.gather(*[timed(n) for n in range(count)])
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(everyone())
+    finally:
+        loop.close()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -6,6 +6,7 @@ byte for byte, and `verify` clean, or with the partial held and visible.
 
 import hashlib
 import io
+import itertools
 import os
 import random
 
@@ -37,7 +38,9 @@ def site(tmp_path):
     root = tmp_path / 'server'
     for sub in ('incoming', 'logfiles', 'profiles'):
         (root / sub).mkdir(parents=True)
-    return make_site(root, PartialUploadEnable=True)
+    serials = itertools.count(1)     # one process, many requests: serve's
+    return make_site(root, next_serial=lambda: next(serials),
+                     PartialUploadEnable=True)
 
 
 def request(site, method, body=b'', lengths=None, stream=None, offset=None,

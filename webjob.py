@@ -1081,15 +1081,29 @@ def http_exchange(method, target, query, deadline, tls_context=None,
     size = sum(length for path, length in body_files)
     sock = open_connection(target, deadline, tls_context)
     try:
-        send_all(sock, build_request(method, target, query, size, job_id,
-                                     auth), deadline)
-        for path, length in body_files:
-            if length:
-                send_file(sock, path, length, deadline)
+        try:
+            send_all(sock, build_request(method, target, query, size, job_id,
+                                         auth), deadline)
+            for path, length in body_files:
+                if length:
+                    send_file(sock, path, length, deadline)
+        except TransportError:
+            return read_answer_after_send_error(sock, deadline)
         return read_response_head(sock, deadline)
     except BaseException:
         sock.close()
         raise
+
+
+def read_answer_after_send_error(sock, deadline):
+    """A server that refuses a body answers, then closes: the send fails
+    (EPIPE, reset) but its answer is already here (a 500 for a full disk).
+    Return it; without one, the send error stands."""
+    error = sys.exc_info()[1]
+    try:
+        return read_response_head(sock, deadline)
+    except WebJobError:
+        raise error
 
 
 ###############################################################################
