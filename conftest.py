@@ -903,3 +903,217 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(('nginx and fcgiwrap logs (port %s)'
                                     % server.port, server.error_log()))
     return report
+
+
+# Fault proxy #################################################################
+
+class FaultPlan(object):
+    """What the fault proxy does to one connection.
+
+    request_cut / response_cut: forward that many bytes of the client's
+    (request) or the server's (response) stream, then cut both sides; reset
+    makes the cut an RST instead of a FIN.  answer: bytes to answer with
+    after draining the request (head and Content-Length body), without
+    contacting the server (a 503 from an overloaded front end).  on_cut:
+    called (in the relay's thread) at the cut, before the sockets close,
+    e.g. to kill and restart the server.
+    """
+
+    def __init__(self, request_cut=None, response_cut=None, reset=False,
+                 answer=None, on_cut=None):
+        self.request_cut = request_cut
+        self.response_cut = response_cut
+        self.reset = reset
+        self.answer = answer
+        self.on_cut = on_cut
+
+
+class FaultProxy(object):
+    """A TCP relay on loopback in front of a server, which carries out one
+    queued FaultPlan per new connection (plain relaying once the queue is
+    empty).  Protocol-blind: it works under TLS too, cutting the record
+    stream.  self.cuts counts the connections it cut or answered;
+    self.connections all it accepted.  Use as a context manager, or close().
+    """
+
+    def __init__(self, upstream_port, upstream_host=LOOPBACK):
+        import collections
+        import threading
+        self.upstream = (upstream_host, upstream_port)
+        self.plans = collections.deque()
+        self.lock = threading.Lock()
+        self.connections = self.cuts = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        self.thread = threading.Thread(target=self._accept_loop)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def url(self, path='/'):
+        return 'http://%s:%d%s' % (LOOPBACK, self.port, path)
+
+    def plan(self, *plans, **kwargs):
+        """Queue FaultPlans (or one made from kwargs) for the next
+        connections, in order."""
+        with self.lock:
+            self.plans.extend(plans or [FaultPlan(**kwargs)])
+
+    def pending(self):
+        with self.lock:
+            return len(self.plans)
+
+    def _accept_loop(self):
+        import threading
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                plan = self.plans.popleft() if self.plans else None
+            thread = threading.Thread(target=self._serve, args=(client, plan))
+            thread.daemon = True
+            thread.start()
+
+    def _serve(self, client, plan):
+        import threading
+        if plan is not None and plan.answer is not None:
+            self._answer(client, plan)
+            return
+        try:
+            server = socket.create_connection(self.upstream, timeout=30)
+        except OSError:
+            _close_quietly(client, reset=True)
+            return
+        for sock in (client, server):
+            sock.settimeout(120)   # bound every relay thread's life
+        state = {'cut': False, 'open': 2}
+        cuts = (None, None) if plan is None else (plan.request_cut,
+                                                  plan.response_cut)
+        pumps = [threading.Thread(target=self._pump, args=(
+            src, dst, cut, plan, state, client, server)) for src, dst, cut
+            in ((client, server, cuts[0]), (server, client, cuts[1]))]
+        for pump in pumps:
+            pump.daemon = True
+            pump.start()
+
+    def _pump(self, src, dst, cut, plan, state, client, server):
+        """Copy src to dst; at cut bytes, cut the whole connection."""
+        done = 0
+        try:
+            while True:
+                if cut is not None and done >= cut:
+                    self._cut(plan, state, client, server)
+                    return
+                data = src.recv(65536 if cut is None else
+                                min(65536, cut - done))
+                if not data:
+                    break
+                dst.sendall(data)
+                done += len(data)
+        except OSError:
+            pass
+        with self.lock:
+            state['open'] -= 1
+            last = state['open'] == 0
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if last or state['cut']:
+            _close_quietly(client)
+            _close_quietly(server)
+
+    def _cut(self, plan, state, client, server):
+        with self.lock:
+            if state['cut']:
+                return
+            state['cut'] = True
+            self.cuts += 1
+        if plan.on_cut is not None:
+            plan.on_cut()
+        _close_quietly(client, reset=plan.reset)
+        _close_quietly(server, reset=True)
+
+    def _answer(self, client, plan):
+        """Read the request head and its Content-Length body, answer, close."""
+        data = b''
+        client.settimeout(60)
+        try:
+            while b'\r\n\r\n' not in data and len(data) < 65536:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, body = data.partition(b'\r\n\r\n')
+            length = 0
+            for line in head.split(b'\r\n')[1:]:
+                name, _, value = line.partition(b':')
+                if name.strip().lower() == b'content-length':
+                    length = int(value.strip() or 0)
+            left = length - len(body)
+            while left > 0:
+                chunk = client.recv(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            with self.lock:
+                self.cuts += 1
+            client.sendall(plan.answer)
+        except OSError:
+            pass
+        _close_quietly(client)
+
+    def close(self):
+        self.closed = True
+        _close_quietly(self.listener)
+        self.thread.join(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _close_quietly(sock, reset=False):
+    import struct
+    try:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack('ii', 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def answer_503(reason=b'Service Unavailable'):
+    """What an overloaded front end answers: a 503 with no body."""
+    return (b'HTTP/1.1 503 ' + reason + b'\r\nContent-Length: 0\r\n'
+            b'Connection: close\r\n\r\n')
+
+
+@pytest.fixture
+def fault_proxy():
+    """Factory: fault_proxy(upstream_port) starts a FaultProxy in front of
+    a server's port; all are closed at teardown."""
+    proxies = []
+
+    def start(upstream_port, upstream_host=LOOPBACK):
+        proxy = FaultProxy(upstream_port, upstream_host)
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()

@@ -61,6 +61,7 @@ Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
        webjob {-v|--version}
        webjob --dsvtool ARGS...
        webjob --pad-make-script file [-o file.pad]
+       webjob --resend {-f|--file} config[,config...]
 """
 
 
@@ -117,7 +118,17 @@ class PutStageError(StageError):
 
 
 class TransportError(WebJobError):
-    """An HTTP exchange failed; the stage that called it re-raises."""
+    """An HTTP exchange failed; the stage that called it re-raises.
+
+    permanent: retrying cannot help (a refused certificate, a bad URL); any
+    other failure on the wire may be transient and is retried when the
+    PutRetry* controls allow it.
+    """
+    permanent = False
+
+
+class PermanentTransportError(TransportError):
+    permanent = True
 
 
 def write_stderr(message, program=PROGRAM):
@@ -178,6 +189,11 @@ CLIENT_CONTROLS = (
     ('GetTimeLimit', 'uint', 0),
     ('HashType', 'hash', 'MD5'),
     ('OverwriteExecutable', 'yn', False),
+    ('PutLinkTest', 'yn', False),
+    ('PutRetryCount', 'uint', 0),
+    ('PutRetryDelay', 'uint', 1),
+    ('PutRetryMaxDelay', 'uint', 60),
+    ('PutStallTimeLimit', 'uint', 0),
     ('PutTimeLimit', 'uint', 0),
     ('RunTimeLimit', 'uint', 0),
     ('RunType', 'runtype', 'snapshot'),
@@ -515,7 +531,8 @@ class Target(object):
     def __init__(self, url, username=None, password=None):
         parts = parse_url(url)
         if parts is None:
-            raise TransportError('invalid URL: %s' % redact_url(url))
+            raise PermanentTransportError('invalid URL: %s'
+                                        % redact_url(url))
         self.scheme, user, pw, self.host, self.port, self.path = parts
         # Credentials in the URL beat URLUsername/URLPassword (man page);
         # %user and %pass are place holders for the controls' values.
@@ -567,7 +584,8 @@ class Deadline(object):
             return None
         left = self.end - self._clock()
         if left <= 0:
-            raise TransportError('%s (%d s) expired' % (self.what, self.seconds))
+            raise PermanentTransportError('%s (%d s) expired'
+                                          % (self.what, self.seconds))
         return left
 
 
@@ -658,11 +676,20 @@ def send_all(sock, data, deadline):
 
 
 def send_file(sock, path, size, deadline):
-    """Stream exactly size bytes of a file, in 1 MiB blocks, no copy held."""
+    """Stream exactly size bytes of a file, in 1 MiB blocks, no copy held.
+
+    A plain socket uses sendfile (no copy through Python).  On a TLS socket
+    sendfile falls back to 8 KiB writes, a third slower than curl for a
+    large upload, so there each 1 MiB block is read into one buffer and
+    handed to OpenSSL whole (it cuts the 16 KiB records itself).
+    """
     import socket  # late import: start-up time
     sent = 0
     with open(path, 'rb') as handle:
         try:
+            if hasattr(sock, 'cipher'):         # an ssl.SSLSocket
+                send_file_blocks(sock, handle, path, size, deadline)
+                return
             while sent < size:
                 sock.settimeout(deadline.remaining())
                 count = sock.sendfile(handle, sent, min(BLOCK_SIZE, size - sent))
@@ -674,6 +701,20 @@ def send_file(sock, path, size, deadline):
                                  % (deadline.what, deadline.seconds))
         except OSError as exc:
             raise TransportError('send: %s' % (exc.strerror or exc))
+
+
+def send_file_blocks(sock, handle, path, size, deadline):
+    """send_file over TLS: readinto one reused buffer, sendall each block."""
+    buf = bytearray(min(size, BLOCK_SIZE) or 1)
+    view = memoryview(buf)
+    sent = 0
+    while sent < size:
+        count = handle.readinto(view[:min(len(buf), size - sent)])
+        if not count:
+            raise TransportError('%s: file shrank during upload' % path)
+        sock.settimeout(deadline.remaining())
+        sock.sendall(view[:count])
+        sent += count
 
 
 def read_response_head(sock, deadline):
@@ -1590,8 +1631,13 @@ class TLSContext(object):
             reason = describe_ssl_error(exc)
             if reason == 'certificate verify failed':
                 reason = explain_verify_failure(self.values, target, deadline)
-            raise TransportError('%s: TLS handshake failed: %s'
-                                 % (target.display, reason))
+            # A connection cut mid-handshake may work next time; a refusal
+            # of certificates or protocol will not.
+            error = TransportError if isinstance(exc, (
+                ssl.SSLEOFError, ssl.SSLZeroReturnError)) else \
+                PermanentTransportError
+            raise error('%s: TLS handshake failed: %s'
+                        % (target.display, reason))
         except OSError as exc:
             raise TransportError('%s: TLS handshake failed: %s'
                                  % (target.display, exc.strerror or exc))
@@ -1715,23 +1761,24 @@ def check_peer(tls, values, probed_depth):
     """Apply SSLExpectedPeerCN (exact, case-sensitive) and SSLMaxChainLength."""
     der = tls.getpeercert(binary_form=True)
     if not der:
-        raise TransportError('the server presented no certificate')
+        raise PermanentTransportError('the server presented no '
+                                      'certificate')
     info = tls.getpeercert()
     common_names = [value for rdn in info.get('subject', ())
                     for key, value in rdn if key == 'commonName']
     expected = values['SSLExpectedPeerCN']
     if common_names != [expected]:
-        raise TransportError('peer certificate CN [%s] does not match '
-                             'SSLExpectedPeerCN [%s]'
-                             % (','.join(common_names) or '-', expected))
+        raise PermanentTransportError(
+            'peer certificate CN [%s] does not match SSLExpectedPeerCN [%s]'
+            % (','.join(common_names) or '-', expected))
     depth = verified_chain_depth(tls)
     if depth is None:  # no chain API and no probe result: unprovable
         depth = probed_depth if probed_depth is not None else 1 << 30
     limit = values['SSLMaxChainLength']
     if depth > limit:
-        raise TransportError('certificate chain has %d CA certificate(s) above '
-                             'the server; SSLMaxChainLength is %d'
-                             % (depth, limit))
+        raise PermanentTransportError(
+            'certificate chain has %d CA certificate(s) above the server; '
+            'SSLMaxChainLength is %d' % (depth, limit))
 
 
 def verified_chain_depth(tls):
@@ -2582,7 +2629,12 @@ def write_env_file(job):
 
 
 def run_put_stage(job):
-    """Upload out, err and env in one PUT, streamed, with the Job-Id."""
+    """Upload out, err and env in one PUT, streamed, with the Job-Id.
+
+    The files stay until the server has confirmed them: a .kept marker is
+    written before the first attempt and removed on a 2xx answer, so a
+    failed or interrupted upload can be sent again with --resend.
+    """
     values = job.values
     job.put_epoch = job.clock()
     deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
@@ -2591,25 +2643,236 @@ def run_put_stage(job):
         write_env_file(job)
         files = [(job.output_path(s), os.stat(job.output_path(s)).st_size)
                  for s in ('out', 'err', 'env')]
+        kept = KeptGroup.create(job)
     except OSError as exc:
         raise PutStageError('%s: %s' % (exc.filename, exc.strerror or exc))
+    try:
+        put_group(job, kept, files, deadline)
+    except PutStageError as exc:
+        raise PutStageError('%s; %s' % (exc, kept.describe()))
+    finally:
+        kept.release()
+
+
+# INFO: delivery.  One PUT attempt (put_once) is the unit every upload is
+# made of; retry_put repeats an attempt on transient failures inside
+# PutTimeLimit.  The upload's identity is its Job-Id: the GET's, or with
+# retries on and no GET answer, one made here (make_upload_id), so that the
+# server can recognise a re-send of the same bytes (answer 252) instead of
+# storing a second group.
+
+KEPT_SUFFIX = 'kept'
+UPLOAD_ID_SEPARATOR = '.'       # never in a server-made id (ServerId_...)
+#: Answers worth another attempt: the server or a proxy on the way is
+#: overloaded, restarting or timed out; every other non-2xx is a refusal.
+RETRY_STATUSES = frozenset([408, 429]) | frozenset(range(500, 600)) - \
+    frozenset([501, 505])
+
+
+def make_upload_id(values, epoch, nonce):
+    """A Job-Id for an upload without one: ClientId.epoch.nonce, the same
+    for every attempt and for --resend, and never equal to a server's."""
+    return UPLOAD_ID_SEPARATOR.join((values['ClientId'], '%d' % epoch, nonce))
+
+
+class KeptGroup(object):
+    """The .kept marker of one output group, locked while it is sent.
+
+    Key=Value lines: what a later --resend needs to send the group with the
+    same identity (JobId, Filename, ClientId, RunType).
+    """
+
+    def __init__(self, stem, fields, fd=None):
+        self.stem = stem            # .../webjob_<epoch>_<nonce>
+        self.fields = fields
+        self.fd = fd
+
+    @classmethod
+    def create(cls, job):
+        """Write and lock the marker of a job's outputs."""
+        values = job.values
+        job_id = job.job_id
+        if not job_id and (values['PutRetryCount'] or values['PutLinkTest']):
+            job_id = make_upload_id(values, job.epoch, job.nonce)
+        fields = [('JobId', job_id or ''), ('Filename', job.program),
+                  ('ClientId', values['ClientId']),
+                  ('RunType', values['RunType'])]
+        path = job.output_path(KEPT_SUFFIX)
+        fd = create_exclusive(path)
+        try:
+            write_all(fd, ''.join('%s=%s\n' % pair for pair in fields)
+                      .encode('utf-8', 'surrogateescape'))
+            lock_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path[:-len(KEPT_SUFFIX) - 1], dict(fields), fd)
+
+    @classmethod
+    def open(cls, path):
+        """Lock an existing marker; None when another process holds it."""
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, 'O_NOFOLLOW', 0))
+        except OSError:
+            return None
+        try:
+            if not lock_file(fd, wait=False):
+                os.close(fd)
+                return None
+            with open(path, 'rb') as handle:
+                text = handle.read(MAX_CONFIG_SIZE).decode('utf-8',
+                                                           'surrogateescape')
+        except BaseException:
+            os.close(fd)
+            raise
+        info = os.fstat(fd)
+        if info.st_nlink == 0:      # confirmed and removed while we waited
+            os.close(fd)
+            return None
+        fields = {}
+        for line in text.splitlines():
+            key, equals, value = line.partition('=')
+            if equals:
+                fields[key] = value
+        return cls(path[:-len(KEPT_SUFFIX) - 1], fields, fd)
+
+    def path(self, suffix):
+        return '%s.%s' % (self.stem, suffix)
+
+    def describe(self):
+        """Where the unconfirmed output is, for the failure message."""
+        return 'output kept: %s.{out,err,env} (send it with webjob.py ' \
+            '--resend -f CONFIG)' % self.stem
+
+    def confirm(self, unlink_output):
+        """The server has it: drop the marker, and with UnlinkOutput the
+        files themselves."""
+        remove_quietly(self.path(KEPT_SUFFIX))
+        if unlink_output:
+            for suffix in ('out', 'err', 'env'):
+                remove_quietly(self.path(suffix))
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_file(fd, wait=True):
+    """An exclusive flock on fd; False when wait=False and it is held."""
+    import fcntl  # late import: PUT stage only
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def put_group(job, kept, files, deadline):
+    """PUT one output group (with retries); on a 2xx answer confirm it."""
+    values = job.values
+    fields = kept.fields
     target = make_target(values, 'URLPutURL')
-    query = build_query(job.base_query(job.program) + [
+    query = build_query([
+        ('VERSION', version_string()), ('SYSTEM', system_string()),
+        ('CLIENTID', fields.get('ClientId') or values['ClientId']),
+        ('FILENAME', fields.get('Filename') or job.program),
+        ('RUNTYPE', fields.get('RunType') or values['RunType']),
         ('STDOUT_LENGTH', files[0][1]), ('STDERR_LENGTH', files[1][1]),
         ('STDENV_LENGTH', files[2][1])])
-    try:
-        response = http_exchange('PUT', target, query, deadline,
-                                 job.tls_for(target),
-                                 auth=values['URLAuthType'] == 'basic',
-                                 job_id=job.job_id, body_files=files)
-        response.close()
-    except TransportError as exc:
-        raise PutStageError(str(exc))
-    except OSError as exc:
-        raise PutStageError('%s' % (exc.strerror or exc))
-    if not response.ok:
-        raise PutStageError('%s: Status = [%d], Reason = [%s]'
-                            % (target.display, response.status, response.reason))
+    job_id = fields.get('JobId') or None
+
+    def attempt(attempt_deadline):
+        return put_once(job, target, query, files, attempt_deadline, job_id)
+    retry_put(job, target, attempt, deadline)
+    kept.confirm(values['UnlinkOutput'])
+
+
+def put_once(job, target, query, files, deadline, job_id):
+    """One PUT attempt: the request head, then the (path, size) files as
+    one body.  Returns the Response (closed); raises TransportError."""
+    response = http_exchange('PUT', target, query, deadline,
+                             job.tls_for(target),
+                             auth=job.values['URLAuthType'] == 'basic',
+                             job_id=job_id, body_files=files)
+    response.close()
+    return response
+
+
+class AttemptDeadline(object):
+    """One attempt's timer: what is left of the stage's, and with
+    PutStallTimeLimit at most that long for any one send or receive."""
+
+    def __init__(self, deadline, stall):
+        self.deadline = deadline
+        self.stall = stall
+        self.what, self.seconds = deadline.what, deadline.seconds
+
+    def remaining(self):
+        left = self.deadline.remaining()
+        if self.stall and (left is None or self.stall < left):
+            self.what, self.seconds = 'PutStallTimeLimit', self.stall
+            return self.stall
+        self.what, self.seconds = self.deadline.what, self.deadline.seconds
+        return left
+
+
+def retry_put(job, target, attempt, deadline):
+    """Run attempt(deadline) until the server answers 2xx; return that
+    Response.
+
+    Connection failures, timeouts and RETRY_STATUSES answers are retried
+    up to PutRetryCount times, after PutRetryDelay seconds doubled on each
+    retry (at most PutRetryMaxDelay), each wait drawn at random from its
+    upper half so a fleet does not come back in step.  A retry whose wait
+    would end after PutTimeLimit is not started.
+
+    :raises PutStageError: with the last failure.
+    """
+    values = job.values
+    attempts = values['PutRetryCount'] + 1
+    for number in range(1, attempts + 1):
+        try:
+            response = attempt(AttemptDeadline(deadline,
+                                               values['PutStallTimeLimit']))
+        except TransportError as exc:
+            failure, final = str(exc), exc.permanent
+        except OSError as exc:
+            failure, final = exc.strerror or str(exc), False
+        else:
+            if response.ok:
+                return response
+            failure = '%s: Status = [%d], Reason = [%s]' % (
+                target.display, response.status, response.reason)
+            final = response.status not in RETRY_STATUSES
+        if final or number == attempts:
+            raise PutStageError(failure)
+        wait = backoff_delay(values, number)
+        try:
+            left = deadline.remaining()
+        except TransportError:
+            left = 0
+        if left is not None and wait >= left:
+            raise PutStageError('%s; PutTimeLimit (%d s) leaves no time for '
+                                'attempt %d' % (failure, deadline.seconds,
+                                                number + 1))
+        write_stderr('PutStage: attempt %d of %d failed: %s; retrying in '
+                     '%.1f s' % (number, attempts, failure, wait))
+        sleep_for(wait)
+
+
+def backoff_delay(values, number):
+    """Seconds to wait after failed attempt number (1, 2, ...)."""
+    import random  # late import: retries only
+    ceiling = min(values['PutRetryMaxDelay'],
+                  values['PutRetryDelay'] * 2 ** min(number - 1, 32))
+    return ceiling / 2.0 + random.random() * ceiling / 2.0
+
+
+def sleep_for(seconds):
+    import time  # late import: retries only
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 ###############################################################################
@@ -2659,6 +2922,14 @@ def execute_mode(values, program, options):
     except GetStageError as exc:
         job.get_error = str(exc)
         failures.append(exc)
+    if not failures and capture and values['PutLinkTest']:
+        try:
+            run_link_test(job)
+        except PutStageError as exc:
+            write_stderr('%s: linktest: %s; %s was not run' % (
+                exc.stage, exc, job.program))
+            remove_downloaded(job)
+            return exc.exit_code
     if not failures:
         try:
             run_run_stage(job, capture)
@@ -2672,11 +2943,7 @@ def execute_mode(values, program, options):
             put_ok = True
         except PutStageError as exc:
             failures.append(exc)
-    if values['UnlinkExecutable']:
-        if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
-            job.downloaded.append(job.path(pad_payload_name(job.program)))
-        for path in job.downloaded:
-            remove_quietly(path)
+    remove_downloaded(job)
     if values['UnlinkOutput'] and put_ok:
         for path in job.outputs:
             remove_quietly(path)
@@ -2685,6 +2952,33 @@ def execute_mode(values, program, options):
     if len(failures) > 1:
         return XER_MULTI_STAGE
     return failures[0].exit_code if failures else XER_OK
+
+
+def remove_downloaded(job):
+    """UnlinkExecutable: delete what the GET stage (and a PaD run) left."""
+    if not job.values['UnlinkExecutable']:
+        return
+    if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
+        job.downloaded.append(job.path(pad_payload_name(job.program)))
+    for path in job.downloaded:
+        remove_quietly(path)
+
+
+def run_link_test(job):
+    """PutLinkTest: a zero-length PUT with RUNTYPE=linktest (the original
+    server discards it and answers 251) before anything is collected, so
+    a wrong URL or credential is found while the program can still wait."""
+    values = job.values
+    deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
+    target = make_target(values, 'URLPutURL')
+    query = build_query(job.base_query(job.program)[:4] + [
+        ('RUNTYPE', 'linktest'), ('STDOUT_LENGTH', 0), ('STDERR_LENGTH', 0),
+        ('STDENV_LENGTH', 0)])
+
+    def attempt(attempt_deadline):
+        return put_once(job, target, query, (), attempt_deadline,
+                        job.job_id)
+    retry_put(job, target, attempt, deadline)
 
 
 def hashsum_mode(hash_type, path, stdin=None, stdout=None):
@@ -2744,6 +3038,49 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
     except TransportError as exc:   # worded as in the stages of -e
         raise GetStageError(str(exc))
     return XER_OK
+
+
+def resend_mode(config_spec, stdin=None):
+    """--resend: PUT every kept (unconfirmed) output group in TempDirectory
+    again, oldest first, each once, with the identity it was first sent
+    with; from cron, once the network is back.  Groups another webjob is
+    sending right now are skipped.  Returns XER_OK when every group was
+    confirmed (or there was none), else XER_PUT_STAGE."""
+    values = read_config(config_spec, CLIENT_CONTROLS, stdin)
+    check_required(values, ('ClientId', 'URLPutURL'), CLIENT_REQUIRED_WHEN)
+    job = configure_job(dict(values, URLGetURL=values['URLGetURL'] or
+                             values['URLPutURL']), '-', ())
+    failed = 0
+    for path in list_kept_groups(job.temp_dir):
+        kept = KeptGroup.open(path)
+        if kept is None:
+            continue
+        try:
+            files = [(kept.path(s), os.stat(kept.path(s)).st_size)
+                     for s in ('out', 'err', 'env')]
+            put_group(job, kept, files, Deadline(values['PutTimeLimit'],
+                                                 'PutTimeLimit'))
+        except OSError as exc:
+            write_stderr('PutStage: %s: %s; %s' % (exc.filename, exc.strerror
+                                                   or exc, kept.describe()))
+            failed += 1
+        except PutStageError as exc:
+            write_stderr('PutStage: %s; %s' % (exc, kept.describe()))
+            failed += 1
+        finally:
+            kept.release()
+    return XER_PUT_STAGE if failed else XER_OK
+
+
+def list_kept_groups(folder):
+    """The .kept markers of a TempDirectory, oldest job first."""
+    found = []
+    for name in os.listdir(folder):
+        parts = name.split('_')
+        if len(parts) == 3 and parts[0] == 'webjob' and \
+                parts[2].endswith('.' + KEPT_SUFFIX) and is_digits(parts[1]):
+            found.append((int(parts[1]), name))
+    return [os.path.join(folder, name) for epoch, name in sorted(found)]
 
 
 def pad_make_mode(path, output=None, stdout=None):
@@ -3700,6 +4037,13 @@ def parse_args(argv):
         return 'get-url', (config, url)
     if mode == '--dsvtool':
         return 'dsvtool', (argv[1:],)
+    if mode == '--resend':
+        if take(argv, 1, '-f|--file') not in ('-f', '--file'):
+            raise UsageError('expected -f|--file after %s' % mode)
+        config = take(argv, 2, 'config file')
+        if len(argv) > 3:
+            raise UsageError('unexpected argument [%s]' % argv[3])
+        return 'resend', (config,)
     if mode == '--pad-make-script':
         path = take(argv, 1, 'file')
         output = None
@@ -3737,6 +4081,8 @@ def dispatch(mode, arguments):
         return get_url_mode(*arguments)
     if mode == 'pad-make-script':
         return pad_make_mode(*arguments)
+    if mode == 'resend':
+        return resend_mode(*arguments)
     if mode == 'dsvtool':
         return dsvtool_main(*arguments)
     raise DependencyError('%s is not available in this build' % mode)
