@@ -943,6 +943,7 @@ class FaultProxy(object):
         self.plans = collections.deque()
         self.lock = threading.Lock()
         self.connections = self.cuts = 0
+        self.traffic = []   # (request bytes, response bytes) per relayed one
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((LOOPBACK, 0))
@@ -961,6 +962,13 @@ class FaultProxy(object):
         connections, in order."""
         with self.lock:
             self.plans.extend(plans or [FaultPlan(**kwargs)])
+
+    def wait_traffic(self, count, timeout=30.0):
+        """self.traffic once count relayed connections have ended."""
+        deadline = time.monotonic() + timeout
+        while len(self.traffic) < count and time.monotonic() < deadline:
+            time.sleep(0.01)     # poll interval while the relay winds down
+        return list(self.traffic)
 
     def pending(self):
         with self.lock:
@@ -981,7 +989,6 @@ class FaultProxy(object):
             thread.start()
 
     def _serve(self, client, plan):
-        import threading
         if plan is not None and plan.answer is not None:
             self._answer(client, plan)
             return
@@ -990,50 +997,58 @@ class FaultProxy(object):
         except OSError:
             _close_quietly(client, reset=True)
             return
-        for sock in (client, server):
-            sock.settimeout(120)   # bound every relay thread's life
-        state = {'cut': False, 'open': 2}
-        cuts = (None, None) if plan is None else (plan.request_cut,
-                                                  plan.response_cut)
-        pumps = [threading.Thread(target=self._pump, args=(
-            src, dst, cut, plan, state, client, server)) for src, dst, cut
-            in ((client, server, cuts[0]), (server, client, cuts[1]))]
-        for pump in pumps:
-            pump.daemon = True
-            pump.start()
-
-    def _pump(self, src, dst, cut, plan, state, client, server):
-        """Copy src to dst; at cut bytes, cut the whole connection."""
-        done = 0
         try:
-            while True:
-                if cut is not None and done >= cut:
-                    self._cut(plan, state, client, server)
-                    return
-                data = src.recv(65536 if cut is None else
-                                min(65536, cut - done))
-                if not data:
-                    break
-                dst.sendall(data)
-                done += len(data)
-        except OSError:
-            pass
-        with self.lock:
-            state['open'] -= 1
-            last = state['open'] == 0
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        if last or state['cut']:
+            self._relay(client, server, plan)
+        finally:
             _close_quietly(client)
             _close_quietly(server)
 
-    def _cut(self, plan, state, client, server):
+    def _relay(self, client, server, plan):
+        """Copy both ways in one thread (select), so a cut closes sockets
+        no other thread is blocked on; every wait is bounded."""
+        import selectors
+        cuts = [None, None] if plan is None else [plan.request_cut,
+                                                  plan.response_cut]
+        done = [0, 0]
+        peers = {client: (server, 0), server: (client, 1)}
+        for sock in (client, server):
+            sock.settimeout(120)
+        with selectors.DefaultSelector() as selector:
+            for sock in peers:
+                selector.register(sock, selectors.EVENT_READ)
+            reading = 2
+            while reading:
+                events = selector.select(timeout=120)
+                if not events:
+                    break                       # idle for two minutes
+                for key, _ in events:
+                    src = key.fileobj
+                    dst, side = peers[src]
+                    cut = cuts[side]
+                    if cut is not None and done[side] >= cut:
+                        self._cut(plan, client, server)
+                        return
+                    try:
+                        data = src.recv(65536 if cut is None else
+                                        min(65536, cut - done[side]))
+                        if not data:
+                            selector.unregister(src)
+                            reading -= 1
+                            dst.shutdown(socket.SHUT_WR)
+                            continue
+                        dst.sendall(data)
+                        done[side] += len(data)
+                    except OSError:
+                        reading = 0
+                        break
+                    if cut is not None and done[side] >= cut:
+                        self._cut(plan, client, server)
+                        return
         with self.lock:
-            if state['cut']:
-                return
-            state['cut'] = True
+            self.traffic.append(tuple(done))
+
+    def _cut(self, plan, client, server):
+        with self.lock:
             self.cuts += 1
         if plan.on_cut is not None:
             plan.on_cut()
@@ -1084,7 +1099,7 @@ class FaultProxy(object):
 def _close_quietly(sock, reset=False):
     import struct
     try:
-        if reset:
+        if reset:               # close() then sends an RST, not a FIN
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                             struct.pack('ii', 1, 0))
         else:
