@@ -532,6 +532,9 @@ class CgiSite(object):
         log = os.path.join(self.root, 'logfiles', 'nph-webjob.log')
         if os.path.exists(log):
             open(log, 'w').close()
+        # The uploads the server has seen, by Job-Id: tests reuse Job-Ids.
+        shutil.rmtree(os.path.join(self.root, 'logfiles',
+                                   'nph-webjob-uploads'), ignore_errors=True)
 
 
 APACHE_TLS_CONF = """\
@@ -1132,3 +1135,129 @@ def fault_proxy():
     yield start
     for proxy in proxies:
         proxy.close()
+
+
+# Squid #######################################################################
+
+SQUID = shutil.which('squid') or '/usr/sbin/squid'
+SQUID_NCSA = '/usr/lib/squid/basic_ncsa_auth'
+SQUID_CONF = """\
+http_port {host}:{port}
+pid_filename {dir}/squid.pid
+cache_log {dir}/cache.log
+access_log stdio:{dir}/access.log
+coredump_dir {dir}
+cache deny all
+cache_mem 8 MB
+shutdown_lifetime 0 seconds
+pinger_enable off
+forwarded_for delete
+via off
+{auth}
+acl to_loopback dst 127.0.0.1/32
+http_access {access} to_loopback{users}
+http_access deny all
+"""
+SQUID_AUTH = """\
+auth_param basic program {helper} {dir}/passwd
+auth_param basic realm webjob-test-proxy
+acl users proxy_auth REQUIRED"""
+
+
+class SquidProxy(object):
+    """A real Squid on a loopback port with a config of its own.
+
+    access: 'allow' or 'deny' (a proxy that refuses every request); users:
+    ((name, password), ...) to require Basic proxy authentication.
+    """
+
+    def __init__(self, folder, access='allow', users=()):
+        self.dir = str(folder)
+        os.makedirs(self.dir, exist_ok=True)
+        auth = ''
+        if users:
+            with open(os.path.join(self.dir, 'passwd'), 'w') as handle:
+                for name, password in users:
+                    handle.write('%s:%s\n' % (name, _apr1(password)))
+            auth = SQUID_AUTH.format(helper=SQUID_NCSA, dir=self.dir)
+        if os.getuid() == 0:        # squid drops to its own user
+            owner = pwd.getpwnam('proxy')
+            for path in [self.dir] + [os.path.join(self.dir, name)
+                                      for name in os.listdir(self.dir)]:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        for attempt in range(3):
+            self.port = free_port()
+            conf = os.path.join(self.dir, 'squid.conf')
+            with open(conf, 'w') as handle:
+                handle.write(SQUID_CONF.format(
+                    host=LOOPBACK, port=self.port, dir=self.dir, auth=auth,
+                    access=access, users=' users' if users else ''))
+            with open(os.path.join(self.dir, 'squid.out'), 'wb') as out:
+                self.proc = subprocess.Popen(
+                    [SQUID, '-N', '-f', conf], stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+            try:
+                wait_for_port(LOOPBACK, self.port, timeout=30, proc=self.proc)
+                return
+            except RuntimeError:
+                stop_process(self.proc)
+                if attempt == 2:
+                    raise RuntimeError('squid did not start: %s' % self.log())
+
+    def url(self, userinfo=''):
+        return 'http://%s%s:%d/' % (userinfo, LOOPBACK, self.port)
+
+    def log(self):
+        out = []
+        for name in ('squid.out', 'cache.log', 'access.log'):
+            try:
+                with open(os.path.join(self.dir, name), 'rb') as handle:
+                    out.append(handle.read().decode('utf-8', 'replace'))
+            except OSError:
+                pass
+        return '\n'.join(out)
+
+    def access_lines(self, count=0, timeout=10.0):
+        """access.log's request lines (not the port probes' empty ones),
+        once there are at least count."""
+        import time as clock
+        deadline = clock.monotonic() + timeout
+        while True:
+            lines = [line for line in wait_for_lines(os.path.join(
+                self.dir, 'access.log'), 0) if 'transaction-end-before' not
+                in line]
+            if len(lines) >= count or clock.monotonic() > deadline:
+                return lines
+            clock.sleep(0.01)    # poll interval while Squid writes its log
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def _apr1(password):
+    """An htpasswd -m (apr1) hash, made by openssl."""
+    return subprocess.run(['openssl', 'passwd', '-apr1', password],
+                          stdout=subprocess.PIPE, check=True
+                          ).stdout.decode().strip()
+
+
+@pytest.fixture
+def squid_proxy():
+    """Factory: squid_proxy(access='allow', users=()) starts a SquidProxy;
+    all are stopped at teardown.  Its folder is outside pytest's private
+    tmp tree: Squid runs as the proxy user."""
+    fail_without('squid', SQUID)
+    started = []
+
+    def start(access='allow', users=()):
+        folder = tempfile.mkdtemp(prefix='webjob-squid-')
+        os.chmod(folder, 0o755)
+        proxy = SquidProxy(folder, access, users)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+        shutil.rmtree(proxy.dir, ignore_errors=True)

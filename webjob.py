@@ -53,6 +53,10 @@ MAX_ENV_PATH = 4095             # longest TMPDIR/TMP value accepted
 KILL_GRACE = 2.0                # seconds between TimeoutSignal and SIGKILL
 MAX_SIGNATURE_SIZE = 65536      # a .sig is one base64 line; refuse more
 NA = 'NA'
+#: Answers worth another attempt: the server or a proxy on the way is
+#: overloaded, restarting or timed out; every other non-2xx is a refusal.
+RETRY_STATUSES = frozenset([408, 429]) | frozenset(range(500, 600)) - \
+    frozenset([501, 505])
 
 USAGE = """\
 Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
@@ -175,6 +179,7 @@ def one_line(text):
 #   signal  a valid signal number -> int
 #   auth    basic or none (any case) -> lower case
 #   path    a file or folder name (may be relative)
+#   proxy   http://(user(:pass)?@)?host(:port)?/? (an HTTP proxy)
 
 #: The client's controls, as the man page spells them: (name, kind, default).
 CLIENT_CONTROLS = (
@@ -189,6 +194,11 @@ CLIENT_CONTROLS = (
     ('GetTimeLimit', 'uint', 0),
     ('HashType', 'hash', 'MD5'),
     ('OverwriteExecutable', 'yn', False),
+    ('ProxyAuthType', 'auth', 'none'),
+    ('ProxyPassword', 'text', None),
+    ('ProxyURL', 'proxy', None),
+    ('ProxyUseEnvironment', 'yn', False),
+    ('ProxyUsername', 'text', None),
     ('PutLinkTest', 'yn', False),
     ('PutRetryCount', 'uint', 0),
     ('PutRetryDelay', 'uint', 1),
@@ -277,6 +287,21 @@ def parse_url(url):
     return scheme, user, password, host, port, '/' + path
 
 
+def parse_proxy_url(url):
+    """parse_url for a proxy: scheme http, nothing after the authority but
+    an optional '/'; the port defaults to 3128 when the URL has none."""
+    scheme, sep, rest = url.partition('://')
+    if scheme != 'http' or not sep or '/' in rest.rstrip('/') or \
+            rest.count('/') > 1:
+        return None
+    parts = parse_url(url if rest.endswith('/') else url + '/')
+    if parts is None:
+        return None
+    if split_host_port(rest.rstrip('/').rpartition('@')[2])[1] is None:
+        parts = parts[:4] + (3128,) + parts[5:]
+    return parts
+
+
 def split_host_port(hostport):
     """(host, port or None) for host(:port)?, port 1-5 digits; (None, None)
     when the host is neither [IPv6] nor made of letters, digits, '._-'."""
@@ -329,6 +354,11 @@ def check_value(kind, value):
         if parse_url(value) is None:
             raise ValueError('expected scheme://(user(:pass)?@)?host(:port)?/'
                              '(path(?query)?)? with scheme http or https')
+        return value
+    if kind == 'proxy':
+        if parse_proxy_url(value) is None:
+            raise ValueError('expected http://(user(:pass)?@)?host(:port)?/ '
+                             '(an HTTP proxy)')
         return value
     if kind == 'hash':
         if value.upper() not in HASH_TYPES:
@@ -542,10 +572,60 @@ class Target(object):
             if pw is not None else (password if user is None else '')
         self.path = substitute_tokens(self.path, username, password)
         self.display = redact_url(url)
+        self.proxy = None       # a Proxy when the request goes through one
 
     def host_header(self):
         """The Host value: always host:port, as the original writes it."""
         return '%s:%d' % (self.host, self.port)
+
+
+class Proxy(object):
+    """An HTTP proxy (ProxyURL, or the environment's with
+    ProxyUseEnvironment=Y) and its Basic credentials."""
+
+    def __init__(self, url, source, username=None, password=None,
+                 auth='none'):
+        parts = parse_proxy_url(url)
+        if parts is None:
+            raise ConfigureError('%s = [%s]: expected http://host(:port)/ '
+                                 '(an HTTP proxy)' % (source, redact_url(url)))
+        _, user, pw, self.host, self.port, _ = parts
+        self.display = '%s %s' % (source, redact_url(url))
+        self.authorization = None
+        if auth == 'basic':
+            import base64  # late import: start-up time
+            pair = '%s:%s' % (user if user is not None else username or '',
+                              pw if pw is not None else password or '')
+            self.authorization = 'Basic %s' % base64.b64encode(
+                pair.encode('utf-8')).decode('ascii')
+
+
+def choose_proxy(values, target):
+    """The Proxy a request to target goes through, or None (direct).
+
+    Only ProxyURL is used unless ProxyUseEnvironment=Y: a suspect host's
+    http_proxy could send evidence and credentials anywhere.  With it, the
+    lower-case (then upper-case) https_proxy or http_proxy applies unless
+    no_proxy lists the host ('*', a name, or a .domain suffix).
+    """
+    url, source = values.get('ProxyURL'), 'ProxyURL'
+    if not url and values.get('ProxyUseEnvironment'):
+        host = target.host.strip('[]').lower()
+        exempt = os.environ.get('no_proxy', os.environ.get('NO_PROXY', ''))
+        for entry in exempt.replace(' ', '').lower().split(','):
+            entry = entry.split(':')[0]
+            if entry == '*' or (entry and (host == entry.lstrip('.') or
+                                           host.endswith('.' + entry.lstrip('.')))):
+                return None
+        for name in ('%s_proxy' % target.scheme, '%s_PROXY' % target.scheme
+                     .upper()):
+            if os.environ.get(name):
+                url, source = os.environ[name], '$' + name
+                break
+    if not url:
+        return None
+    return Proxy(url, source, values.get('ProxyUsername'),
+                 values.get('ProxyPassword'), values.get('ProxyAuthType'))
 
 
 def substitute_tokens(text, username, password):
@@ -618,19 +698,23 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     import socket  # late import: start-up time
     if target.scheme == 'https' and not raw:
         tls_context.prepare(target, deadline)
+    proxy = target.proxy
+    peer = proxy or target
     try:
         # bytes, not str: a str host makes getaddrinfo import the idna codec
-        host = target.host.strip('[]').encode('ascii')
-        sock = socket.create_connection((host, target.port),
+        host = peer.host.strip('[]').encode('ascii')
+        sock = socket.create_connection((host, peer.port),
                                         timeout=deadline.remaining())
     except socket.timeout:
         raise TransportError('%s: connect: %s expired'
-                             % (target.display, deadline.what))
+                             % (peer.display, deadline.what))
     except OSError as exc:
-        raise TransportError('%s: connect: %s' % (target.display,
+        raise TransportError('%s: connect: %s' % (peer.display,
                                                   exc.strerror or exc))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy is not None and target.scheme == 'https':
+            open_tunnel(sock, target, deadline)
         if target.scheme == 'https' and not raw:
             sock.settimeout(deadline.remaining())
             sock = tls_context.wrap(sock, target, deadline)
@@ -640,10 +724,36 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     return sock
 
 
+def open_tunnel(sock, target, deadline):
+    """CONNECT through the target's proxy; TLS then runs end to end."""
+    proxy = target.proxy
+    lines = ['CONNECT %s HTTP/1.1' % target.host_header(),
+             'Host: %s' % target.host_header()]
+    if proxy.authorization:
+        lines.append('Proxy-Authorization: %s' % proxy.authorization)
+    send_all(sock, ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii'),
+             deadline)
+    try:
+        response = read_response_head(sock, deadline)
+    except TransportError as exc:
+        raise TransportError('%s: CONNECT %s: %s' % (
+            proxy.display, target.host_header(), exc))
+    if response.status // 100 == 2:
+        return
+    why = 'Status = [%d], Reason = [%s]' % (response.status, response.reason)
+    if response.status == 407:
+        why += ' (the proxy wants credentials: ProxyAuthType=basic, ' \
+            'ProxyUsername, ProxyPassword)'
+    error = TransportError if response.status in RETRY_STATUSES else \
+        PermanentTransportError
+    raise error('%s: CONNECT %s refused: %s' % (
+        proxy.display, target.host_header(), why))
+
+
 def build_request(method, target, query, content_length, job_id=None,
                   auth=False):
     """The request head exactly as the original sends it (protocol.md 1.2)."""
-    lines = ['%s %s%s%s HTTP/1.1' % (method, target.path,
+    lines = ['%s %s%s%s HTTP/1.1' % (method, request_target(target),
                                      '&' if '?' in target.path else '?', query),
              'Host: %s' % target.host_header(),
              'Content-Type: application/octet-stream',
@@ -655,8 +765,23 @@ def build_request(method, target, query, content_length, job_id=None,
             pair.encode('utf-8')).decode('ascii'))
     if job_id:
         lines.append('Job-Id: %s' % job_id)
+    add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+def request_target(target):
+    """The path, or through a proxy (plain http) the absolute URL."""
+    if target.proxy is not None and target.scheme == 'http':
+        return 'http://%s%s' % (target.host_header(), target.path)
+    return target.path
+
+
+def add_proxy_authorization(lines, target):
+    """A plain-http request through a proxy carries its credentials."""
+    proxy = target.proxy
+    if proxy is not None and target.scheme == 'http' and proxy.authorization:
+        lines.append('Proxy-Authorization: %s' % proxy.authorization)
 
 
 def send_all(sock, data, deadline):
@@ -2354,8 +2479,10 @@ class Job(object):
 
 def make_target(values, control):
     """A Target for URLGetURL or URLPutURL with URLUsername/URLPassword."""
-    return Target(values[control], values['URLUsername'],
-                  values['URLPassword'])
+    target = Target(values[control], values['URLUsername'],
+                    values['URLPassword'])
+    target.proxy = choose_proxy(values, target)
+    return target
 
 
 def create_exclusive(path, mode=0o600):
@@ -2663,10 +2790,6 @@ def run_put_stage(job):
 
 KEPT_SUFFIX = 'kept'
 UPLOAD_ID_SEPARATOR = '.'       # never in a server-made id (ServerId_...)
-#: Answers worth another attempt: the server or a proxy on the way is
-#: overloaded, restarting or timed out; every other non-2xx is a refusal.
-RETRY_STATUSES = frozenset([408, 429]) | frozenset(range(500, 600)) - \
-    frozenset([501, 505])
 
 
 def make_upload_id(values, epoch, nonce):
@@ -2893,8 +3016,9 @@ def configure_job(values, program, options):
                                           'name in the URL or URLUsername'
                                           % control)
     for control in ('URLGetURL', 'URLPutURL'):
-        if values[control] and values[control].startswith('https:'):
-            job.tls_for(make_target(values, control))
+        if values[control]:
+            target = make_target(values, control)   # checks the proxy too
+            job.tls_for(target)
     if values['DsvVerifySignature']:
         job.dsv_keys = load_dsv_keys(values['DsvCertificateTree'])
     return job
@@ -3018,6 +3142,7 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
         raise ArgumentError('url = [%s]: expected scheme://host(:port)/path '
                             'with scheme http or https' % redact_url(url))
     target = Target(url, values['URLUsername'], values['URLPassword'])
+    target.proxy = choose_proxy(values, target)
     deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
     tls = TLSContext(values) if target.scheme == 'https' else None
     out = stdout if stdout is not None else sys.stdout.buffer
@@ -3112,7 +3237,7 @@ def pad_make_mode(path, output=None, stdout=None):
 
 def build_plain_get(target, values):
     """A GET of the URL as given: no WebJob query is added."""
-    lines = ['GET %s HTTP/1.1' % target.path,
+    lines = ['GET %s HTTP/1.1' % request_target(target),
              'Host: %s' % target.host_header(),
              'Content-Type: application/octet-stream',
              'Content-Length: 0']
@@ -3121,6 +3246,7 @@ def build_plain_get(target, values):
         pair = '%s:%s' % (target.username or '', target.password or '')
         lines.append('Authorization: Basic %s' % base64.b64encode(
             pair.encode('utf-8')).decode('ascii'))
+    add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
 
