@@ -4,239 +4,99 @@
 
     python3 bench_webjob.py [--quick] [--json] [--size BYTES] [--python PATH]
 
-Starts its own servers on 127.0.0.1 (nph_webjob.py serve, a bare Python
-http.server, and Apache with mod_cgid when apache2 is installed), runs each
-group of compared commands alternately (A B A B ...), and prints medians as
-ratios against a reference: curl, sh and coreutils for the client, a bare
-http.server and a trivial CGI for the server.  Goal misses are printed, not
-failures: the exit status is 1 only when a figure could not be measured at
-all (a missing apache2 or Python 3.6 skips its figures instead).
+Prints the README's speed figures as ratios against a reference (the bare
+interpreter, curl, sh and coreutils for the client; a bare http.server and
+a trivial CGI for the server), so that a shared machine's drift cancels.
+Goal misses are printed, not failures: the exit status is 1 only when a
+figure could not be measured at all (a missing Python 3.6 skips its
+figures; a missing apache2 or non-root user skips the CGI figure).
 
-Python interpreters run with -I -S unless --site is given: this machine's
-pyenv installs carry a site-packages .pth hook that imports certifi on every
-start (28 ms on 3.11 here, -I or not), which is no part of either program
-and would flatten every start-up ratio towards 1.
+Thin on purpose: the servers are started by the tests' own launchers
+(conftest.py: start_standalone, ApacheServer), queries are built by
+webjob.py's build_query, short commands are timed by hyperfine, load is
+made by ab (apache2-utils), and webjob.py is run only through its command
+line, so that renaming a function inside it cannot break this file.
 
-Standard library only; uses curl, sh, head, tee, md5sum and apache2 as
-external programs.  Every temporary folder and process it starts is removed
-or stopped at the end, also on Ctrl-C or SIGTERM.
+Interpreters run with -I -S unless --site is given: this machine's pyenv
+installs carry a site-packages .pth hook that imports certifi on every
+start, which is no part of either program.
+
+To add a figure: one row in FIGURES (its --json key and goal), one
+measure_* function that calls bench.set_figure, one row in MEASUREMENTS.
 """
 
 import argparse
-import errno
 import json
 import os
-import selectors
+import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.dont_write_bytecode = True          # no __pycache__ in the repository
+sys.path.insert(0, HERE)
+
+import webjob  # noqa: E402  (the client's query helpers)
 
 
 ###############################################################################
 # Constants ###################################################################
 ###############################################################################
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 WEBJOB = os.path.join(HERE, 'webjob.py')
-SERVER = os.path.join(HERE, 'nph_webjob.py')
+NPH_WEBJOB = os.path.join(HERE, 'nph_webjob.py')
 PY36 = '/root/.pyenv/versions/3.6.15/bin/python'
-
 MIB = 1 << 20
-GIB = 1 << 30
-DEFAULT_SIZE = GIB
-QUICK_SIZE = 8 * MIB
 LOOPBACK = '127.0.0.1'
-CLIENT_ID = 'bench_1'
-CGI_PATH = '/cgi-client/nph-webjob.cgi'
-PLAIN_CGI_PATH = '/cgi-client/plain-file.cgi'
+CLIENT_ID = 'client_1'                  # conftest's server tree and htpasswd
+PASSWORD = 'secret-1'
 CONNECTIONS = 16
-COMMAND_TIMEOUT = 900.0         # any one timed command
-START_TIMEOUT = 30.0            # a server must listen within this
-STOP_TIMEOUT = 10.0             # a server must exit within this
-LOAD_GRACE = 30.0               # a load run may go on this long for 1 answer
-APACHE_MODULES = '/usr/lib/apache2/modules'
-CLEAN_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
+COMMAND_TIMEOUT = 900.0
+TIME = '/usr/bin/time'                  # GNU time, for peak RSS
 
 TINY_OUTPUT = b'webjob bench tiny job\n'
-TINY_SCRIPT = b'#!/bin/sh\necho webjob bench tiny job\n'        # 2 lines
+TINY_SCRIPT = b'#!/bin/sh\necho webjob bench tiny job\n'
 OUT_SCRIPT = b'#!/bin/sh\nexec head -c "$1" /dev/zero\n'
 PAYLOAD_HEAD = b'#!/bin/sh\n[ -z "$1" ] || head -c "$1" /dev/zero\nexit 0\n'
-PAD_LINE = b'#' * 63 + b'\n'    # sh never reads past `exit 0`
+PAD_LINE = b'#' * 63 + b'\n'            # sh never reads past `exit 0`
 
 CURL = ['curl', '-sSf', '--noproxy', '*']
 SHELL_JOB = ('curl -sSf --noproxy "*" -o "$1" "$2" && sh "$1" > "$3" 2> "$4" '
              '&& curl -sSf --noproxy "*" -H "Expect:" -o /dev/null '
              '-T "$3" "$5"')
 TEE_MD5 = 'head -c "$1" /dev/zero | tee "$2" | md5sum'
-COMPILE_ONLY = "compile(open('webjob.py').read(), 'webjob.py', 'exec')"
 
-#: Repetitions: pairs (or rounds) after one warm-up of each command.
+#: Repetitions per plan; rounds alternate the compared commands.
 PLANS = {
-    'quick': {'startup': 8, 'tiny': 6, 'split': 3, 'get': 2, 'transfer': 2,
-              'rss': 1, 'rounds': 1, 'seconds': 1.0, 'warmup': 0.3,
-              'cgi_seconds': 1.5},
-    'full': {'startup': 40, 'tiny': 30, 'split': 10, 'get': 5, 'transfer': 5,
-             'rss': 3, 'rounds': 3, 'seconds': 5.0, 'warmup': 1.0,
-             'cgi_seconds': 5.0},
+    'quick': {'runs': 6, 'rounds': 1, 'transfer': 2, 'rss': 1,
+              'seconds': 1, 'size': 8 * MIB, 'jobs': 60,
+              'real_clients': False},
+    'full': {'runs': 30, 'rounds': 3, 'transfer': 5, 'rss': 3,
+             'seconds': 5, 'size': 1 << 30, 'jobs': 300,
+             'real_clients': True},
 }
 
-#: (key, comparison, bound, goal as printed); rss_large_mb's goal is on the
-#: difference large - small.
+#: The figures: --json key, comparison, bound (None: no goal).
 FIGURES = (
-    ('startup_ratio', '<=', 1.2, '<= 1.2'),
-    ('startup_ratio_py36', '<=', 1.2, '<= 1.2'),
-    ('tiny_job_ratio', '<=', 4.0, '<= 4.0'),
-    ('tiny_job_ratio_py36', '<=', 4.0, '<= 4.0'),
-    ('get_ratio', '>=', 0.9, '>= 0.9'),
-    ('put_ratio', '>=', 0.9, '>= 0.9'),
-    ('capture_ratio', '>=', 0.8, '>= 0.8'),
-    ('rss_small_mb', None, None, '-'),
-    ('rss_large_mb', 'delta<', 10.0, 'large-small < 10'),
-    ('serve_rps_ratio', '>=', 0.8, '>= 0.8'),
-    ('cgi_rps_ratio', '>=', 0.8, '>= 0.8'),
+    ('startup_vs_bare', '<=', 4.0),
+    ('startup_vs_bare_py36', '<=', 4.0),
+    ('tiny_job_ratio', '<=', 3.0),
+    ('tiny_job_ratio_py36', '<=', 3.0),
+    ('get_ratio', '>=', 0.9),
+    ('put_ratio', '>=', 0.9),
+    ('capture_ratio', '>=', 0.8),
+    ('rss_small_mb', None, None),
+    ('rss_large_mb', 'delta<', 10.0),        # large - rss_small_mb
+    ('serve_rps_ratio', '>=', 0.8),
+    ('cgi_rps_ratio', '>=', 0.8),
+    ('job_request_ms', None, None),
+    ('hunt_300_s', None, None),
 )
-
-SPLIT_ROWS = (
-    ('start', 'interpreter start (spawn to first line)'),
-    ('compile', 'read + compile webjob.py'),
-    ('module', 'module body (definitions)'),
-    ('config', 'read_config'),
-    ('configure', 'configure_job'),
-    ('get', 'GET stage (run_get_stage)'),
-    ('run', 'RUN stage (run_run_stage)'),
-    ('put', 'PUT stage (run_put_stage)'),
-    ('outside', 'main() outside those: argv, unlink'),
-    ('exit', 'interpreter exit'),
-    ('total', 'whole process'),
-)
-
-# The job driver: runs webjob.py's own main() exactly as `python webjob.py`
-# would, and timestamps compile, module body and the stage functions with
-# the system-wide monotonic clock.  Python 3.6 compatible.
-DRIVER = r'''
-import sys, time
-MARKS = {'start': time.monotonic()}
-
-
-def wrap(namespace, name, spans):
-    inner = namespace.get(name)
-    if inner is None:
-        return
-
-    def timed(*args, **kwargs):
-        begin = time.monotonic()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            spans[name] = (begin, time.monotonic())
-    namespace[name] = timed
-
-
-def main():
-    out_path, source_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    with open(source_path, 'rb') as handle:
-        source = handle.read()
-    code = compile(source, source_path, 'exec')
-    MARKS['compiled'] = time.monotonic()
-    namespace = {'__name__': 'webjob_bench', '__file__': source_path,
-                 '__builtins__': __builtins__}
-    exec(code, namespace)
-    MARKS['defined'] = time.monotonic()
-    spans = {}
-    for name in ('read_config', 'configure_job', 'run_get_stage',
-                 'run_run_stage', 'run_put_stage'):
-        wrap(namespace, name, spans)
-    sys.stderr.write('@@bench-main\n')
-    sys.stderr.flush()
-    sys.argv = [source_path] + argv
-    MARKS['main'] = time.monotonic()
-    code = namespace['main'](argv)
-    MARKS['end'] = time.monotonic()
-    with open(out_path, 'w') as handle:
-        handle.write(repr({'marks': MARKS, 'spans': spans, 'rc': code}))
-    return code
-
-
-sys.exit(main())
-'''
-
-# The reference server: a bare http.server, HTTP/1.1, Nagle off, serving one
-# file for any GET, logging each request to stderr as http.server does.
-BASELINE_SERVER = r'''
-import sys, socketserver, http.server
-PORT, PATH = int(sys.argv[1]), sys.argv[2]
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-    disable_nagle_algorithm = True
-
-    def do_GET(self):
-        with open(PATH, 'rb') as handle:
-            body = handle.read()
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/octet-stream')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-Server = getattr(http.server, 'ThreadingHTTPServer', None)
-if Server is None:  # Python 3.6
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-server = Server(('127.0.0.1', PORT), Handler)
-sys.stderr.write('listening on 127.0.0.1:%d\n' % PORT)
-sys.stderr.flush()
-server.serve_forever()
-'''
-
-# The reference CGI: same interpreter line as nph-webjob.cgi, prints the file.
-PLAIN_CGI = r'''
-import sys
-with open(%(path)r, 'rb') as handle:
-    body = handle.read()
-out = sys.stdout.buffer
-out.write(b'Content-Type: application/octet-stream\r\nContent-Length: '
-          + str(len(body)).encode('ascii') + b'\r\n\r\n' + body)
-out.flush()
-'''
-
-APACHE_CONF = '''\
-ServerRoot {root}
-ServerName 127.0.0.1
-Listen 127.0.0.1:{port}
-PidFile {root}/run/httpd.pid
-DefaultRuntimeDir {root}/run
-ErrorLog {root}/error.log
-LogLevel warn
-{user}
-LoadModule mpm_event_module {modules}/mod_mpm_event.so
-LoadModule authz_core_module {modules}/mod_authz_core.so
-LoadModule alias_module {modules}/mod_alias.so
-LoadModule cgid_module {modules}/mod_cgid.so
-LoadModule env_module {modules}/mod_env.so
-ScriptSock {root}/run/cgisock
-KeepAlive On
-MaxKeepAliveRequests 0
-StartServers 2
-ServerLimit 16
-ThreadsPerChild 25
-MaxRequestWorkers 400
-DocumentRoot {root}/htdocs
-SetEnv WEBJOB_PROPERTIES_FILE {root}/nph-webjob.cfg
-ScriptAlias /cgi-client/ {root}/cgi-client/
-<Directory {root}/cgi-client>
-  Require all granted
-  Options +ExecCGI
-</Directory>
-'''
+HUNT_CLIENTS = 300                      # the issue's figure, both plans
 
 
 class BenchError(Exception):
@@ -244,57 +104,8 @@ class BenchError(Exception):
 
 
 ###############################################################################
-# Command line ################################################################
+# Running and timing ##########################################################
 ###############################################################################
-
-def parse_args(argv):
-    """The options of the issue, plus --site and --server for experiments."""
-    parser = argparse.ArgumentParser(
-        prog='bench_webjob.py',
-        description='Benchmark webjob.py and nph_webjob.py on loopback.')
-    parser.add_argument('--json', action='store_true',
-                        help='print one JSON object instead of the table')
-    parser.add_argument('--quick', action='store_true',
-                        help='small sizes, few repetitions (CI smoke test)')
-    parser.add_argument('--size', type=int, default=None, metavar='BYTES',
-                        help='large transfer size (default 1 GiB; %d with '
-                             '--quick)' % QUICK_SIZE)
-    parser.add_argument('--python', default=sys.executable, metavar='PATH',
-                        help='interpreter that runs webjob.py (default: %s)'
-                             % sys.executable)
-    parser.add_argument('--server-python', default=None, metavar='PATH',
-                        help='interpreter that runs the servers (default: '
-                             '--python)')
-    parser.add_argument('--server', default=SERVER, metavar='PATH',
-                        help='nph_webjob.py to benchmark (default: next to '
-                             'this file)')
-    parser.add_argument('--site', action='store_true',
-                        help='run interpreters with -I only, not -I -S')
-    args = parser.parse_args(argv)
-    if args.size is None:
-        args.size = QUICK_SIZE if args.quick else DEFAULT_SIZE
-    if args.size < 2 * MIB:
-        parser.error('--size must be at least %d bytes' % (2 * MIB))
-    args.server_python = args.server_python or args.python
-    return args
-
-
-###############################################################################
-# Processes and timing ########################################################
-###############################################################################
-
-class Run(object):
-    """One timed child: wall seconds, peak RSS, exit code, stderr text."""
-
-    def __init__(self, started, ended, usage, returncode, stderr):
-        self.started = started
-        self.ended = ended
-        self.wall = ended - started
-        self.maxrss_mib = usage.ru_maxrss / 1024.0 if usage else None
-        self.returncode = returncode
-        self.stderr = stderr
-        self.data = None
-
 
 def log_progress(text):
     """Progress goes to stderr, so --json keeps stdout to one object."""
@@ -303,117 +114,76 @@ def log_progress(text):
 
 
 def build_environment():
-    """The children's environment: no proxies, no PYTHON* variables, and
-    a UTF-8 C locale (Python 3.6 would read webjob.py as ASCII under C)."""
+    """No proxies, no PYTHON* variables, a UTF-8 locale (Python 3.6 would
+    read webjob.py as ASCII under C)."""
     env = dict((key, value) for key, value in os.environ.items()
                if not key.lower().endswith('_proxy')
                and not key.startswith(('PYTHON', 'LC_')))
     env['LC_ALL'] = 'C.UTF-8'
-    env['PYTHONDONTWRITEBYTECODE'] = '1'
     return env
 
 
-def decode_status(status):
-    """A wait status as Popen.returncode would give it."""
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
+def run_checked(bench, argv, what=None):
+    """Run a helper tool to the end; its stdout, or BenchError."""
+    proc = subprocess.Popen(argv, env=bench.env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+    if proc.returncode != 0:
+        tail = ' | '.join(err.decode('utf-8', 'replace').splitlines()[-3:])
+        raise BenchError('%s exited %d: %s' % (what or argv[0],
+                                               proc.returncode, tail))
+    return out.decode('utf-8', 'replace')
 
 
-def run_timed(bench, argv, cwd=None, env=None, timeout=COMMAND_TIMEOUT):
-    """Run one child; wall time from the monotonic clock, RSS from wait4."""
-    errors = tempfile.TemporaryFile(dir=bench.workspace)
-    lock = threading.Lock()
-    reaped = []
-
-    def kill_on_timeout():
-        with lock:
-            if not reaped:
-                kill_process(proc.pid, signal.SIGKILL)
-
-    try:
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=cwd, env=env or bench.env,
-                                stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=errors)
-        bench.running.add(proc)
-        timer = threading.Timer(timeout, kill_on_timeout)
-        timer.daemon = True
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        ended = time.monotonic()
-        with lock:
-            reaped.append(True)
-            proc.returncode = decode_status(status)
-        timer.cancel()
-        bench.running.discard(proc)
-        errors.seek(0)
-        text = errors.read().decode('utf-8', 'replace')
-    finally:
-        errors.close()
-    if ended - started >= timeout:
-        raise BenchError('%s: killed after %d s' % (argv[0], timeout))
-    return Run(started, ended, usage, proc.returncode, text)
+def run_timed(bench, argv):
+    """One child: (wall seconds, peak RSS in MiB, epoch at its end).  GNU
+    time measures the RSS: a child forked from this process would inherit
+    this process's high-water mark in its own wait4 figure."""
+    report = os.path.join(bench.workspace, 'time.out')
+    started = time.monotonic()
+    run_checked(bench, [TIME, '-f', '%M', '-o', report] + argv,
+                ' '.join(argv[:5]))
+    wall, ended = time.monotonic() - started, time.time()
+    with open(report) as handle:
+        kib = int(handle.read().split()[-1])
+    return wall, kib / 1024.0, ended
 
 
-def kill_process(pid, signal_number):
-    try:
-        os.kill(pid, signal_number)
-    except OSError:
-        pass
+def time_commands(bench, commands, runs=None):
+    """{label: [seconds, ...]}: hyperfine -N runs the (label, argv) commands
+    in plan['rounds'] alternating rounds, after one warm-up each."""
+    runs = runs or bench.plan['runs']
+    per_round = max(2, -(-runs // bench.plan['rounds']))
+    times = dict((label, []) for label, argv in commands)
+    out = os.path.join(bench.workspace, 'hyperfine.json')
+    for _ in range(bench.plan['rounds']):
+        argv = ['hyperfine', '-N', '--style', 'none', '--warmup', '1',
+                '--runs', str(per_round), '--export-json', out]
+        for label, command in commands:
+            argv += ['-n', label, ' '.join(shlex.quote(w) for w in command)]
+        run_checked(bench, argv)
+        with open(out) as handle:
+            for result in json.load(handle)['results']:
+                times[result['command']].extend(result['times'])
+    return times
 
 
-def require_success(run, what):
-    """Refuse a failed run: a figure from failed runs would mean nothing."""
-    if run.returncode != 0:
-        tail = ' | '.join(run.stderr.strip().splitlines()[-3:])
-        raise BenchError('%s exited %d: %s' % (what, run.returncode,
-                                               tail or 'no message'))
+def time_alternately(bench, commands, count):
+    """{label: [(wall, rss, epochs), ...]} for long commands, run A B A B
+    ... with settled disks in between (hyperfine cannot settle them);
+    epochs are a job's stage epochs from its .env record (or None)."""
+    results = dict((label, []) for label, argv in commands)
+    for _ in range(count):
+        for label, argv in commands:
+            settle_disk(bench)
+            wall, rss, ended = run_timed(bench, argv)
+            epochs = read_stage_epochs(bench, ended)
+            results[label].append((wall, rss, epochs))
+    settle_disk(bench)
+    return results
 
 
-def alternate_runs(bench, commands, pairs, prepare=None):
-    """Run commands in turn, A B A B ..., after one warm-up of each.
-
-    commands: (label, argv, cwd, after) tuples; after(run) may check or
-    annotate a run.  Returns {label: [Run, ...]} of the counted runs.
-    """
-    runs = dict((label, []) for label, argv, cwd, after in commands)
-    for index in range(pairs + 1):
-        for label, argv, cwd, after in commands:
-            if prepare is not None:
-                prepare(label)
-            run = run_timed(bench, argv, cwd)
-            require_success(run, label)
-            if after is not None:
-                after(run)
-            if index:
-                runs[label].append(run)
-    return runs
-
-
-def build_python_argv(bench, python):
-    return [python] + bench.flags
-
-
-def probe_version(bench, python):
-    """(major, minor, micro) of an interpreter, or None when it cannot run."""
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
-        return None
-    try:
-        code = 'import sys; print("%d %d %d" % sys.version_info[:3])'
-        out = subprocess.check_output(
-            build_python_argv(bench, python) + ['-c', code],
-            env=bench.env, stdin=subprocess.DEVNULL, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return tuple(int(part) for part in out.split())
-
-
-###############################################################################
-# Statistics ##################################################################
-###############################################################################
-
-def compute_median(values):
+def median(values):
     ordered = sorted(values)
     if not ordered:
         raise BenchError('no values to take a median of')
@@ -423,41 +193,25 @@ def compute_median(values):
     return (ordered[middle - 1] + ordered[middle]) / 2.0
 
 
-def summarise_values(values, scale=1.0, digits=3):
-    """median/min/max/n of a list, scaled (e.g. to ms) and rounded."""
-    return {'median': round(compute_median(values) * scale, digits),
-            'min': round(min(values) * scale, digits),
-            'max': round(max(values) * scale, digits),
-            'n': len(values)}
+def python_argv(bench, python):
+    return [python] + bench.flags
 
 
-def compute_paired_ratio(numerators, denominators):
-    """Median of the per-pair ratios: robust against drift over the run."""
-    return compute_median([a / b for a, b in zip(numerators, denominators)])
-
-
-def compute_mb_per_s(size, seconds):
-    return size / seconds / 1e6
+def probe_version(bench, python):
+    """'3.6.15' for an interpreter, or None when it cannot run."""
+    if not os.access(python, os.X_OK):
+        return None
+    try:
+        return run_checked(bench, python_argv(bench, python) + [
+            '-c', 'import platform; print(platform.python_version())'
+        ]).strip()
+    except (OSError, BenchError):
+        return None
 
 
 ###############################################################################
-# Workspace and payloads ######################################################
+# Workspace, payloads and URLs ################################################
 ###############################################################################
-
-def create_workspace(bench):
-    """One temp folder for everything, traversable by www-data (Apache)."""
-    bench.workspace = tempfile.mkdtemp(prefix='bench_webjob.')
-    bench.cleanups.append(lambda: shutil.rmtree(bench.workspace, True))
-    os.chmod(bench.workspace, 0o755)
-    for name in ('client', 'work', 'cfg'):
-        os.mkdir(os.path.join(bench.workspace, name))
-    bench.client_dir = os.path.join(bench.workspace, 'client')
-    bench.work_dir = os.path.join(bench.workspace, 'work')
-    bench.driver = write_file(os.path.join(bench.workspace, 'driver.py'),
-                              DRIVER.encode('utf-8'))
-    bench.baseline = write_file(os.path.join(bench.workspace, 'baseline.py'),
-                                BASELINE_SERVER.encode('utf-8'))
-
 
 def write_file(path, data, mode=0o644):
     with open(path, 'wb') as handle:
@@ -473,1297 +227,600 @@ def write_padded_script(path, head, size):
     with open(path, 'wb') as handle:
         handle.write(head)
         while left > 0:
-            chunk = block[:left]
-            handle.write(chunk)
-            left -= len(chunk)
-    os.chmod(path, 0o644)
+            left -= handle.write(block[:left])
     return path
 
 
-def make_commands_dir(tree):
-    path = os.path.join(tree, 'profiles', CLIENT_ID, 'commands')
-    if not os.path.isdir(path):
-        os.makedirs(path)
-    return path
+def commands_dir(bench):
+    return os.path.join(bench.server.root, 'profiles', CLIENT_ID, 'commands')
 
 
-def write_small_payloads(bench):
+def write_payloads(bench):
     """tiny.sh (2 lines), out.sh (writes $1 bytes), small.sh (1 MiB)."""
-    folder = make_commands_dir(bench.server_root)
+    folder = commands_dir(bench)
     write_file(os.path.join(folder, 'tiny.sh'), TINY_SCRIPT)
     write_file(os.path.join(folder, 'out.sh'), OUT_SCRIPT)
     write_padded_script(os.path.join(folder, 'small.sh'), PAYLOAD_HEAD, MIB)
-    bench.tiny_path = os.path.join(folder, 'tiny.sh')
 
 
 def ensure_big_payload(bench):
-    """big.sh: --size bytes, exits at once, or writes $1 bytes when given."""
-    if bench.big_path is None:
-        need = 4 * bench.size + 256 * MIB
+    """big.sh: --size bytes; exits at once, or writes $1 bytes."""
+    path = os.path.join(commands_dir(bench), 'big.sh')
+    if not os.path.exists(path):
         stat = os.statvfs(bench.workspace)
-        free = stat.f_bavail * stat.f_frsize
-        if free < need:
-            raise BenchError('not enough disk space in %s: %d MiB free, %d '
-                             'MiB needed for --size %d' % (
-                                 bench.workspace, free // MIB, need // MIB,
-                                 bench.size))
+        need = 4 * bench.size + 256 * MIB
+        if stat.f_bavail * stat.f_frsize < need:
+            raise BenchError('not enough disk space in %s for --size %d'
+                             % (bench.workspace, bench.size))
         log_progress('writing the %d-byte payload' % bench.size)
-        path = os.path.join(make_commands_dir(bench.server_root), 'big.sh')
-        bench.big_path = write_padded_script(path, PAYLOAD_HEAD, bench.size)
-    return bench.big_path
+        write_padded_script(path, PAYLOAD_HEAD, bench.size)
+    return path
 
 
-def write_client_config(bench, name, put=True, unlink_executable=True):
+def write_client_config(bench, name, put=True):
     """A webjob.py config against the standalone server."""
-    url = 'http://%s:%d%s' % (LOOPBACK, bench.server_port, CGI_PATH)
-    lines = ['ClientId=%s' % CLIENT_ID,
-             'URLGetURL=%s' % url,
-             'TempDirectory=%s' % bench.client_dir,
-             'OverwriteExecutable=Y',
-             'UnlinkExecutable=%s' % ('Y' if unlink_executable else 'N'),
-             'UnlinkOutput=Y',
-             'GetTimeLimit=%d' % COMMAND_TIMEOUT,
-             'RunTimeLimit=%d' % COMMAND_TIMEOUT,
-             'PutTimeLimit=%d' % COMMAND_TIMEOUT]
+    lines = ['ClientId=%s' % CLIENT_ID, 'URLGetURL=%s' % bench.server.cgi_url,
+             'TempDirectory=%s' % bench.client_dir, 'OverwriteExecutable=Y',
+             'UnlinkExecutable=Y', 'UnlinkOutput=Y']
+    lines += ['%sTimeLimit=%d' % (stage, COMMAND_TIMEOUT)
+              for stage in ('Get', 'Run', 'Put')]
     if put:
-        lines.append('URLPutURL=%s' % url)
-    path = os.path.join(bench.workspace, 'cfg', name)
+        lines.append('URLPutURL=%s' % bench.server.cgi_url)
+    path = os.path.join(bench.workspace, name)
     write_file(path, ('\n'.join(lines) + '\n').encode('ascii'))
     return path
 
 
+def job_url(base, filename, lengths=None):
+    """The client's GET (or, with lengths, PUT) URL, by webjob.py's own
+    build_query."""
+    pairs = [('VERSION', webjob.version_string()),
+             ('SYSTEM', webjob.system_string()), ('CLIENTID', CLIENT_ID),
+             ('FILENAME', filename), ('RUNTYPE', 'snapshot')]
+    if lengths is not None:
+        pairs += zip(('STDOUT_LENGTH', 'STDERR_LENGTH', 'STDENV_LENGTH'),
+                     lengths)
+    return '%s?%s' % (base, webjob.build_query(pairs))
+
+
+def read_stage_epochs(bench, ended):
+    """{'Get': s, 'Run': s, 'Put': s, 'End': s} from the .env record a
+    job uploaded (the original's GetEpoch/RunEpoch/PutEpoch, which end in
+    '(seconds.micros)'); None when no job uploaded one."""
+    incoming = os.path.join(bench.server.root, 'incoming')
+    names = [name for name in os.listdir(incoming) if name.endswith('.env')]
+    if len(names) != 1:
+        return None
+    epochs = {'End': ended}
+    with open(os.path.join(incoming, names[0])) as handle:
+        for line in handle:
+            key, _, value = line.partition('=')
+            if key in ('GetEpoch', 'RunEpoch', 'PutEpoch'):
+                epochs[key[:3]] = float(value.rsplit('(', 1)[1].rstrip(')\n'))
+    return epochs
+
+
 def clear_folder(path):
-    """Remove the files in a folder (incoming/, client/), not the folder."""
     for name in os.listdir(path):
         full = os.path.join(path, name)
-        if os.path.isdir(full) and not os.path.islink(full):
+        if os.path.isdir(full):
             shutil.rmtree(full, True)
         else:
-            try:
-                os.unlink(full)
-            except OSError:
-                pass
+            os.unlink(full)
 
 
 def settle_disk(bench):
     """Before a timed bulk run: drop last run's files, flush dirty pages."""
-    clear_folder(os.path.join(bench.server_root, 'incoming'))
+    clear_folder(os.path.join(bench.server.root, 'incoming'))
     clear_folder(bench.client_dir)
     clear_folder(bench.work_dir)
     os.sync()
 
 
 ###############################################################################
-# Wire protocol helpers #######################################################
-###############################################################################
-
-def escape_value(text):
-    """The client's query escaping: [A-Za-z0-9_./-] kept, space '+'."""
-    safe = ('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
-            '0123456789_./-')
-    out = []
-    for byte in bytearray(text.encode('utf-8')):
-        char = chr(byte)
-        out.append(char if char in safe else '+' if char == ' '
-                   else '%%%02x' % byte)
-    return ''.join(out)
-
-
-def build_query(bench, filename, lengths=None):
-    """The WebJob GET query, or the PUT query when lengths are given."""
-    info = os.uname()
-    pairs = [('VERSION', bench.version_string),
-             ('SYSTEM', '%s %s %s' % (info.machine, info.sysname,
-                                      info.release)),
-             ('CLIENTID', CLIENT_ID), ('FILENAME', filename),
-             ('RUNTYPE', 'snapshot')]
-    if lengths is not None:
-        pairs += [('STDOUT_LENGTH', lengths[0]), ('STDERR_LENGTH', lengths[1]),
-                  ('STDENV_LENGTH', lengths[2])]
-    return '&'.join('%s=%s' % (name, escape_value(str(value)))
-                    for name, value in pairs)
-
-
-def build_url(bench, port, filename, lengths=None, path=CGI_PATH):
-    return 'http://%s:%d%s?%s' % (LOOPBACK, port, path,
-                                  build_query(bench, filename, lengths))
-
-
-def build_get_request(bench, port, path, filename, close=False):
-    """A keep-alive HTTP/1.1 GET carrying the WebJob query."""
-    lines = ['GET %s?%s HTTP/1.1' % (path, build_query(bench, filename)),
-             'Host: %s:%d' % (LOOPBACK, port),
-             'Content-Type: application/octet-stream',
-             'Content-Length: 0']
-    if close:
-        lines.append('Connection: close')
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii')
-
-
-def fetch_once(port, request, timeout=30.0):
-    """Send one request with Connection: close; (status, body)."""
-    sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
-    try:
-        sock.sendall(request)
-        data = b''
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
-    head, _, body = data.partition(b'\r\n\r\n')
-    parts = head.split(b' ', 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise BenchError('malformed response from port %d: %r'
-                         % (port, head[:80]))
-    if b'\r\ntransfer-encoding: chunked' in head.lower():
-        body = decode_chunked(body)
-    return int(parts[1]), body
-
-
-def measure_chunked(data):
-    """Length of the complete chunked body at the start of data; -1 when
-    more is needed, -2 when it is malformed (Apache chunks CGI output)."""
-    pos = 0
-    while True:
-        eol = data.find(b'\r\n', pos)
-        if eol < 0:
-            return -1
-        try:
-            size = int(data[pos:eol].split(b';')[0], 16)
-        except ValueError:
-            return -2
-        if size == 0:
-            if data[eol + 2:eol + 4] == b'\r\n':
-                return eol + 4
-            if len(data) < eol + 4:
-                return -1
-            end = data.find(b'\r\n\r\n', eol + 2)     # after trailers
-            return -1 if end < 0 else end + 4
-        pos = eol + 2 + size + 2
-        if pos > len(data):
-            return -1
-
-
-def decode_chunked(data):
-    """The payload of a complete chunked body (for the correctness check)."""
-    out, pos = [], 0
-    while True:
-        eol = data.find(b'\r\n', pos)
-        if eol < 0:
-            return b''.join(out)
-        try:
-            size = int(data[pos:eol].split(b';')[0], 16)
-        except ValueError:
-            return b''.join(out)
-        if size == 0:
-            return b''.join(out)
-        out.append(data[eol + 2:eol + 2 + size])
-        pos = eol + 2 + size + 2
-
-
-def check_serves(bench, port, path, what):
-    """A server must answer a WebJob GET with tiny.sh, byte for byte."""
-    status, body = fetch_once(port, build_get_request(
-        bench, port, path, 'tiny.sh', close=True))
-    if status != 200 or body != TINY_SCRIPT:
-        raise BenchError('%s answered %d with %d bytes, not tiny.sh'
-                         % (what, status, len(body)))
-
-
-###############################################################################
 # Servers #####################################################################
 ###############################################################################
 
-def find_free_port():
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+# The reference server: a bare http.server, HTTP/1.1, serving one file.
+BASELINE_SERVER = r'''
+import sys, socketserver, http.server
+PORT, PATH = int(sys.argv[1]), sys.argv[2]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True
+
+    def do_GET(self):
+        with open(PATH, 'rb') as handle:
+            body = handle.read()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/octet-stream')
+        self.send_header('Content-Length', str(len(body)))
+        if self.request_version == 'HTTP/1.0' and not self.close_connection:
+            self.send_header('Connection', 'keep-alive')   # as serve does
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+
+Server(('127.0.0.1', PORT), Handler).serve_forever()
+'''
+
+# The reference CGI: the stub's own interpreter line, prints the file.
+PLAIN_CGI = r'''
+import sys
+with open(%r, 'rb') as handle:
+    body = handle.read()
+sys.stdout.buffer.write(b'Content-Type: application/octet-stream\r\n'
+                        b'Content-Length: %%d\r\n\r\n' %% len(body) + body)
+'''
+
+
+def load_conftest():
+    """The tests' launchers (conftest.py imports pytest)."""
     try:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
+        import conftest
+    except ImportError as exc:
+        raise BenchError('conftest.py needs pytest: %s' % exc)
+    return conftest
 
 
-def wait_for_port(port, alive, timeout=START_TIMEOUT):
-    """Connect until the port answers; alive() says whether to keep trying."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((LOOPBACK, port), timeout=1.0).close()
-            return
-        except OSError:
-            if not alive():
-                raise BenchError('the server exited before listening')
-            time.sleep(0.02)
-    raise BenchError('nothing listens on port %d after %d s' % (port, timeout))
+def start_servers(bench):
+    """nph_webjob.py serve (conftest's launcher) and the payloads."""
+    conftest = load_conftest()
+    bench.server = conftest.start_standalone(
+        os.path.join(bench.workspace, 'serve'), bench.server_python)
+    bench.cleanups.append(lambda: conftest.stop_process(bench.server.proc))
+    write_payloads(bench)
+    bench.configs = {'job': write_client_config(bench, 'job.cfg'),
+                     'noput': write_client_config(bench, 'noput.cfg', False)}
 
 
-def read_tail(path, lines=5):
-    try:
-        with open(path, 'rb') as handle:
-            text = handle.read().decode('utf-8', 'replace')
-    except OSError:
-        return ''
-    return ' | '.join(text.strip().splitlines()[-lines:])
+def start_baseline(bench, path):
+    """The bare http.server, serving path for any GET; its base URL."""
+    conftest = load_conftest()
+    script = write_file(os.path.join(bench.workspace, 'baseline.py'),
+                        BASELINE_SERVER.encode('utf-8'))
+    port = conftest.free_port()
+    proc = subprocess.Popen(python_argv(bench, bench.server_python) + [
+        script, str(port), path], env=bench.env, stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    bench.cleanups.append(lambda: conftest.stop_process(proc))
+    conftest.wait_for_port(LOOPBACK, port, proc=proc)
+    return 'http://%s:%d/cgi-client/plain' % (LOOPBACK, port)
 
 
-def start_server(bench, argv, name):
-    """Start a long-running server in its own session; stopped at the end."""
-    log_path = os.path.join(bench.workspace, name + '.log')
-    with open(log_path, 'wb') as log_file:
-        proc = subprocess.Popen(argv, env=bench.env, stdin=subprocess.DEVNULL,
-                                stdout=log_file, stderr=log_file,
-                                start_new_session=True)
-    bench.cleanups.append(lambda: stop_server(proc))
-    return proc, log_path
+def check_serves(bench, url, expected, what, auth=None):
+    """A server must answer a WebJob GET with the program, byte for byte."""
+    argv = CURL + (['-u', auth] if auth else []) + [url]
+    if run_checked(bench, argv, what).encode('utf-8') != expected:
+        raise BenchError('%s did not serve the program' % what)
 
 
-def stop_server(proc):
-    """SIGTERM its process group, then SIGKILL after STOP_TIMEOUT."""
-    if proc.poll() is not None:
-        return
-    for signal_number in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, signal_number)
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=STOP_TIMEOUT)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def load_with_ab(bench, url, seconds, auth=None):
+    """ab's figures for CONNECTIONS keep-alive clients over seconds:
+    {'rps', 'p50_ms', 'p99_ms', 'complete', 'failed', 'non_2xx'}."""
+    argv = ['ab', '-k', '-c', str(CONNECTIONS), '-t', str(seconds), '-n',
+            '100000000'] + (['-A', auth] if auth else []) + [url]
+    figures = {'failed': 0, 'non_2xx': 0}
+    for line in run_checked(bench, argv).splitlines():
+        words = line.split()
+        if line.startswith('Requests per second:'):
+            figures['rps'] = float(words[3])
+        elif line.startswith('Complete requests:'):
+            figures['complete'] = int(words[2])
+        elif line.startswith('Failed requests:'):
+            figures['failed'] = int(words[2])
+        elif line.startswith('Non-2xx responses:'):
+            figures['non_2xx'] = int(words[2])
+        elif line.startswith(('  50%', '  99%')):
+            figures['p%s_ms' % words[0].rstrip('%')] = int(words[1])
+    if not figures.get('complete') or figures['non_2xx']:
+        raise BenchError('ab %s: %r' % (url.split('?')[0], figures))
+    return figures
 
 
-def start_standalone_server(bench):
-    """nph_webjob.py serve on a free loopback port, with its own tree."""
-    if not os.path.isfile(bench.args.server):
-        raise BenchError('%s does not exist' % bench.args.server)
-    bench.server_root = os.path.join(bench.workspace, 'server')
-    for attempt in range(3):
-        port = find_free_port()
-        argv = build_python_argv(bench, bench.args.server_python) + [
-            bench.args.server, 'serve', '--root', bench.server_root,
-            '--port', str(port), '--bind', LOOPBACK]
-        proc, log_path = start_server(bench, argv, 'nph_webjob-serve')
-        try:
-            wait_for_port(port, lambda: proc.poll() is None)
-        except BenchError as exc:
-            stop_server(proc)
-            if attempt == 2:
-                raise BenchError('nph_webjob.py serve: %s: %s'
-                                 % (exc, read_tail(log_path)))
-            continue
-        bench.server_port = port
-        bench.server_log = log_path
-        return
-
-
-def start_baseline_server(bench):
-    """The bare http.server reference, serving the same tiny.sh."""
-    for attempt in range(3):
-        port = find_free_port()
-        argv = build_python_argv(bench, bench.args.server_python) + [
-            bench.baseline, str(port), bench.tiny_path]
-        proc, log_path = start_server(bench, argv, 'baseline-server')
-        try:
-            wait_for_port(port, lambda: proc.poll() is None)
-        except BenchError as exc:
-            stop_server(proc)
-            if attempt == 2:
-                raise BenchError('http.server reference: %s: %s'
-                                 % (exc, read_tail(log_path)))
-            continue
-        return port
-
-
-###############################################################################
-# Apache ######################################################################
-###############################################################################
-
-def find_apache():
-    """The apache2 binary, or None (then the CGI figure is skipped)."""
-    found = shutil.which('apache2')
-    if found is None and os.access('/usr/sbin/apache2', os.X_OK):
-        found = '/usr/sbin/apache2'
-    if found is None:
-        return None
-    for module in ('mod_mpm_event', 'mod_cgid', 'mod_alias', 'mod_env',
-                   'mod_authz_core'):
-        if not os.path.isfile(os.path.join(APACHE_MODULES, module + '.so')):
-            return None
-    return found
-
-
-def read_shebang(path):
-    with open(path, 'rb') as handle:
-        first = handle.readline(512)
-    if first.startswith(b'#!'):
-        return first.rstrip(b'\r\n')
-    return b'#!/usr/bin/env python3'
-
-
-def choose_cgi_shebang(bench, shebang):
-    """The interpreter line both CGIs get.
-
-    The server's own line (#!/usr/bin/env python3) resolved on Apache's
-    PATH, plus -IS like every other interpreter here, so that this machine's
-    site-packages .pth hook is not paid by each CGI request; --site keeps
-    the server's line as it is.
-    """
-    if bench.args.site:
-        return shebang
-    words = shebang[2:].decode('utf-8', 'replace').split()
-    if not words:
-        return shebang
-    program = words[0]
-    if os.path.basename(program) == 'env' and len(words) > 1:
-        program = shutil.which(words[1], path=CLEAN_PATH)
-    if not program or not os.access(program, os.X_OK):
-        return shebang
-    return ('#!%s -IS' % program).encode('utf-8')
-
-
-def give_to_web_user(path):
-    """chown -R www-data, when running as root (the CGI writes there)."""
-    if os.geteuid() != 0:
-        return
-    import pwd
-    try:
-        user = pwd.getpwnam('www-data')
-    except KeyError:
-        return
-    for folder, dirs, files in os.walk(path):
-        os.chown(folder, user.pw_uid, user.pw_gid)
-        for name in files:
-            os.chown(os.path.join(folder, name), user.pw_uid, user.pw_gid)
-
-
-def install_cgi_files(bench, root):
-    """lib/ holds root-owned copies of nph_webjob.py and webjob.py, as an
-    admin would install them; cgi-client/nph-webjob.cgi is the stub that
-    'nph_webjob.py install-cgi' writes (the README's way), which also
-    compiles both modules for the interpreter of the trivial CGI's line."""
-    lib = os.path.join(root, 'lib')
-    os.mkdir(lib)
-    os.chmod(lib, 0o755)
-    here = os.path.dirname(os.path.abspath(bench.args.server))
-    for name in ('nph_webjob.py', 'webjob.py'):
-        shutil.copyfile(os.path.join(here, name), os.path.join(lib, name))
-        os.chmod(os.path.join(lib, name), 0o644)
-    chosen = choose_cgi_shebang(bench, read_shebang(bench.args.server))
-    python = chosen[2:].decode('utf-8', 'replace').split()[0]
-    if os.path.basename(python) == 'env':
-        python = shutil.which('python3', path=CLEAN_PATH) or sys.executable
-    stub = os.path.join(root, 'cgi-client', 'nph-webjob.cgi')
-    result = subprocess.run([python, os.path.join(lib, 'nph_webjob.py'),
-                             'install-cgi', stub], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    if result.returncode != 0:
-        raise BenchError('install-cgi failed: %s' % result.stderr.decode(
-            'utf-8', 'replace').strip())
-    with open(stub, 'rb') as handle:
-        stub_line = handle.readline().rstrip(b'\n')
-    bench.details.setdefault('cgi', {}).update({
-        'interpreter': stub_line[2:].decode('utf-8', 'replace'),
-        'script': 'cgi-client/nph-webjob.cgi: the stub written by '
-                  '"nph_webjob.py install-cgi" over lib/ (copies of '
-                  'nph_webjob.py and webjob.py, byte code compiled by it)'})
-    return stub_line
-
-
-def prepare_apache(bench):
-    """ServerRoot, the two CGIs, nph-webjob.cfg and its BaseDirectory."""
-    root = os.path.join(bench.workspace, 'apache')
-    for name in ('', 'run', 'htdocs', 'cgi-client'):
-        os.mkdir(os.path.join(root, name))
-        os.chmod(os.path.join(root, name), 0o755)
-    tree = os.path.join(root, 'tree')
-    for name in ('incoming', 'logfiles'):
-        os.makedirs(os.path.join(tree, name))
-    tiny = write_file(os.path.join(make_commands_dir(tree), 'tiny.sh'),
-                      TINY_SCRIPT)
-    give_to_web_user(tree)
-    os.chmod(tree, 0o755)
-    shebang = install_cgi_files(bench, root)
-    write_file(os.path.join(root, 'cgi-client', 'plain-file.cgi'),
-               shebang + b'\n' + (PLAIN_CGI % {'path': tiny}).encode('utf-8'),
-               0o755)
-    write_file(os.path.join(root, 'nph-webjob.cfg'), (
-        'BaseDirectory=%s\nRequireUser=N\nRequireMatch=N\nEnableLogging=Y\n'
-        % tree).encode('ascii'))
-    return root
-
-
-def start_apache(bench, binary):
-    """Apache event + mod_cgid on a free port; stopped at the end.
-
-    `-k start -D FOREGROUND` keeps the Apache parent our own child, so it is
-    always known by its pid (and its workers by its process group), even
-    when the pid file is not written yet.
-    """
-    root = prepare_apache(bench)
-    port = find_free_port()
-    user = 'User www-data\nGroup www-data' if os.geteuid() == 0 else ''
-    conf = os.path.join(root, 'httpd.conf')
-    text = APACHE_CONF.format(root=root, port=port, user=user,
-                              modules=APACHE_MODULES)
-    write_file(conf, text.encode('ascii'))
-    env = {'PATH': CLEAN_PATH, 'LANG': 'C', 'LC_ALL': 'C'}
-    command = [binary, '-f', conf, '-k']
-    log_path = os.path.join(root, 'console.log')
-    with open(log_path, 'wb') as console:
-        proc = subprocess.Popen(command + ['start', '-D', 'FOREGROUND'],
-                                env=env, stdin=subprocess.DEVNULL,
-                                stdout=console, stderr=console,
-                                start_new_session=True)
-    bench.cleanups.append(lambda: stop_apache(proc, command, env))
-    pid_file = os.path.join(root, 'run', 'httpd.pid')
-    try:
-        wait_for_port(port, lambda: proc.poll() is None)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(pid_file) and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        if proc.poll() is not None or not os.path.exists(pid_file):
-            raise BenchError('apache2 is not running')
-    except BenchError as exc:
-        raise BenchError('apache2 -k start: %s: %s %s' % (
-            exc, read_tail(log_path), read_tail(os.path.join(root,
-                                                             'error.log'))))
-    return port, root
-
-
-def stop_apache(proc, command, env):
-    """apache2 -k stop; then SIGTERM/SIGKILL its process group by pid."""
-    if proc.poll() is not None:
-        return
-    try:
-        subprocess.call(command + ['stop'], env=env, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL, timeout=STOP_TIMEOUT)
-        proc.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        stop_server(proc)
-
-
-###############################################################################
-# Load generator ##############################################################
-###############################################################################
-
-class LoadConnection(object):
-    """One client connection: the response being read and its timing."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.connecting = False
-        self.buffer = b''
-        self.sent_at = None
-        self.pending = b''
-        self.reset()
-
-    def reset(self):
-        self.head_done = False
-        self.need = None
-        self.chunked = False
-        self.status = None
-        self.close_after = False
-
-
-class LoadGenerator(object):
-    """HTTP/1.1 GETs from N connections, one request in flight on each, for
-    a bounded time.  Keep-alive when the server allows it; otherwise (an
-    nph CGI answers Connection: close) it reconnects, without blocking the
-    other connections, and the latency includes the connect."""
-
-    def __init__(self, port, request, connections=CONNECTIONS):
-        self.port = port
-        self.request = request
-        self.connections = connections
-        self.selector = None
-        self.live = {}
-        self.ok = self.bad = self.errors = self.connects = 0
-        self.latencies = []
-        self.count_from = self.stop_at = 0.0
-
-    def run(self, warmup, duration, grace=LOAD_GRACE):
-        """Load for warmup + duration s; count what completes after the
-        warm-up.  On a machine so slow that nothing completed, go on for up
-        to grace more seconds, until one response has."""
-        self.selector = selectors.DefaultSelector()
-        try:
-            for _ in range(self.connections):
-                self.prime_connection()
-            self.count_from = time.monotonic() + warmup
-            self.stop_at = self.count_from + duration + grace
-            planned_end = self.count_from + duration
-            while True:
-                now = time.monotonic()
-                if now >= self.stop_at or (now >= planned_end and self.ok):
-                    break
-                missing = self.connections - len(self.live)
-                for _ in range(missing):
-                    self.open_connection()
-                timeout = min(0.05 if missing else 0.5, self.stop_at - now)
-                for key, mask in self.selector.select(timeout):
-                    conn = key.data
-                    if conn.connecting:
-                        self.finish_connect(conn)
-                    elif mask & selectors.EVENT_WRITE:
-                        self.flush_request(conn)
-                    else:
-                        self.receive_response(conn)
-        finally:
-            self.stop_at = time.monotonic()     # stop counting
-            for conn in list(self.live.values()):
-                self.drop_connection(conn, False)
-            self.selector.close()
-        return self.summarise(max(self.stop_at - self.count_from, 1e-9))
-
-    def summarise(self, duration):
-        ordered = sorted(self.latencies)
-
-        def pick(fraction):
-            if not ordered:
-                return None
-            return round(ordered[min(len(ordered) - 1,
-                                     int(len(ordered) * fraction))] * 1e3, 2)
-        return {'rps': self.ok / duration, 'seconds': round(duration, 3),
-                'ok': self.ok, 'bad': self.bad,
-                'errors': self.errors, 'connects': self.connects,
-                'p50_ms': pick(0.5), 'p99_ms': pick(0.99),
-                'max_ms': pick(1.0)}
-
-    def counting(self, now):
-        return self.count_from <= now <= self.stop_at
-
-    def prime_connection(self):
-        """Before the clock starts: connect and do one blocking exchange, so
-        that a server with a short listen backlog (socketserver's 5) has
-        accepted this connection before the next one is opened."""
-        try:
-            sock = socket.create_connection((LOOPBACK, self.port), timeout=5.0)
-        except OSError:
-            return
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            keep = self.exchange_blocking(sock)
-        except OSError:
-            keep = False
-        if not keep:
-            sock.close()        # the server closes: reconnect in the loop
-            return
-        sock.setblocking(False)
-        conn = LoadConnection(sock)
-        self.live[sock] = conn
-        self.connects += 1
-        self.selector.register(sock, selectors.EVENT_READ, conn)
-        self.send_request(conn)
-
-    def open_connection(self):
-        """A non-blocking connect; the request goes out once it is up."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
-        code = sock.connect_ex((LOOPBACK, self.port))
-        if code not in (0, errno.EINPROGRESS):
-            sock.close()
-            if self.counting(time.monotonic()):
-                self.errors += 1
-            return
-        conn = LoadConnection(sock)
-        conn.connecting = True
-        conn.sent_at = time.monotonic()
-        self.live[sock] = conn
-        self.selector.register(sock, selectors.EVENT_WRITE, conn)
-
-    def finish_connect(self, conn):
-        code = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self.drop_connection(conn, True)
-            return
-        conn.connecting = False
-        self.connects += 1
-        self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        self.send_request(conn, conn.sent_at)
-
-    def exchange_blocking(self, sock):
-        """One request and its whole response; False when the server
-        closes the connection after it (the caller reconnects later)."""
-        sock.sendall(self.request)
-        data = b''
-        while b'\r\n\r\n' not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return False
-            data += chunk
-        head, _, body = data.partition(b'\r\n\r\n')
-        probe = LoadConnection(sock)
-        probe.buffer = head + b'\r\n\r\n'
-        if not self.parse_head(probe):
-            return False
-        while True:
-            if probe.chunked:
-                length = measure_chunked(body)
-                if length == -2:
-                    return False
-                if length >= 0:
-                    break
-            elif probe.need is None:
-                return False
-            elif len(body) >= probe.need:
-                break
-            chunk = sock.recv(65536)
-            if not chunk:
-                return False
-            body += chunk
-        return not probe.close_after
-
-    def send_request(self, conn, started=None):
-        conn.reset()
-        conn.buffer = b''
-        conn.sent_at = started or time.monotonic()
-        conn.pending = self.request
-        self.flush_request(conn, first=True)
-
-    def flush_request(self, conn, first=False):
-        try:
-            sent = conn.sock.send(conn.pending)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.drop_connection(conn, True)
-            return
-        conn.pending = conn.pending[sent:]
-        wanted = selectors.EVENT_READ | (
-            selectors.EVENT_WRITE if conn.pending else 0)
-        if conn.pending or not first:
-            self.selector.modify(conn.sock, wanted, conn)
-
-    def receive_response(self, conn):
-        try:
-            data = conn.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.drop_connection(conn, True)
-            return
-        if not data:
-            if conn.head_done and conn.need is None and not conn.chunked:
-                self.complete_response(conn)    # body ended by close
-                self.drop_connection(conn, False)
-            else:
-                self.drop_connection(conn, True)
-            return
-        conn.buffer += data
-        if not conn.head_done and not self.parse_head(conn):
-            return
-        if conn.chunked:
-            length = measure_chunked(conn.buffer)
-            if length == -2:
-                self.drop_connection(conn, True)
-                return
-            done = length >= 0
-        else:
-            done = conn.need is not None and len(conn.buffer) >= conn.need
-        if done:
-            self.complete_response(conn)
-            if conn.close_after:
-                self.drop_connection(conn, False)
-            else:
-                self.send_request(conn)
-
-    def parse_head(self, conn):
-        end = conn.buffer.find(b'\r\n\r\n')
-        if end < 0:
-            if len(conn.buffer) > 65536:
-                self.drop_connection(conn, True)
-            return False
-        lines = conn.buffer[:end].split(b'\r\n')
-        conn.buffer = conn.buffer[end + 4:]
-        parts = lines[0].split(b' ', 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            self.drop_connection(conn, True)
-            return False
-        conn.status = int(parts[1])
-        connection = b''
-        for line in lines[1:]:
-            name, _, value = line.partition(b':')
-            name = name.strip().lower()
-            if name == b'content-length' and value.strip().isdigit():
-                conn.need = int(value.strip())
-            elif name == b'transfer-encoding':
-                conn.chunked = value.strip().lower() == b'chunked'
-            elif name == b'connection':
-                connection = value.strip().lower()
-        if conn.need is None and (conn.status in (204, 304)
-                                  or 100 <= conn.status < 200):
-            conn.need = 0
-        conn.close_after = connection == b'close' or (
-            parts[0] == b'HTTP/1.0' and connection != b'keep-alive')
-        conn.head_done = True
-        return True
-
-    def complete_response(self, conn):
-        now = time.monotonic()
-        if self.counting(now):
-            if conn.status == 200:
-                self.ok += 1
-                self.latencies.append(now - conn.sent_at)
-            else:
-                self.bad += 1
-
-    def drop_connection(self, conn, failed):
-        if failed and self.counting(time.monotonic()):
-            self.errors += 1
-        self.live.pop(conn.sock, None)
-        try:
-            self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
-        conn.sock.close()
-
-
-def compare_rates(bench, targets, seconds):
-    """Alternate load runs over (label, port, request); medians of req/s."""
-    results = dict((label, []) for label, port, request in targets)
+def compare_load(bench, targets, seconds, auth=None):
+    """Alternate ab runs over (label, url); the median run of each."""
+    runs = dict((label, []) for label, url in targets)
     for _ in range(bench.plan['rounds']):
-        for label, port, request in targets:
-            outcome = LoadGenerator(port, request).run(bench.plan['warmup'],
-                                                       seconds)
-            if outcome['ok'] == 0:
-                raise BenchError('%s: no successful response under load '
-                                 '(%d bad, %d errors)' % (
-                                     label, outcome['bad'], outcome['errors']))
-            results[label].append(outcome)
-    return results
-
-
-def describe_rates(outcomes):
-    """Median req/s, latencies, error counts of a list of load runs."""
-    def pick(key, how):
-        values = [o[key] for o in outcomes if o[key] is not None]
-        return how(values) if values else None
-    return {'rps': round(compute_median([o['rps'] for o in outcomes]), 1),
-            'p50_ms': pick('p50_ms', compute_median),
-            'p99_ms': pick('p99_ms', compute_median),
-            'max_ms': pick('max_ms', max),
-            'bad': sum(o['bad'] for o in outcomes),
-            'errors': sum(o['errors'] for o in outcomes),
-            'connects': sum(o['connects'] for o in outcomes),
-            'runs': len(outcomes)}
+        for label, url in targets:
+            runs[label].append(load_with_ab(bench, url, seconds, auth))
+    return dict((label, sorted(found, key=lambda f: f['rps'])[len(found) // 2])
+                for label, found in runs.items())
 
 
 ###############################################################################
 # Measurements: client ########################################################
 ###############################################################################
 
-def read_driver_output(path):
-    """The driver's marks and stage spans (a repr'd dict)."""
-    import ast
-    try:
-        with open(path) as handle:
-            data = ast.literal_eval(handle.read())
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise BenchError('the job driver wrote no result: %s' % exc)
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    if data.get('rc') != 0:
-        raise BenchError('webjob.py main() returned %r under the driver'
-                         % data.get('rc'))
-    return data
+def tiny_job_argv(bench, python, config='job'):
+    return python_argv(bench, python) + [WEBJOB, '-e', '-f',
+                                         bench.configs[config], 'tiny.sh']
 
 
-def build_driver_command(bench, python, arguments, importtime=False):
-    """argv running webjob.py's main() under the timestamping driver."""
-    out = os.path.join(bench.workspace, 'driver.out')
-    flags = ['-X', 'importtime'] if importtime else []
-    argv = build_python_argv(bench, python) + flags
-    return argv + [bench.driver, out, WEBJOB] + arguments, out
+def measure_startup(bench, key, python):
+    """webjob.py -v against the bare interpreter, same flags."""
+    argv = python_argv(bench, python)
+    times = time_commands(bench, [('bare', argv + ['-c', 'pass']),
+                                  ('webjob -v', argv + [WEBJOB, '-v'])])
+    top, bottom = median(times['webjob -v']), median(times['bare'])
+    bench.set_figure(key, top / bottom, 'webjob.py -v %.1f ms / python %s -c '
+                     'pass %.1f ms' % (top * 1e3, ' '.join(bench.flags),
+                                       bottom * 1e3))
 
 
-def attach_driver_data(out_path):
-    def after(run):
-        run.data = read_driver_output(out_path)
-    return after
-
-
-def measure_span(run, name):
-    """Seconds the driver saw one webjob.py function take."""
-    spans = run.data['spans']
-    if name not in spans:
-        raise BenchError('the driver saw no %s()' % name)
-    begin, end = spans[name]
-    return end - begin
-
-
-def compare_samples(numerators, denominators):
-    """(ratio of medians, median a, median b, details) of two samples."""
-    top, bottom = compute_median(numerators), compute_median(denominators)
-    paired = compute_paired_ratio(numerators, denominators)
-    return top / bottom, top, bottom, {'paired_ratio': round(paired, 3)}
-
-
-def measure_startup(bench, python, key):
-    """webjob.py -v against compiling webjob.py, same interpreter, flags."""
-    argv = build_python_argv(bench, python)
-    runs = alternate_runs(bench, [
-        ('webjob.py -v', argv + ['webjob.py', '-v'], HERE, None),
-        ('compile only', argv + ['-c', COMPILE_ONLY], HERE, None)],
-        bench.plan['startup'])
-    version = [r.wall for r in runs['webjob.py -v']]
-    compiled = [r.wall for r in runs['compile only']]
-    ratio, top, bottom, details = compare_samples(version, compiled)
-    details.update({'webjob_v_ms': summarise_values(version, 1e3),
-                    'compile_only_ms': summarise_values(compiled, 1e3)})
-    bench.set_figure(key, ratio, 'webjob.py -v %.1f ms / compile only %.1f ms '
-                     '(%d pairs)' % (top * 1e3, bottom * 1e3, len(version)),
-                     details)
-
-
-def measure_tiny_job(bench, python, key):
+def measure_tiny_job(bench, key, python):
     """One whole webjob.py -e job against curl -o, sh, curl -T."""
-    work, port = bench.work_dir, bench.server_port
+    work, base = bench.work_dir, bench.server.cgi_url
     shell = ['sh', '-c', SHELL_JOB, 'sh', os.path.join(work, 'tiny.sh'),
-             build_url(bench, port, 'tiny.sh'),
-             os.path.join(work, 'tiny.out'), os.path.join(work, 'tiny.err'),
-             build_url(bench, port, 'tiny.sh', (len(TINY_OUTPUT), 0, 0))]
-    job_argv = build_python_argv(bench, python) + [
-        WEBJOB, '-e', '-f', bench.configs['tiny'], 'tiny.sh']
-    runs = alternate_runs(bench, [('webjob.py -e', job_argv, None, None),
-                                  ('curl+sh+curl', shell, None, None)],
-                          bench.plan['tiny'])
-    clear_folder(os.path.join(bench.server_root, 'incoming'))
-    job = [r.wall for r in runs['webjob.py -e']]
-    base = [r.wall for r in runs['curl+sh+curl']]
-    ratio, top, bottom, details = compare_samples(job, base)
-    rss = compute_median([r.maxrss_mib for r in runs['webjob.py -e']])
-    details.update({'webjob_ms': summarise_values(job, 1e3),
-                    'shell_ms': summarise_values(base, 1e3),
-                    'webjob_peak_rss_mib': round(rss, 1)})
-    bench.set_figure(key, ratio, 'webjob.py -e %.1f ms / curl -o, sh, curl -T '
-                     '%.1f ms (%d pairs)' % (top * 1e3, bottom * 1e3,
-                                             len(job)), details)
+             job_url(base, 'tiny.sh'), os.path.join(work, 'tiny.out'),
+             os.path.join(work, 'tiny.err'),
+             job_url(base, 'tiny.sh', (len(TINY_OUTPUT), 0, 0))]
+    times = time_commands(bench, [('webjob', tiny_job_argv(bench, python)),
+                                  ('shell', shell)])
+    clear_folder(os.path.join(bench.server.root, 'incoming'))
+    top, bottom = median(times['webjob']), median(times['shell'])
+    bench.set_figure(key, top / bottom, 'webjob.py -e %.1f ms / curl -o, sh, '
+                     'curl -T %.1f ms' % (top * 1e3, bottom * 1e3))
 
 
-def parse_importtime(stderr):
-    """Top-level imports after the driver's marker: (total s, [(mod, s)])."""
-    seen = False
-    top = []
-    for line in stderr.splitlines():
-        if line.startswith('@@bench-main'):
-            seen = True
-            continue
-        if not (seen and line.startswith('import time:')):
-            continue
+def measure_tiny_job_split(bench, key, python):
+    """Where a tiny job's time goes, by differences of whole processes, each
+    adding one step to the one before; imports from -X importtime."""
+    argv = python_argv(bench, python)
+    source = "compile(open(%r).read(), 'webjob.py', 'exec')" % WEBJOB
+    steps = [('interpreter start and exit', argv + ['-c', 'pass']),
+             ('read + compile webjob.py', argv + ['-c', source]),
+             ('module body (imports, definitions)',
+              argv + ['-c', "exec(%s, {'__name__': 'bench'})" % source]),
+             ('webjob.py -v: main(), version string', argv + [WEBJOB, '-v']),
+             ('config, GET, RUN (no PUT)',
+              tiny_job_argv(bench, python, 'noput')),
+             ('PUT', tiny_job_argv(bench, python))]
+    times = time_commands(bench, steps)
+    clear_folder(os.path.join(bench.server.root, 'incoming'))
+    split, before = [], 0.0
+    for label, command in steps:
+        total = median(times[label])
+        split.append([label, round((total - before) * 1e3, 2)])
+        before = total
+    split.append(['whole job', round(before * 1e3, 2)])
+    if tuple(map(int, bench.versions[python].split('.')[:2])) >= (3, 7):
+        split += top_imports(bench, tiny_job_argv(bench, python))
+    bench.set_split(key, split)
+
+
+def top_imports(bench, argv):
+    """The slowest top-level imports of one run (-X importtime), in ms."""
+    proc = subprocess.Popen(argv[:1] + ['-X', 'importtime'] + argv[1:],
+                            env=bench.env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.communicate(timeout=COMMAND_TIMEOUT)[1].decode('utf-8',
+                                                              'replace')
+    found = []
+    for line in err.splitlines():
         fields = line.split('|')
-        if len(fields) != 3 or not fields[1].strip().isdigit():
-            continue
-        name = fields[2][1:]
-        if name.startswith(' '):
-            continue                    # nested: counted in its parent
-        top.append((name.strip(), int(fields[1]) / 1e6))
-    return sum(seconds for name, seconds in top), top
+        if line.startswith('import time:') and len(fields) == 3 and \
+                fields[1].strip().isdigit() and not fields[2][1:2].isspace():
+            found.append((int(fields[1]) / 1e3, fields[2].strip()))
+    total = sum(ms for ms, name in found)
+    return [['imports, all (-X importtime, one run)', round(total, 2)]] + [
+        ['  import %s' % name, round(ms, 2)] for ms, name in
+        sorted(found, reverse=True)[:6]]
 
 
-def split_run(run):
-    """One driver run cut into the SPLIT_ROWS parts, in seconds."""
-    marks = run.data['marks']
-    parts = {'start': marks['start'] - run.started,
-             'compile': marks['compiled'] - marks['start'],
-             'module': marks['main'] - marks['compiled'],
-             'config': measure_span(run, 'read_config'),
-             'configure': measure_span(run, 'configure_job'),
-             'get': measure_span(run, 'run_get_stage'),
-             'run': measure_span(run, 'run_run_stage'),
-             'put': measure_span(run, 'run_put_stage'),
-             'exit': run.ended - marks['end'],
-             'total': run.wall}
-    inside = sum(parts[name] for name in ('config', 'configure', 'get', 'run',
-                                          'put'))
-    parts['outside'] = marks['end'] - marks['main'] - inside
-    return parts
-
-
-def split_tiny_job(bench, python, version):
-    """Where a tiny job's time goes: stage spans, plus -X importtime."""
-    importtime = version >= (3, 7)
-    argv, out = build_driver_command(bench, python, [
-        '-e', '-f', bench.configs['tiny'], 'tiny.sh'], importtime)
-    rows = dict((name, []) for name, label in SPLIT_ROWS)
-    imports, modules = [], {}
-    for index in range(bench.plan['split'] + 1):
-        run = run_timed(bench, argv)
-        require_success(run, 'webjob.py -e under the driver')
-        run.data = read_driver_output(out)
-        if not index:
-            continue                    # warm-up
-        for name, value in split_run(run).items():
-            rows[name].append(value)
-        if importtime:
-            total, top = parse_importtime(run.stderr)
-            imports.append(total)
-            for name, seconds in top:
-                modules.setdefault(name, []).append(seconds)
-    clear_folder(os.path.join(bench.server_root, 'incoming'))
-    split = dict((name, round(compute_median(values) * 1e3, 2))
-                 for name, values in rows.items())
-    split['runs'] = bench.plan['split']
-    split['imports'] = None
-    split['top_imports'] = ('Python %d.%d has no -X importtime'
-                            % version[:2])
-    if importtime:
-        split['imports'] = round(compute_median(imports) * 1e3, 2)
-        ranked = sorted(((compute_median(values), name)
-                         for name, values in modules.items()), reverse=True)
-        split['top_imports'] = [[name, round(seconds * 1e3, 2)]
-                                for seconds, name in ranked[:8]]
-    return split
-
-
-def measure_get(bench):
-    """GET of a --size program that exits at once, into TempDirectory,
-    against curl -o of the same URL into the same folder."""
-    big = ensure_big_payload(bench)
-    size = os.path.getsize(big)
-    job_argv = build_python_argv(bench, bench.python) + [
-        WEBJOB, '-e', '-f', bench.configs['get'], 'big.sh']
-    curl_argv = CURL + ['-o', os.path.join(bench.client_dir, 'big.curl'),
-                        build_url(bench, bench.server_port, 'big.sh')]
-    argv, out = build_driver_command(bench, bench.python, [
-        '-e', '-f', bench.configs['get'], 'big.sh'])
-    runs = alternate_runs(bench, [
-        ('webjob.py -e', job_argv, None, None),
-        ('curl -o', curl_argv, None, None),
-        ('GET stage', argv, None, attach_driver_data(out))],
-        bench.plan['get'], lambda label: settle_disk(bench))
-    settle_disk(bench)
-    stage = [measure_span(r, 'run_get_stage') for r in runs['GET stage']]
-    job = [r.wall for r in runs['webjob.py -e']]
-    curl = [r.wall for r in runs['curl -o']]
-    ratio, top, bottom, details = compare_samples(curl, job)
-    alone = compute_median(stage)
-    details.update({
-        'method': 'whole webjob.py -e process (start-up, GET, a RUN that '
-                  'exits at once; no PUT) vs whole curl -o process, both '
-                  'writing into TempDirectory',
-        'bytes': size, 'webjob_s': summarise_values(job),
-        'curl_s': summarise_values(curl),
-        'webjob_get_stage_s': summarise_values(stage),
-        'webjob_mb_s': round(compute_mb_per_s(size, bottom), 1),
-        'curl_mb_s': round(compute_mb_per_s(size, top), 1),
-        'get_stage_mb_s': round(compute_mb_per_s(size, alone), 1)})
-    bench.set_figure('get_ratio', ratio, 'whole processes: curl -o %.3f s / '
-                     'webjob.py -e %.3f s (%.0f vs %.0f MB/s, %d pairs); '
-                     'GET stage alone %.0f MB/s' % (
-                         top, bottom, compute_mb_per_s(size, top),
-                         compute_mb_per_s(size, bottom), len(job),
-                         compute_mb_per_s(size, alone)), details)
-
-
-def measure_capture_and_put(bench):
-    """RUN (capture + MD5) and PUT stages of a --size job, by timestamps,
-    against head | tee | md5sum and curl -T of a --size file."""
-    big = ensure_big_payload(bench)
-    size = bench.size
-    argv, out = build_driver_command(bench, bench.python, [
-        '-e', '-f', bench.configs['put'], 'out.sh', str(size)])
-    tee_argv = ['sh', '-c', TEE_MD5, 'sh', str(size),
-                os.path.join(bench.work_dir, 'cap.out')]
-    curl_argv = CURL + ['-H', 'Expect:', '-o', '/dev/null', '-T', big,
-                        build_url(bench, bench.server_port, 'big.sh',
-                                  (size, 0, 0))]
-    runs = alternate_runs(bench, [
-        ('webjob.py -e', argv, None, attach_driver_data(out)),
-        ('head|tee|md5sum', tee_argv, None, None),
-        ('curl -T', curl_argv, None, None)],
-        bench.plan['transfer'], lambda label: settle_disk(bench))
-    settle_disk(bench)
-    jobs = runs['webjob.py -e']
-    capture = [measure_span(r, 'run_run_stage') for r in jobs]
-    put = [measure_span(r, 'run_put_stage') for r in jobs]
-    tee = [r.wall for r in runs['head|tee|md5sum']]
-    curl = [r.wall for r in runs['curl -T']]
-    set_stage_figure(bench, 'capture_ratio', size, tee, capture, (
-        'head|tee|md5sum', 'RUN stage', 'tee_md5sum_s', 'run_stage_s'),
-        'webjob RUN stage (spawn, capture to .out, MD5 by the follower '
-        'thread, finish) by timestamps vs the whole sh -c pipeline')
-    set_stage_figure(bench, 'put_ratio', size, curl, put, (
-        'curl -T', 'PUT stage', 'curl_s', 'put_stage_s'),
-        'webjob PUT stage (write+fsync .env, connect, send .out/.err/.env, '
-        'response) by timestamps vs the whole curl -T process (its start-up '
-        'included)')
-
-
-def set_stage_figure(bench, key, size, reference, stage, names, method):
-    """A throughput figure: the reference's seconds / the webjob stage's,
-    for size bytes; names are the two labels and their details keys."""
-    label, stage_label, reference_key, stage_key = names
-    ratio, top, bottom, details = compare_samples(reference, stage)
-    details.update({'method': method, 'bytes': size,
-                    stage_key: summarise_values(stage),
-                    reference_key: summarise_values(reference)})
-    bench.set_figure(key, ratio, '%s %.3f s / %s %.3f s (%.0f vs %.0f MB/s, '
-                     '%d runs)' % (label, top, stage_label, bottom,
-                                   compute_mb_per_s(size, top),
-                                   compute_mb_per_s(size, bottom),
-                                   len(reference)), details)
-
-
-def measure_rss(bench):
-    """Peak RSS (wait4) of a fresh webjob.py for a 1 MiB and a --size job:
-    GET that many bytes, write that many to stdout, PUT them."""
+def measure_get(bench, key):
+    """GET of a --size program that exits at once, whole processes:
+    curl -o / webjob.py -e, both into TempDirectory."""
     ensure_big_payload(bench)
-    argv = build_python_argv(bench, bench.python) + [
-        WEBJOB, '-e', '-f', bench.configs['put']]
-    runs = alternate_runs(bench, [
-        ('1 MiB job', argv + ['small.sh', str(MIB)], None, None),
-        ('size job', argv + ['big.sh', str(bench.size)], None, None)],
-        bench.plan['rss'], lambda label: settle_disk(bench))
-    settle_disk(bench)
-    small = compute_median([r.maxrss_mib for r in runs['1 MiB job']])
-    large = compute_median([r.maxrss_mib for r in runs['size job']])
+    results = time_alternately(bench, [
+        ('webjob', python_argv(bench, bench.python) + [
+            WEBJOB, '-e', '-f', bench.configs['noput'], 'big.sh']),
+        ('curl', CURL + ['-o', os.path.join(bench.client_dir, 'big.curl'),
+                         job_url(bench.server.cgi_url, 'big.sh')])],
+        bench.plan['transfer'])
+    ours = median([found[0] for found in results['webjob']])
+    curl = median([found[0] for found in results['curl']])
+    bench.set_figure(key, curl / ours, 'whole processes: curl -o %.3f s / '
+                     'webjob.py -e %.3f s for %d bytes' % (curl, ours,
+                                                           bench.size))
+
+
+def measure_capture_and_put(bench, key):
+    """The RUN stage capturing and MD5-hashing --size bytes / head | tee |
+    md5sum, and the PUT stage sending them / curl -T of a file that size;
+    the stages timed by the job's own .env epochs (RunEpoch to PutEpoch,
+    PutEpoch to the process's end), the references as whole processes."""
+    big = ensure_big_payload(bench)
+    results = time_alternately(bench, [
+        ('job', python_argv(bench, bench.python) + [
+            WEBJOB, '-e', '-f', bench.configs['job'], 'out.sh',
+            str(bench.size)]),
+        ('tee', ['sh', '-c', TEE_MD5, 'sh', str(bench.size),
+                 os.path.join(bench.work_dir, 'cap.out')]),
+        ('curl', CURL + ['-H', 'Expect:', '-o', '/dev/null', '-T', big,
+                         job_url(bench.server.cgi_url, 'big.sh',
+                                 (bench.size, 0, 0))])],
+        bench.plan['transfer'])
+    epochs = [found[2] for found in results['job']]
+    if None in epochs:
+        raise BenchError('a job uploaded no .env record')
+    run = median([e['Put'] - e['Run'] for e in epochs])
+    put = median([e['End'] - e['Put'] for e in epochs])
+    tee = median([found[0] for found in results['tee']])
+    curl = median([found[0] for found in results['curl']])
+    bench.set_figure(key, tee / run, 'head|tee|md5sum %.3f s / RUN stage '
+                     '%.3f s (RunEpoch to PutEpoch)' % (tee, run))
+    bench.set_figure('put_ratio', curl / put, 'curl -T %.3f s / PUT stage '
+                     '%.3f s (PutEpoch to the end of the process)'
+                     % (curl, put))
+
+
+def measure_rss(bench, key):
+    """Peak RSS (wait4) of a 1 MiB job and of a --size job: GET that many
+    bytes, write that many to stdout, PUT them."""
+    ensure_big_payload(bench)
+    argv = python_argv(bench, bench.python) + [WEBJOB, '-e', '-f',
+                                               bench.configs['job']]
+    results = time_alternately(bench, [
+        ('small', argv + ['small.sh', str(MIB)]),
+        ('large', argv + ['big.sh', str(bench.size)])], bench.plan['rss'])
+    small = median([found[1] for found in results['small']])
+    large = median([found[1] for found in results['large']])
     bench.set_figure('rss_small_mb', small, 'peak RSS of a 1 MiB job (GET, '
-                     'output, PUT 1 MiB each), MiB', {
-                         'runs': len(runs['1 MiB job']),
-                         'wall_s': summarise_values(
-                             [r.wall for r in runs['1 MiB job']])})
-    bench.set_figure('rss_large_mb', large, 'peak RSS of a %d-byte job; large '
-                     '- small = %.1f MiB' % (bench.size, large - small), {
-                         'runs': len(runs['size job']),
-                         'delta_mib': round(large - small, 2),
-                         'wall_s': summarise_values(
-                             [r.wall for r in runs['size job']])})
+                     'output, PUT 1 MiB each), MiB')
+    bench.set_figure(key, large, 'peak RSS of a %d-byte job, MiB; large - '
+                     'small = %.1f MiB' % (bench.size, large - small))
 
 
 ###############################################################################
 # Measurements: server ########################################################
 ###############################################################################
 
-def measure_serve_rps(bench):
-    """Keep-alive GETs/s: nph_webjob.py serve vs a bare http.server."""
-    port, ours_port = start_baseline_server(bench), bench.server_port
-    check_serves(bench, ours_port, CGI_PATH, 'nph_webjob.py serve')
-    check_serves(bench, port, CGI_PATH, 'the http.server reference')
-    log_path = os.path.join(bench.server_root, 'logfiles', 'nph-webjob.log')
-    before = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-    results = compare_rates(bench, [
-        ('nph_webjob.py serve', ours_port,
-         build_get_request(bench, ours_port, CGI_PATH, 'tiny.sh')),
-        ('http.server', port,
-         build_get_request(bench, port, CGI_PATH, 'tiny.sh'))],
-        bench.plan['seconds'])
-    after = os.path.getsize(log_path) if os.path.exists(log_path) else 0
-    ours = describe_rates(results['nph_webjob.py serve'])
-    base = describe_rates(results['http.server'])
-    # Not part of the ratio: the client's own pattern, one connection per
-    # request (Connection: close), shows listen-backlog stalls (max_ms).
-    closing = LoadGenerator(ours_port, build_get_request(
-        bench, ours_port, CGI_PATH, 'tiny.sh', close=True)).run(
-            bench.plan['warmup'], bench.plan['seconds'])
-    bench.set_figure('serve_rps_ratio', ours['rps'] / base['rps'],
+def measure_serve_rps(bench, key):
+    """GETs/s from ab: nph_webjob.py serve / a bare http.server."""
+    tiny = os.path.join(commands_dir(bench), 'tiny.sh')
+    ours = job_url(bench.server.cgi_url, 'tiny.sh')
+    base = job_url(start_baseline(bench, tiny), 'tiny.sh')
+    check_serves(bench, ours, TINY_SCRIPT, 'nph_webjob.py serve')
+    check_serves(bench, base, TINY_SCRIPT, 'the http.server reference')
+    found = compare_load(bench, [('serve', ours), ('http.server', base)],
+                         bench.plan['seconds'])
+    bench.set_figure(key, found['serve']['rps'] / found['http.server']['rps'],
                      'nph_webjob.py serve %.0f req/s (p99 %s ms) / http.server'
-                     ' %.0f req/s (p99 %s ms), %d keep-alive clients' % (
-                         ours['rps'], ours['p99_ms'], base['rps'],
-                         base['p99_ms'], CONNECTIONS), {
-                         'server': ours, 'http_server': base,
-                         'server_connection_close': closing,
-                         'seconds_per_run': bench.plan['seconds'],
-                         'server_log_grew_bytes': after - before})
+                     ' %.0f req/s (p99 %s ms), ab -k -c %d' % (
+                         found['serve']['rps'], found['serve'].get('p99_ms'),
+                         found['http.server']['rps'],
+                         found['http.server'].get('p99_ms'), CONNECTIONS))
 
 
-def measure_cgi_rps(bench):
-    """GETs/s through Apache: nph-webjob.cgi vs a trivial Python CGI."""
-    binary = find_apache()
-    if binary is None:
-        bench.skip('cgi_rps_ratio', 'apache2 (with mod_cgid) is not installed;'
-                   ' cgi figures skipped')
+def measure_cgi_rps(bench, key):
+    """GETs/s from ab through Apache (conftest's ApacheServer): the
+    install-cgi stub / a trivial Python CGI with the stub's interpreter."""
+    if os.geteuid() != 0 or not shutil.which('apache2', path=os.pathsep.join(
+            [os.environ.get('PATH', ''), '/usr/sbin'])):
+        bench.skip(key, 'needs root and apache2')
         return
-    port, root = start_apache(bench, binary)
-    check_serves(bench, port, CGI_PATH, 'Apache + nph-webjob.cgi')
-    check_serves(bench, port, PLAIN_CGI_PATH, 'Apache + plain-file.cgi')
-    results = compare_rates(bench, [
-        ('nph-webjob.cgi', port,
-         build_get_request(bench, port, CGI_PATH, 'tiny.sh')),
-        ('plain-file.cgi', port,
-         build_get_request(bench, port, PLAIN_CGI_PATH, 'tiny.sh'))],
-        bench.plan['cgi_seconds'])
-    ours = describe_rates(results['nph-webjob.cgi'])
-    base = describe_rates(results['plain-file.cgi'])
-    details = bench.details.pop('cgi', {})
-    details.update({'nph_webjob_cgi': ours, 'plain_cgi': base,
-                    'seconds_per_run': bench.plan['cgi_seconds'],
-                    'error_log': read_tail(os.path.join(root, 'error.log'),
-                                           3)})
-    bench.set_figure('cgi_rps_ratio', ours['rps'] / base['rps'],
-                     'nph-webjob.cgi %.0f req/s (p99 %s ms) / trivial CGI '
-                     '%.0f req/s (p99 %s ms), Apache event+mod_cgid' % (
-                         ours['rps'], ours['p99_ms'], base['rps'],
-                         base['p99_ms']), details)
+    conftest = load_conftest()
+    scratch = tempfile.mkdtemp(prefix='bench-apache-', dir=bench.workspace)
+    os.chmod(scratch, 0o755)
+    apache = conftest.ApacheServer(scratch, bench.server_python)
+    bench.cleanups.append(apache.stop)
+    stub = os.path.join(apache.top, 'cgi-client', os.path.basename(
+        conftest.STUB_CGI_PATH))
+    with open(stub, 'rb') as handle:
+        shebang = handle.readline()
+    program = os.path.join(apache.root, 'profiles', CLIENT_ID, 'commands',
+                           'hostname.sh')
+    write_file(os.path.join(apache.top, 'cgi-client', 'plain.cgi'),
+               shebang + (PLAIN_CGI % program).encode('utf-8'), 0o755)
+    site = 'http://%s:%d' % (LOOPBACK, apache.port)
+    ours = job_url(site + conftest.STUB_CGI_PATH, 'hostname.sh')
+    base = job_url(site + '/cgi-client/plain.cgi', 'hostname.sh')
+    auth = '%s:%s' % (CLIENT_ID, PASSWORD)
+    for url, what in ((ours, 'the install-cgi stub'), (base, 'plain.cgi')):
+        check_serves(bench, url, conftest.CLIENT_PROGRAM, what, auth)
+    found = compare_load(bench, [('stub', ours), ('plain', base)],
+                         bench.plan['seconds'] + 1, auth)
+    bench.set_figure(key, found['stub']['rps'] / found['plain']['rps'],
+                     'install-cgi stub %.0f req/s / trivial CGI %.0f req/s, '
+                     'Apache prefork + mod_cgi, ab -k -c %d' % (
+                         found['stub']['rps'], found['plain']['rps'],
+                         CONNECTIONS))
+
+
+def start_queue_server(bench, name):
+    """A fresh nph_webjob.py serve with JobQueueEnable=Y (conftest's
+    launcher) on its own BaseDirectory."""
+    conftest = load_conftest()
+    work = os.path.join(bench.workspace, name)
+    os.mkdir(work)
+    config = write_file(os.path.join(work, 'queue.cfg'), b'JobQueueEnable=Y\n')
+    server = conftest.start_standalone(work, bench.server_python,
+                                       args=['--config', config])
+    bench.cleanups.append(lambda: conftest.stop_process(server.proc))
+    return server
+
+
+def start_hunt(bench, server, name, clients):
+    """nph_webjob.py hunt start over a group file of clients."""
+    group = write_file(os.path.join(bench.workspace, name + '.group'),
+                       ('\n'.join(clients) + '\n').encode('ascii'))
+    run_checked(bench, python_argv(bench, bench.server_python) + [
+        NPH_WEBJOB, 'hunt', 'start', name, '--command', 'common.sh',
+        '--group', group, '--root', server.root], 'hunt start')
+
+
+def measure_job_request(bench, key):
+    """Median ms of a JOB request that hands an entry out (lock, settle,
+    write the entry whole with fsync, answer), over one keep-alive
+    connection, one entry per client."""
+    import http.client
+    server = start_queue_server(bench, 'jobs')
+    clients = ['bench_%04d' % n for n in range(bench.plan['jobs'])]
+    start_hunt(bench, server, 'jobs', clients)
+    conn = http.client.HTTPConnection(LOOPBACK, server.port, timeout=60)
+    times = []
+    try:
+        for client in clients:
+            url = job_url(server.cgi_url, 'default').replace(
+                'CLIENTID=' + CLIENT_ID, 'CLIENTID=' + client)
+            started = time.monotonic()
+            conn.request('JOB', url[url.index('/', 8):], headers={
+                'Content-Length': '0'})
+            reply = conn.getresponse()
+            reply.read()
+            times.append(time.monotonic() - started)
+            if reply.status != 200:
+                raise BenchError('JOB for %s answered %d' % (client,
+                                                             reply.status))
+    finally:
+        conn.close()
+    bench.set_figure(key, median(times) * 1000, 'median of %d JOB requests '
+                     'that each hand out an entry, keep-alive, one client at '
+                     'a time' % len(times))
+
+
+def measure_hunt(bench, key):
+    """Seconds from 'hunt start' over HUNT_CLIENTS clients until every
+    entry is done: real webjob.py --job processes (full plan) or simulated
+    clients (--quick: conftest's JOB/GET/PUT threads), CONNECTIONS at once."""
+    conftest = load_conftest()
+    server = start_queue_server(bench, 'hunt')
+    clients = ['host_%03d' % n for n in range(HUNT_CLIENTS)]
+    real = bench.plan['real_clients']
+    configs = [write_hunt_config(bench, server, client) for client in clients
+               ] if real else []
+    started = time.monotonic()
+    start_hunt(bench, server, 'sweep', clients)
+    if real:
+        run_in_parallel(bench, [[bench.python] + bench.flags + [
+            WEBJOB, '--job', '-f', config] for config in configs])
+    else:
+        conftest.run_simulated_clients(server.port, clients, CONNECTIONS)
+    status = run_checked(bench, python_argv(bench, bench.server_python) + [
+        NPH_WEBJOB, 'hunt', 'status', 'sweep', '--root', server.root],
+        'hunt status: not every client is done')
+    elapsed = time.monotonic() - started
+    bench.set_figure(key, elapsed, '%s; %d %s clients, %d at once' % (
+        status.splitlines()[-1], HUNT_CLIENTS, 'webjob.py --job' if real else
+        'simulated', CONNECTIONS))
+
+
+def write_hunt_config(bench, server, client):
+    """A client's config and TempDirectory for the hunt."""
+    folder = os.path.join(bench.workspace, 'hunt-clients', client)
+    os.makedirs(folder)
+    return write_file(os.path.join(folder, 'webjob.cfg'), (
+        'ClientId=%s\nURLGetURL=%s\nURLPutURL=%s\nTempDirectory=%s\n' % (
+            client, server.cgi_url, server.cgi_url, folder)).encode('ascii'))
+
+
+def run_in_parallel(bench, commands):
+    """Run commands CONNECTIONS at a time; BenchError when one fails."""
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < CONNECTIONS:
+            running.append(subprocess.Popen(
+                pending.pop(), env=bench.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        proc = running.pop(0)
+        if proc.wait(timeout=COMMAND_TIMEOUT) != 0:
+            raise BenchError('webjob.py --job exited %d' % proc.returncode)
+
+
+#: What runs, in order: (--json key, function, interpreter or None).  A
+#: function sets its key with bench.set_figure (or bench.set_split).
+MEASUREMENTS = (
+    ('startup_vs_bare', measure_startup, 'default'),
+    ('startup_vs_bare_py36', measure_startup, PY36),
+    ('tiny_job_ratio', measure_tiny_job, 'default'),
+    ('tiny_job_ratio_py36', measure_tiny_job, PY36),
+    ('tiny_job_split_ms', measure_tiny_job_split, 'default'),
+    ('tiny_job_split_ms_py36', measure_tiny_job_split, PY36),
+    ('serve_rps_ratio', measure_serve_rps, None),
+    ('cgi_rps_ratio', measure_cgi_rps, None),
+    ('get_ratio', measure_get, None),
+    ('capture_ratio', measure_capture_and_put, None),
+    ('rss_large_mb', measure_rss, None),
+    ('job_request_ms', measure_job_request, None),
+    ('hunt_300_s', measure_hunt, None),
+)
 
 
 ###############################################################################
-# Orchestration ###############################################################
+# Orchestration and report ####################################################
 ###############################################################################
 
 class Bench(object):
     """Settings, results and everything to clean up."""
 
     def __init__(self, args):
-        self.args = args
         self.plan = PLANS['quick' if args.quick else 'full']
-        self.size = args.size
+        self.size = args.size or self.plan['size']
         self.python = args.python
+        self.server_python = args.server_python or args.python
         self.flags = ['-I'] if args.site else ['-I', '-S']
         self.env = build_environment()
-        self.figures = {}
-        self.notes = {}
-        self.details = {}
-        self.errors = {}
-        self.skipped = {}
+        self.figures, self.notes, self.errors, self.skipped = {}, {}, {}, {}
         self.splits = {}
-        self.meta = {}
+        self.versions = {}
         self.cleanups = []
-        self.running = set()
-        self.workspace = None
-        self.server_root = None
-        self.server_port = None
-        self.server_error = None
-        self.big_path = None
+        self.workspace = tempfile.mkdtemp(prefix='bench_webjob.')
+        os.chmod(self.workspace, 0o755)
+        self.cleanups.append(lambda: shutil.rmtree(self.workspace, True))
+        self.client_dir = os.path.join(self.workspace, 'client')
+        self.work_dir = os.path.join(self.workspace, 'work')
+        for folder in (self.client_dir, self.work_dir,
+                       os.path.join(self.workspace, 'serve')):
+            os.mkdir(folder)
+        self.server = None
         self.configs = {}
-        self.version_string = 'webjob 1.0.0 ssl dsv 64 bit'
 
-    def set_figure(self, key, value, note, details=None):
+    def set_figure(self, key, value, note):
         self.figures[key] = round(value, 3)
         self.notes[key] = note
-        if details is not None:
-            self.details[key] = details
+
+    def set_split(self, key, rows):
+        self.splits[key] = rows
 
     def skip(self, key, reason):
         self.skipped[key] = reason
         log_progress('%s skipped: %s' % (key, reason))
 
-    def attempt(self, keys, function, *args):
+    def attempt(self, key, function, python):
         """Run one measurement; a failure is recorded, not raised."""
-        log_progress('measuring %s' % ', '.join(keys))
+        if python is not None:
+            python = self.python if python == 'default' else python
+            if python not in self.versions:
+                self.versions[python] = probe_version(self, python)
+            if self.versions[python] is None:
+                self.skip(key, '%s does not run' % python)
+                return
+        log_progress('measuring %s' % key)
         try:
-            function(self, *args)
-        except BenchError as exc:
-            self.fail(keys, str(exc))
-        except OSError as exc:
-            self.fail(keys, '%s: %s' % (type(exc).__name__, exc))
-        except (ValueError, KeyError, ZeroDivisionError, TypeError) as exc:
-            self.fail(keys, 'internal error: %s: %s' % (type(exc).__name__,
-                                                        exc))
-
-    def fail(self, keys, message):
-        for key in keys:
-            if key not in self.figures and key not in self.skipped:
-                self.errors[key] = message
-                log_progress('%s failed: %s' % (key, message))
+            if self.server is None:
+                raise BenchError('the standalone server did not start')
+            function(self, key, *([python] if python else []))
+        except (BenchError, OSError, RuntimeError, ValueError, KeyError,
+                subprocess.SubprocessError) as exc:
+            self.errors[key] = '%s: %s' % (type(exc).__name__, exc)
+            log_progress('%s failed: %s' % (key, self.errors[key]))
 
     def clean_up(self):
-        """Kill timed children still running, then undo setup in reverse."""
-        for proc in list(self.running):
-            kill_process(proc.pid, signal.SIGKILL)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
         while self.cleanups:
-            action = self.cleanups.pop()
             try:
-                action()
+                self.cleanups.pop()()
             except Exception as exc:  # keep cleaning up
                 log_progress('cleanup: %s: %s' % (type(exc).__name__, exc))
 
 
-def check_prerequisites(bench):
-    """What every figure needs: webjob.py, the interpreter, curl."""
-    if not os.path.isfile(WEBJOB):
-        raise BenchError('%s does not exist' % WEBJOB)
-    version = probe_version(bench, bench.python)
-    if version is None:
-        raise BenchError('--python %s does not run' % bench.python)
-    bench.meta['python_version'] = '%d.%d.%d' % version
-    server_version = probe_version(bench, bench.args.server_python)
-    if server_version is None:
-        raise BenchError('--server-python %s does not run'
-                         % bench.args.server_python)
-    bench.meta['server_python_version'] = '%d.%d.%d' % server_version
-    for tool in ('curl', 'sh', 'head', 'tee', 'md5sum'):
-        if shutil.which(tool, path=bench.env.get('PATH')) is None:
-            raise BenchError('%s is not installed' % tool)
-    out = subprocess.check_output(build_python_argv(bench, bench.python) + [
-        WEBJOB, '-v'], env=bench.env, stdin=subprocess.DEVNULL, timeout=60)
-    bench.version_string = out.decode('utf-8', 'replace').strip()
-    return version
-
-
-def run_client_figures(bench, python, version, suffix):
-    """startup, tiny job and its split for one interpreter."""
-    bench.attempt(['startup_ratio' + suffix], measure_startup, python,
-                  'startup_ratio' + suffix)
-    if bench.server_port is None:
-        bench.fail(['tiny_job_ratio' + suffix], bench.server_error)
-        return
-    bench.attempt(['tiny_job_ratio' + suffix], measure_tiny_job, python,
-                  'tiny_job_ratio' + suffix)
-
-    def split(bench):
-        bench.splits['%d.%d.%d' % version] = split_tiny_job(bench, python,
-                                                            version)
-    bench.attempt(['tiny_job_split' + suffix], split)
-
-
-def run_all(bench):
-    """Every figure, in an order that keeps the big files for the end."""
-    server_keys = ['get_ratio', 'put_ratio', 'capture_ratio', 'rss_small_mb',
-                   'rss_large_mb', 'serve_rps_ratio']
-    try:
-        version = check_prerequisites(bench)
-        create_workspace(bench)
-    except (BenchError, OSError, subprocess.SubprocessError) as exc:
-        bench.fail([key for key, op, bound, goal in FIGURES], str(exc))
-        return
-    try:
-        start_standalone_server(bench)
-        write_small_payloads(bench)
-        bench.configs = {
-            'tiny': write_client_config(bench, 'tiny.cfg'),
-            'get': write_client_config(bench, 'get.cfg', put=False,
-                                       unlink_executable=False),
-            'put': write_client_config(bench, 'put.cfg')}
-    except (BenchError, OSError) as exc:
-        bench.server_port = None
-        bench.server_error = 'standalone server: %s' % exc
-    run_client_figures(bench, bench.python, version, '')
-    py36 = probe_version(bench, PY36)
-    if py36 is None:
-        for key in ('startup_ratio_py36', 'tiny_job_ratio_py36'):
-            bench.skip(key, '%s is not installed' % PY36)
-    else:
-        run_client_figures(bench, PY36, py36, '_py36')
-    if bench.server_port is None:
-        bench.fail(server_keys + ['cgi_rps_ratio'], bench.server_error)
-        return
-    bench.attempt(['serve_rps_ratio'], measure_serve_rps)
-    bench.attempt(['cgi_rps_ratio'], measure_cgi_rps)
-    bench.attempt(['get_ratio'], measure_get)
-    bench.attempt(['capture_ratio', 'put_ratio'], measure_capture_and_put)
-    bench.attempt(['rss_small_mb', 'rss_large_mb'], measure_rss)
-
-
-###############################################################################
-# Report ######################################################################
-###############################################################################
-
-def judge_figure(bench, key, op, bound):
+def judge(bench, key, op, bound):
     """'ok', 'MISS', 'skip', 'ERROR' or '' (no goal)."""
     if key in bench.skipped:
         return 'skip'
@@ -1772,125 +829,110 @@ def judge_figure(bench, key, op, bound):
     value = bench.figures.get(key)
     if value is None or op is None:
         return ''
-    if op == '<=':
-        return 'ok' if value <= bound else 'MISS'
-    if op == '>=':
-        return 'ok' if value >= bound else 'MISS'
-    small = bench.figures.get('rss_small_mb')
-    if small is None:
-        return ''
-    return 'ok' if value - small < bound else 'MISS'
+    if op == 'delta<':
+        value -= bench.figures.get('rss_small_mb', value)
+    return 'ok' if (value <= bound if op == '<=' else value >= bound
+                    if op == '>=' else value < bound) else 'MISS'
 
 
-def build_report(bench):
-    """The JSON object: every figure by its key, then the supporting data."""
-    report = {}
-    for key, op, bound, goal in FIGURES:
-        report[key] = bench.figures.get(key)
-    report['goals'] = dict((key, goal) for key, op, bound, goal in FIGURES)
-    report['results'] = dict((key, judge_figure(bench, key, op, bound))
-                             for key, op, bound, goal in FIGURES)
-    report['missed'] = [key for key, status in sorted(
-        report['results'].items()) if status == 'MISS']
-    report['tiny_job_split_ms'] = bench.splits
-    report['details'] = bench.details
-    report['errors'] = bench.errors
-    report['skipped'] = bench.skipped
-    report['meta'] = dict(bench.meta, **{
-        'python': bench.python, 'flags': ' '.join(bench.flags),
-        'server_python': bench.args.server_python,
-        'size': bench.size, 'plan': 'quick' if bench.args.quick else 'full',
-        'cpus': os.cpu_count(), 'connections': CONNECTIONS})
+def build_report(bench, load):
+    """The --json object: every figure by its key, then the rest."""
+    report = dict((key, bench.figures.get(key)) for key, op, bound in FIGURES)
+    report['results'] = dict((key, judge(bench, key, op, bound))
+                             for key, op, bound in FIGURES)
+    report['goals'] = dict((key, '%s %s' % (op, bound)) for key, op, bound
+                           in FIGURES if op)
+    report['missed'] = sorted(key for key, result in report['results']
+                              .items() if result == 'MISS')
+    report.update(bench.splits)
+    report.update({'notes': bench.notes, 'errors': bench.errors,
+                   'skipped': bench.skipped, 'meta': {
+                       'python': bench.python, 'flags': ' '.join(bench.flags),
+                       'versions': bench.versions, 'size': bench.size,
+                       'plan': bench.plan, 'cpus': os.cpu_count(),
+                       'load_average_before': load}})
     return report
 
 
 def format_table(bench, report):
-    meta = report['meta']
-    lines = ['webjob.py benchmark: python %s (%s %s), servers on python %s, '
-             'payload %d bytes (%.0f MiB), %s CPUs, %s plan; medians' % (
-                 meta.get('python_version', '?'), meta['python'],
-                 meta['flags'], meta.get('server_python_version', '?'),
-                 meta['size'], meta['size'] / MIB, meta['cpus'], meta['plan']),
-             'load average (1 min) before the run: %.2f%s' % (
-                 meta['load_average_before'],
-                 ': other work shares the CPUs and the figures'
-                 if meta['load_average_before'] > 0.5 else ''),
-             '',
-             '%-20s %8s  %-17s %-6s %s' % ('figure', 'value', 'goal', 'result',
-                                           'measured'),
-             '-' * 110]
-    for key, op, bound, goal in FIGURES:
+    lines = ['webjob.py benchmark: %s %s, payload %d bytes, %s CPUs, load '
+             'average %.2f before; medians' % (
+                 bench.python, ' '.join(bench.flags), bench.size,
+                 os.cpu_count(), report['meta']['load_average_before']), '',
+             '%-22s %8s  %-8s %-6s %s' % ('figure', 'value', 'goal', 'result',
+                                          'measured'), '-' * 100]
+    for key, op, bound in FIGURES:
         value = report[key]
-        shown = '-' if value is None else ('%.1f' % value if key.startswith(
-            'rss') else '%.2f' % value)
-        note = bench.notes.get(key) or bench.errors.get(key) or \
-            bench.skipped.get(key) or ''
-        lines.append('%-20s %8s  %-17s %-6s %s' % (
-            key, shown, goal, report['results'][key], note))
-    for version, split in sorted(report['tiny_job_split_ms'].items()):
-        lines += ['', 'tiny job time split, python %s (median of %d driver '
-                  'runs, ms):' % (version, split['runs'])]
-        for name, label in SPLIT_ROWS:
-            share = 100.0 * split[name] / split['total'] if split['total'] \
-                else 0.0
-            lines.append('  %-42s %8.2f  %5.1f%%' % (label, split[name],
-                                                     share))
-        if split['imports'] is None:
-            lines.append('  imports: %s' % split['top_imports'])
-        else:
-            lines.append('  %-42s %8.2f  (inside the rows above)' % (
-                'imports during the job (-X importtime)', split['imports']))
-            lines.append('    top: ' + ', '.join(
-                '%s %.2f' % (name, ms) for name, ms in split['top_imports']))
-    lines += ['', 'get_ratio compares whole processes (start-up included); '
-              'put_ratio and capture_ratio time the webjob stage alone by '
-              'timestamps against the whole reference process.',
-              'serve/cgi figures: %d keep-alive HTTP/1.1 clients on loopback, '
-              'alternating runs; the client and the servers share the CPUs.'
-              % CONNECTIONS]
+        lines.append('%-22s %8s  %-8s %-6s %s' % (
+            key, '-' if value is None else '%.2f' % value,
+            report['goals'].get(key, '-'), report['results'][key],
+            bench.notes.get(key) or bench.errors.get(key) or
+            bench.skipped.get(key) or ''))
+    for key, rows in sorted(bench.splits.items()):
+        lines += ['', '%s (ms):' % key]
+        lines += ['  %-44s %8.2f' % (label, ms) for label, ms in rows]
     if report['missed']:
-        lines.append('goals missed: ' + ', '.join(report['missed']))
-    if bench.errors:
-        lines.append('not measured: ' + ', '.join(sorted(bench.errors)))
-    return '\n'.join(lines)
+        lines.append('\ngoals missed: ' + ', '.join(report['missed']))
+    return '\n'.join(lines) + '\n'
 
 
-###############################################################################
-# Main ########################################################################
-###############################################################################
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog='bench_webjob.py',
+        description='Benchmark webjob.py and nph_webjob.py on loopback.')
+    parser.add_argument('--json', action='store_true',
+                        help='print one JSON object instead of the table')
+    parser.add_argument('--quick', action='store_true',
+                        help='small sizes, few repetitions (CI smoke test)')
+    parser.add_argument('--size', type=int, metavar='BYTES',
+                        help='large transfer size (default 1 GiB, 8 MiB '
+                             'with --quick)')
+    parser.add_argument('--python', default=sys.executable, metavar='PATH',
+                        help='interpreter that runs webjob.py')
+    parser.add_argument('--server-python', metavar='PATH',
+                        help='interpreter that runs the servers')
+    parser.add_argument('--site', action='store_true',
+                        help='run interpreters with -I only, not -I -S')
+    args = parser.parse_args(argv)
+    if args.size is not None and args.size < 2 * MIB:
+        parser.error('--size must be at least %d bytes' % (2 * MIB))
+    return args
+
 
 def raise_interrupt(signal_number, frame):
     raise KeyboardInterrupt
 
 
 def main(argv=None):
-    """Run every figure, print the table or JSON; 1 if one was not taken."""
+    """Run every measurement, print the table or JSON; 1 if one failed."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    for tool in ('hyperfine', 'ab', 'curl'):
+        if shutil.which(tool) is None:
+            sys.stderr.write('bench_webjob.py: %s is not installed (apt-get '
+                             'install hyperfine apache2-utils curl)\n' % tool)
+            return 1
+    load = round(os.getloadavg()[0], 2)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     bench = Bench(args)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, raise_interrupt)
-    interrupted = False
-    bench.meta['load_average_before'] = round(os.getloadavg()[0], 2)
     try:
-        run_all(bench)
+        try:
+            start_servers(bench)
+        except (BenchError, OSError, RuntimeError) as exc:
+            log_progress('standalone server: %s' % exc)
+        for key, function, python in MEASUREMENTS:
+            bench.attempt(key, function, python)
     except KeyboardInterrupt:
-        interrupted = True
         log_progress('interrupted; cleaning up')
+        return 130
     finally:
         bench.clean_up()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    if interrupted:
-        return 130
-    report = build_report(bench)
-    table = format_table(bench, report) + '\n'
+    report = build_report(bench, load)
+    table = format_table(bench, report)
     if args.json:   # stdout stays one JSON object; the table goes to stderr
         sys.stderr.write(table)
         sys.stdout.write(json.dumps(report, indent=1, sort_keys=True) + '\n')
     else:
         sys.stdout.write(table)
-    sys.stdout.flush()
     return 1 if bench.errors else 0
 
 

@@ -8,6 +8,7 @@ files, never on sleeps.  Used by test_nph_webjob.py and test_webjob.py.
 
 import glob
 import grp
+import http.client
 import os
 import pwd
 import shutil
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -192,36 +194,44 @@ class StandaloneServer(object):
         return stop_process(self.proc)
 
 
+def start_standalone(work, python=None, root=None, args=(), cwd=None):
+    """Run 'python nph_webjob.py serve --root R --port P [args]' from work
+    (or cwd), a fresh make_server_root tree under work unless root is
+    given, on a free port (three tries); a listening StandaloneServer.
+    Also used by bench_webjob.py."""
+    root = os.path.join(cwd or work, str(root)) if root is not None \
+        else make_server_root(os.path.join(work, 'server'))
+    stderr_path = os.path.join(work, 'serve.stderr')
+    for attempt in range(3):
+        port = free_port()
+        with open(stderr_path, 'wb') as err:
+            proc = subprocess.Popen(
+                [python or sys.executable, NPH_WEBJOB, 'serve', '--root',
+                 root, '--port', str(port)] + list(args),
+                cwd=cwd or work, stdin=subprocess.DEVNULL, stdout=err,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        server = StandaloneServer(proc, port, root, stderr_path)
+        try:
+            wait_for_port(LOOPBACK, port, proc=proc)
+            return server
+        except RuntimeError:
+            stop_process(proc)
+            if attempt == 2 or 'cannot listen' not in server.stderr():
+                raise RuntimeError('nph_webjob.py serve did not start: %s'
+                                   % server.stderr())
+
+
 @pytest.fixture
 def standalone_server(tmp_path_factory):
     """Factory: start(python=None, root=None, args=(), cwd=None) runs
-    'python nph_webjob.py serve --root R --port P [args]', waits for the
-    port and returns a StandaloneServer; all are stopped at teardown."""
+    start_standalone in a fresh folder; all are stopped at teardown."""
     started = []
 
     def start(python=None, root=None, args=(), cwd=None):
         work = str(tmp_path_factory.mktemp('standalone'))
-        root = os.path.join(cwd or work, str(root)) if root is not None \
-            else make_server_root(os.path.join(work, 'server'))
-        stderr_path = os.path.join(work, 'serve.stderr')
-        for attempt in range(3):
-            port = free_port()
-            with open(stderr_path, 'wb') as err:
-                proc = subprocess.Popen(
-                    [python or sys.executable, NPH_WEBJOB, 'serve', '--root',
-                     root, '--port', str(port)] + list(args),
-                    cwd=cwd or work, stdin=subprocess.DEVNULL, stdout=err,
-                    stderr=subprocess.STDOUT, start_new_session=True)
-            server = StandaloneServer(proc, port, root, stderr_path)
-            started.append(server)
-            try:
-                wait_for_port(LOOPBACK, port, proc=proc)
-                return server
-            except RuntimeError:
-                stop_process(proc)
-                if attempt == 2 or 'cannot listen' not in server.stderr():
-                    raise RuntimeError('nph_webjob.py serve did not start: %s'
-                                       % server.stderr())
+        server = start_standalone(work, python, root, args, cwd)
+        started.append(server)
+        return server
 
     yield start
     for server in started:
@@ -889,6 +899,87 @@ def nginx_server(pki):
             server.stop()
             _NGINXES.remove(server)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Fleet: simulated queue clients ##############################################
+
+QUEUE_VERSION = 'webjob+1.0.0+ssl+dsv+64+bit'
+QUEUE_SYSTEM = 'x86_64+Linux+6.18.0-1-amd64'
+
+
+def queue_query(client, filename, lengths=None):
+    text = 'VERSION=%s&SYSTEM=%s&CLIENTID=%s&FILENAME=%s&RUNTYPE=snapshot' % (
+        QUEUE_VERSION, QUEUE_SYSTEM, client, filename)
+    if lengths:
+        text += '&STDOUT_LENGTH=%d&STDERR_LENGTH=%d&STDENV_LENGTH=%d' % lengths
+    return text
+
+
+def queue_exchange(port, method, query, body=b'', job_id=None):
+    """One WebJob request on a new connection: (status, Job-Id, body)."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
+    headers = {'Content-Type': 'application/octet-stream',
+               'Content-Length': str(len(body))}
+    if job_id:
+        headers['Job-Id'] = job_id
+    try:
+        conn.request(method, '/cgi-client/nph-webjob.cgi?' + query, body,
+                     headers)
+        reply = conn.getresponse()
+        return reply.status, reply.getheader('Job-Id'), reply.read()
+    finally:
+        conn.close()
+
+
+def simulated_client(port, client):
+    """What webjob.py --job does, in a thread: JOB, GET, PUT (a result with
+    KidStatus=0); the Job-Id.  Also used by bench_webjob.py."""
+    status, job_id, reply = queue_exchange(port, 'JOB', queue_query(
+        client, 'default'))
+    if status != 200:
+        raise RuntimeError('%s: JOB answered %d' % (client, status))
+    fields = dict(line.split('=', 1) for line in reply.decode().splitlines())
+    status, got, program = queue_exchange(port, 'GET', queue_query(
+        client, fields['CommandAlias']), job_id=job_id)
+    if (status, got) != (200, job_id):
+        raise RuntimeError('%s: GET answered %d, Job-Id %s' % (client, status,
+                                                               got))
+    out = b'collected ' + client.encode() + b'\n'
+    env = ('ClientId=%s\nJid=%s\nKidStatus=0\nGetError=NA\nRunError=NA\n'
+           % (client, job_id)).encode()
+    status, got, body = queue_exchange(port, 'PUT', queue_query(
+        client, fields['CommandAlias'], (len(out), 0, len(env))), out + env,
+        job_id)
+    if status != 200:
+        raise RuntimeError('%s: PUT answered %d' % (client, status))
+    return job_id
+
+
+def run_simulated_clients(port, clients, workers=12):
+    """Run simulated clients on a few threads; the first failure is
+    raised.  Also used by bench_webjob.py."""
+    pending, errors = list(clients), []
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not pending or errors:
+                    return
+                client = pending.pop()
+            try:
+                simulated_client(port, client)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for n in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 @pytest.hookimpl(wrapper=True)

@@ -52,7 +52,8 @@ PROGRAM = 'nph_webjob'
 STATUS_REASONS = {
     200: 'OK',
     251: 'Link Test OK',
-    252: 'Upload Already Stored',
+    252: 'No Job Queued',
+    253: 'Upload Already Stored',
     401: 'Unauthorized',
     404: 'Not Found',
     405: 'Method Not Allowed',
@@ -81,6 +82,8 @@ SERVER_CONTROLS = (
     ('GetTriggerCommandLine', 'text', ''),
     ('GetTriggerEnable', 'yn', False),
     ('IntegrityEnable', 'yn', True),
+    ('JobHandOutTimeLimit', 'uint', 3600),
+    ('JobQueueEnable', 'yn', False),
     ('MaxContentLength', 'uint', 100000000),
     ('OverrideDirectory', 'text', ''),
     ('PutTriggerCommandLine', 'text', ''),
@@ -173,9 +176,24 @@ USAGE = """\
 Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
+                           [--admin USER[,USER...]]
        nph_webjob.py verify [--root DIR | --config FILE]
        nph_webjob.py list [--root DIR | --config FILE] [--client ID]
                           [--since YYYY-MM-DD[ HH:MM[:SS]]]
+       nph_webjob.py job add --client ID[,ID...] --command NAME
+                             [--alias NAME] [--args TEXT] [--comment TEXT]
+                             [--priority N] [--expires WHEN]
+                             [--pin | --sha256 HEX | --sha1 HEX | --md5 HEX]
+       nph_webjob.py job list [--client ID] [--json]
+       nph_webjob.py job cancel CLIENT/NNNNNN...
+       nph_webjob.py hunt start NAME --command NAME [job add options]
+                                {--clients ID,... | --pattern GLOB |
+                                 --group FILE} [--rate N]
+       nph_webjob.py hunt {status|cancel} NAME [--json]
+       nph_webjob.py hunt list [--json]
+       nph_webjob.py report [--client ID] [--since WHEN] [--json]
+                            [--html FILE]
+                      (job, hunt, report: [--root DIR | --config FILE])
        nph_webjob.py install-cgi PATH [--config FILE]
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
@@ -1090,6 +1108,300 @@ def log_trigger(site, fields, pid, state, message):
 
 
 ###############################################################################
+# Job queues ##################################################################
+###############################################################################
+
+# INFO: BaseDirectory/jobqueues/<ClientId>/<NNNNNN>.job is one queue entry
+# as Key=Value lines: the 1.9 job file's keys (Command, CommandAlias,
+# CommandLine, CommandMd5/Sha1/Sha256, Comment) plus its state.  Every change
+# is made under flock on that folder's .lock and written whole (temporary
+# name, fsync, rename, folder fsync): an entry survives a kill at any point,
+# and servers sharing one BaseDirectory hand each entry out once.  Lock
+# order: a client's queue, then a hunt's; never the other way round.
+
+QUEUE_FOLDER = 'jobqueues'
+HUNT_FOLDER = '.hunts'          # jobqueues/.hunts: no ClientId starts with .
+QUEUE_NAME = 'default'          # the FILENAME of a JOB request
+ENTRY_EXTENSION = '.job'
+ENTRY_DIGITS = 6
+OPEN_STATES = ('queued', 'handed-out')
+FINAL_STATES = ('done', 'failed', 'expired', 'cancelled')
+ENTRY_KEYS = ('Entry', 'ClientId', 'Command', 'CommandAlias', 'CommandLine',
+              'CommandMd5', 'CommandSha1', 'CommandSha256', 'Comment', 'Hunt',
+              'Priority', 'Created', 'Expires', 'State', 'JobIds', 'HandOuts',
+              'HandedOut', 'Asked', 'Finished', 'Result', 'Why')
+#: What a JOB answer tells the client, in this order (the job file's keys).
+JOB_REPLY_KEYS = ('CommandAlias', 'CommandLine', 'CommandMd5', 'CommandSha1',
+                  'CommandSha256', 'Comment')
+PIN_KEYS = (('CommandMd5', 'MD5', 32), ('CommandSha1', 'SHA1', 40),
+            ('CommandSha256', 'SHA256', 64))
+MAX_HAND_OUTS = 3               # then failed: the client never answers
+DEFAULT_PRIORITY = 50           # lower runs first
+RATE_WINDOW = 60                # seconds: a hunt's Rate is per minute
+
+
+def queue_folder(base, client_id):
+    """BaseDirectory/jobqueues/<ClientId> (client_id already validated)."""
+    return os.path.join(base, QUEUE_FOLDER, client_id)
+
+
+class FolderLock(object):
+    """flock(LOCK_EX) on <folder>/.lock, held for a with block."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, '.lock')
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl  # late import: job queues only
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW,
+                          0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)       # INFO: closing releases the flock
+        self.fd = None
+
+
+def write_whole(path, data):
+    """Replace path by data: temporary name, fsync, rename, folder fsync."""
+    folder, name = os.path.split(path)
+    temp = os.path.join(folder, '.%s.%d.tmp' % (name, os.getpid()))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW,
+                 0o644)
+    try:
+        webjob.write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(temp)
+        raise
+    os.close(fd)
+    os.rename(temp, path)
+    fsync_folder(folder)
+
+
+def format_entry(entry):
+    """An entry's Key=Value lines, ENTRY_KEYS first, one line each."""
+    keys = list(ENTRY_KEYS) + sorted(set(entry) - set(ENTRY_KEYS))
+    return ''.join('%s=%s\n' % (key, webjob.one_line(entry[key]))
+                   for key in keys if key in entry).encode('utf-8')
+
+
+def read_entries(folder):
+    """[(entry dict)] of a queue folder, oldest first; {} when absent."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    entries = []
+    for name in sorted(names):
+        if name.endswith(ENTRY_EXTENSION) and not name.startswith('.'):
+            entry = read_key_values(os.path.join(folder, name))
+            entry['Entry'] = name[:-len(ENTRY_EXTENSION)]
+            entries.append(entry)
+    return entries
+
+
+def save_entry(folder, entry):
+    write_whole(os.path.join(folder, entry['Entry'] + ENTRY_EXTENSION),
+                format_entry(entry))
+
+
+def entry_name(entry):
+    """<ClientId>/<NNNNNN>: how tools and logs name an entry."""
+    return '%s/%s' % (entry.get('ClientId', '?'), entry['Entry'])
+
+
+def as_int(value, default=0):
+    return int(value) if _is_ascii_digits(value or '') else default
+
+
+def settle_entry(entry, now, hand_out_limit):
+    """Move an open entry on by the clock: expired past Expires, queued
+    again (or failed after MAX_HAND_OUTS) when handed out longer than
+    hand_out_limit with no result.  True when it changed."""
+    state = entry.get('State')
+    if state not in OPEN_STATES:
+        return False
+    expires = as_int(entry.get('Expires'))
+    if expires and now >= expires:
+        entry['State'], entry['Finished'] = 'expired', '%d' % now
+        entry['Why'] = 'no result before the expiry' if state == \
+            'handed-out' else 'not handed out before the expiry'
+        return True
+    if state == 'handed-out' and hand_out_limit and \
+            now - as_int(entry.get('HandedOut')) >= hand_out_limit:
+        if as_int(entry.get('HandOuts')) >= MAX_HAND_OUTS:
+            entry['State'], entry['Finished'] = 'failed', '%d' % now
+            entry['Why'] = 'handed out %s times, no result' % entry.get(
+                'HandOuts')
+        else:
+            entry['State'] = 'queued'
+            entry['Why'] = 'no result within JobHandOutTimeLimit (%d s); '\
+                'queued again' % hand_out_limit
+        return True
+    return False
+
+
+def add_entries(base, client_id, fields, now):
+    """Queue a new entry for one client; return its name (client/NNNNNN)."""
+    folder = queue_folder(base, client_id)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, 0o755)
+    with FolderLock(folder):
+        numbers = [as_int(entry['Entry']) for entry in read_entries(folder)]
+        entry = dict(fields, ClientId=client_id, State='queued',
+                     Created='%d' % now, HandOuts='0')
+        entry['Entry'] = '%0*d' % (ENTRY_DIGITS, max(numbers or [0]) + 1)
+        save_entry(folder, entry)
+    return entry_name(entry)
+
+
+def hand_out_job(site, exchange):
+    """JOB: hand out this client's next queued entry, exactly once.
+
+    Under the queue's lock: settle every entry by the clock, then take the
+    first queued one (Priority, then age) whose hunt's rate allows it, give
+    it a fresh Job-Id and write it as handed out before answering.
+    """
+    import io  # late import: start-up time
+    if exchange.filename != QUEUE_NAME:
+        raise HTTPStatusError(404, 'Job queue (%s) does not exist; expected '
+                              '%s' % (exchange.filename, QUEUE_NAME))
+    folder = queue_folder(site.base, exchange.client_id)
+    exchange.job_id = None
+    exchange.status, exchange.message = 252, 'No job queued'
+    if not os.path.isdir(folder):
+        return
+    now = site.clock()
+    limit = site.values['JobHandOutTimeLimit']
+    with FolderLock(folder):
+        entries = read_entries(folder)
+        for entry in entries:
+            if settle_entry(entry, now, limit):
+                save_entry(folder, entry)
+        waiting = sorted((as_int(e.get('Priority'), DEFAULT_PRIORITY),
+                          e['Entry'], e) for e in entries
+                         if e.get('State') == 'queued')
+        for priority, number, entry in waiting:
+            if entry.get('Hunt') and not hunt_allows(
+                    site.base, entry['Hunt'], exchange.client_id, now):
+                if not entry.get('Asked'):
+                    entry['Asked'] = '%d' % now
+                    save_entry(folder, entry)
+                exchange.message = 'No job handed out: hunt (%s) at its ' \
+                    'rate' % entry['Hunt']
+                continue
+            job_id = fresh_job_id(site, entries)
+            entry['JobIds'] = ' '.join(entry.get('JobIds', '').split() +
+                                       [job_id])
+            entry['HandOuts'] = '%d' % (as_int(entry.get('HandOuts')) + 1)
+            entry['State'], entry['HandedOut'] = 'handed-out', '%d' % now
+            entry.setdefault('Asked', '%d' % now)
+            save_entry(folder, entry)
+            body = ''.join('%s=%s\n' % (key, entry[key]) for key in
+                           JOB_REPLY_KEYS if entry.get(key)).encode('utf-8')
+            exchange.job_id = job_id
+            exchange.body, exchange.body_length = io.BytesIO(body), len(body)
+            exchange.status = 200
+            exchange.message = 'Success: handed out %s (%s)' % (
+                entry_name(entry), entry.get('CommandAlias'))
+            return
+
+
+def fresh_job_id(site, entries):
+    """A job id no entry of this queue was ever given (two servers with one
+    ServerId may number alike in the same second)."""
+    taken = set()
+    for entry in entries:
+        taken.update(entry.get('JobIds', '').split())
+    for attempt in range(SERIAL_MODULUS):
+        job_id = make_job_id(site)
+        if job_id not in taken:
+            return job_id
+    raise HTTPStatusError(500, 'No free job id for this queue')
+
+
+def judge_upload(env, flagged):
+    """Why a stored job failed, from its .env values ([] when it did not):
+    a KidStatus other than 0, a GetError or RunError, a program that never
+    ran, hashes the server flagged (.bad).  A record without KidStatus is
+    no WebJob .env and is not judged."""
+    why = ['hash mismatch flagged by the server'] if flagged else []
+    if 'KidStatus' not in env:
+        return why
+    status = env.get('KidStatus', 'NA')
+    for key in ('GetError', 'RunError'):
+        value = env.get(key, 'NA')
+        if value and value != 'NA':
+            why.append('%s: %s' % (key, value))
+    if status == 'NA' or not status:
+        if not why:
+            why.append('KidStatus=NA: the program did not run')
+    elif status != '0':
+        why.append('KidStatus=%s' % status)
+    return why
+
+
+def record_result(site, client_id, job_id, group, why):
+    """Tie a stored upload to the queue entry its Job-Id was handed out for:
+    done, or failed with why.  Returns the log note ('' for no entry)."""
+    folder = queue_folder(site.base, client_id)
+    if not job_id or not os.path.isdir(folder):
+        return ''
+    with FolderLock(folder):
+        for entry in read_entries(folder):
+            if job_id not in entry.get('JobIds', '').split():
+                continue
+            if entry.get('State') in ('done', 'failed') and \
+                    entry.get('Result'):
+                return '; queue entry %s already has a result (%s): kept, ' \
+                    'not counted' % (entry_name(entry), entry['Result'])
+            entry['State'] = 'failed' if why else 'done'
+            entry['Finished'] = '%d' % site.clock()
+            entry['Result'] = group
+            entry['Why'] = '; '.join(why)
+            save_entry(folder, entry)
+            return '; queue entry %s %s' % (entry_name(entry),
+                                            entry['State'])
+    return ''
+
+
+def hunt_folder(base):
+    return os.path.join(base, QUEUE_FOLDER, HUNT_FOLDER)
+
+
+def hunt_allows(base, hunt, client_id, now):
+    """True when the hunt may hand out one more job now: fewer than Rate
+    distinct clients in the last minute (Rate 0: no limit); the hand-out
+    is counted in <hunt>.handouts under the hunt's lock."""
+    folder = hunt_folder(base)
+    record = os.path.join(folder, hunt + '.hunt')
+    if not (webjob.is_client_id(hunt) and os.path.isfile(record)):
+        return True             # INFO: a hunt removed by hand limits nothing
+    rate = as_int(read_key_values(record).get('Rate'))
+    path = os.path.join(folder, hunt + '.handouts')
+    with FolderLock(folder):
+        if rate:
+            recent = set()
+            try:
+                with open(path, 'rb') as handle:
+                    for line in handle:
+                        when, _, who = line.decode('ascii', 'replace') \
+                            .strip().partition(' ')
+                        if now - as_int(when) < RATE_WINDOW:
+                            recent.add(who)
+            except OSError:
+                pass
+            if client_id not in recent and len(recent) >= rate:
+                return False
+        append_log(path, '%d %s\n' % (now, client_id))
+    return True
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -1142,10 +1454,11 @@ def process_request(environ, stdin, site=None):
             site = load_site(path or DEFAULT_CONFIG, required=bool(path))
         exchange.site = site
         site.check_layout()
-        if exchange.method not in ('GET', 'PUT'):
+        if exchange.method not in ('GET', 'PUT') and not (
+                exchange.method == 'JOB' and site.values['JobQueueEnable']):
             raise HTTPStatusError(405, 'Method (%s) not allowed'
                                   % webjob.one_line(exchange.method[:32]))
-        names = GET_PARAMETERS if exchange.method == 'GET' else PUT_PARAMETERS
+        names = PUT_PARAMETERS if exchange.method == 'PUT' else GET_PARAMETERS
         query = parse_query(environ.get('QUERY_STRING', ''), names)
         exchange.client_id = query['CLIENTID']
         exchange.filename = query['FILENAME']
@@ -1154,6 +1467,8 @@ def process_request(environ, stdin, site=None):
         check_user(site, exchange)
         if exchange.method == 'GET':
             serve_get(site, exchange)
+        elif exchange.method == 'JOB':
+            hand_out_job(site, exchange)
         else:
             serve_put(site, exchange, query, stdin)
     except HTTPStatusError as exc:
@@ -1195,7 +1510,8 @@ def serve_get(site, exchange):
     """
     import errno  # late import: start-up time
     import stat  # late import: start-up time
-    exchange.job_id = make_job_id(site)
+    if not (exchange.job_id and site.values['JobQueueEnable']):
+        exchange.job_id = make_job_id(site)     # a queued job keeps its own
     stored = hooked_name(site.values, exchange.filename)
     tried = []
     for folder in (exchange.client_id, COMMON_PROFILE):
@@ -1355,17 +1671,33 @@ def serve_put(site, exchange, query, stdin):
     if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
         raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
                               'for a name in incoming/')
-    store_once(site, exchange, stdin, prefix, suffix, lengths)
+    store_once(site, exchange, stdin, lengths, lambda: store_group(
+        site, exchange, stdin, prefix, suffix, lengths))
 
 
-def store_once(site, exchange, stdin, prefix, suffix, lengths):
+def store_group(site, exchange, stdin, prefix, suffix, lengths):
+    """Store the body as a new group and judge the job it reports."""
+    exchange.group, note = store_upload(site, stdin, prefix, suffix, lengths,
+                                        exchange.job_id)
+    path = os.path.join(site.incoming, exchange.group + '.')
+    why = judge_upload(read_key_values(path + 'env'),
+                       os.path.exists(path + FLAG_EXTENSION))
+    if site.values['JobQueueEnable']:
+        note += record_result(site, exchange.client_id, exchange.job_id,
+                              exchange.group, why)
+    exchange.status = 200
+    exchange.message = ('Stored; job failed: %s' % '; '.join(why) if why
+                        else 'Success') + note
+
+
+def store_once(site, exchange, stdin, lengths, store):
     """Store a PUT, or recognise a re-send of an upload already stored.
 
     A client that lost the answer to a PUT sends it again.  An upload that
     carries a Job-Id is identified by its ClientId and Job-Id, and is the
     same upload when FILENAME, the three lengths and the .env's bytes (which
     hold the job's StdOutHash and StdErrHash) are the same: a re-send is
-    drained and answered 252, nothing stored; a different upload under a
+    drained and answered 253, nothing stored; a different upload under a
     stored identity is refused with 451.  A copy flagged .bad does not
     count, so a clean re-send is stored beside it.  One index file per
     identity (logfiles/nph-webjob-uploads/) is locked while its upload is
@@ -1374,9 +1706,7 @@ def store_once(site, exchange, stdin, prefix, suffix, lengths):
     """
     job_id = exchange.environ.get('HTTP_JOB_ID', '')
     if not is_job_id(job_id):
-        exchange.group, note = store_upload(site, stdin, prefix, suffix,
-                                            lengths, exchange.job_id)
-        exchange.status, exchange.message = 200, 'Success' + note
+        store()
         return
     fd = lock_upload_index(site, exchange.client_id, job_id)
     storing = False
@@ -1390,9 +1720,7 @@ def store_once(site, exchange, stdin, prefix, suffix, lengths):
         write_index(fd, [('ClientId', exchange.client_id),
                          ('JobId', job_id), ('State', 'storing')])
         storing = True
-        exchange.group, note = store_upload(site, stdin, prefix, suffix,
-                                            lengths, job_id)
-        exchange.status, exchange.message = 200, 'Success' + note
+        store()
         write_index(fd, upload_entry(site.incoming, exchange, job_id))
     except BaseException:
         if storing and exchange.group is None:    # nothing was stored
@@ -1476,7 +1804,7 @@ def find_stored_upload(site, exchange, job_id):
 
 
 def answer_resend(exchange, stdin, lengths, entry):
-    """Drain a PUT whose identity is stored; 252 when it is the same
+    """Drain a PUT whose identity is stored; 253 when it is the same
     upload, else 451.
 
     :raises HTTPStatusError: 456 for a short body, 451 for a different one.
@@ -1498,7 +1826,7 @@ def answer_resend(exchange, stdin, lengths, entry):
         raise HTTPStatusError(451, 'Job-Id (%s) is already stored as %s, '
                               'with other contents; refused'
                               % (entry.get('JobId'), entry.get('Group')))
-    exchange.status = 252
+    exchange.status = 253
     exchange.message = 'Success: a re-send of %s, already stored' % (
         entry.get('Group'))
 
@@ -1942,6 +2270,8 @@ def _handler_class():
             return environ, length
 
         def serve_webjob(self):
+            if self.server.admins and self.path.startswith(ADMIN_PATH):
+                return self.serve_admin_pages()
             environ, length = self.build_environ()
             refused = self.authenticate(environ)
             body = _Body(self.rfile, length or 0)
@@ -1962,6 +2292,45 @@ def _handler_class():
             send_response(exchange, out, True, extra)
             log_exchange(exchange, self.server.site)
             run_triggers(exchange)
+
+        def serve_admin_pages(self):
+            """Read-only report pages for an --admin user (serve_admin, in
+            Reports below); any other user gets 401."""
+            environ, length = self.build_environ()
+            refused = self.authenticate(environ)
+            user = environ.get('REMOTE_USER')
+            if refused is None and user not in self.server.admins:
+                refused = 'user (%s) is not an administrator (--admin)' % (
+                    webjob.one_line(user or '-')[:64])
+            exchange = Exchange(environ)
+            exchange.site, exchange.filename = self.server.site, 'admin'
+            if refused is None:
+                status, headers, body, size = serve_admin(self,
+                                                          self.server.site)
+                exchange.message = 'Administrator page (%s) for %s' % (
+                    webjob.one_line(self.path[:128]), user)
+            else:
+                status, body, size = 401, None, 0
+                headers = [('WWW-Authenticate', 'Basic realm="WebJob"')]
+                exchange.message = refused
+            if length is None or length:
+                self.close_connection = True
+            head = ['HTTP/1.1 %d %s' % (status, STATUS_REASONS[status]),
+                    'Date: %s' % self.date_time_string()] + [
+                '%s: %s' % pair for pair in headers] + [
+                'Content-Length: %d' % size]
+            if self.close_connection:
+                head.append('Connection: close')
+            self.wfile.write(('\r\n'.join(head) + '\r\n\r\n').encode(
+                'latin-1'))
+            if body is not None:
+                with body:
+                    if self.command != 'HEAD':
+                        exchange.server_length = copy_body(body, size,
+                                                           self.wfile)
+            self.wfile.flush()
+            exchange.status = status
+            log_exchange(exchange, self.server.site)
 
         def log_message(self, format, *args):
             write_stderr('%s: %s' % (self.address_string(), format % args))
@@ -2078,7 +2447,7 @@ def is_loopback(address):
 
 def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
           tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
-          force=False):
+          force=False, admins=()):
     """Run the standalone server until SIGTERM or SIGINT; return 0.
 
     BaseDirectory is --root, else the config's, else ./webjob-server; the
@@ -2098,6 +2467,9 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
         raise webjob.UsageError('--tls-cert and --tls-key go together, and '
                                 '--client-ca needs them')
     auth = Authentication(client_ca, htpasswd)
+    if admins and not auth.enabled:
+        raise webjob.UsageError('--admin needs --htpasswd or --client-ca: '
+                                'the report pages are for named users only')
     if not is_loopback(bind) and not force and not (tls_cert and auth.enabled):
         raise webjob.WebJobError('refusing to listen on %s without TLS and '
                                  'authentication (--tls-cert/--tls-key and '
@@ -2145,6 +2517,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
                                  % (bind, port, exc.strerror or exc))
     server.site = site
     server.auth = auth
+    server.admins = frozenset(admins)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -2334,6 +2707,824 @@ def resolve_base(options):
 
 
 ###############################################################################
+# Hunts #######################################################################
+###############################################################################
+
+# INFO: a hunt is one job queued for many clients at once: jobqueues/.hunts/
+# <name>.hunt holds its job and limits, <name>.clients names each client's
+# entry ('<ClientId> <NNNNNN>' lines), <name>.handouts counts hand-outs for
+# its Rate.  Progress is read from the entries themselves, so it can never
+# disagree with what the queues hand out.
+
+#: Progress of one client, from its entry's state (queued splits by whether
+#: the client has asked since: pending, or never seen).
+PROGRESS = ('done', 'failed', 'running', 'pending', 'never-seen', 'expired',
+            'cancelled')
+DURATION_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
+
+
+def parse_expiry(text, now):
+    """--expires: a duration ('90m', '2h', '3d', '3600s') from now, or a
+    local 'YYYY-MM-DD[ HH:MM[:SS]]'; the epoch it names.
+
+    :raises webjob.UsageError: for anything else, or a time in the past.
+    """
+    import time  # late import: tools only
+    unit = DURATION_UNITS.get(text[-1:])
+    if unit and _is_ascii_digits(text[:-1]):
+        return int(now) + int(text[:-1]) * unit
+    try:
+        stamp = parse_since(text)
+    except webjob.UsageError:
+        raise webjob.UsageError('--expires: expected a duration (90m, 2h, '
+                                '3d) or YYYY-MM-DD[ HH:MM[:SS]], got [%s]'
+                                % webjob.one_line(text[:40]))
+    epoch = int(time.mktime(time.strptime(stamp, '%Y%m%d%H%M%S')))
+    if epoch <= now:
+        raise webjob.UsageError('--expires: [%s] is in the past' %
+                                webjob.one_line(text[:40]))
+    return epoch
+
+
+def known_clients(base):
+    """Every client the server knows: a profile, a queue, or an upload."""
+    import re  # late import: tools only
+    found = set()
+    for folder in (os.path.join(base, 'profiles'),
+                   os.path.join(base, QUEUE_FOLDER)):
+        try:
+            found.update(name for name in os.listdir(folder)
+                         if webjob.is_client_id(name) and
+                         os.path.isdir(os.path.join(folder, name)))
+        except OSError:
+            pass
+    found.discard(COMMON_PROFILE)
+    try:
+        for group in read_groups(os.path.join(base, 'incoming')):
+            match = re.match(GROUP_NAME, group)
+            if match and webjob.is_client_id(match.group('client')):
+                found.add(match.group('client'))
+    except OSError:
+        pass
+    return found
+
+
+def read_group_file(path):
+    """Client ids from a group file: one a line, '#' comments, blanks.
+
+    :raises webjob.UsageError: naming the file and line of a bad id.
+    """
+    try:
+        with open(path, 'rb') as handle:
+            data = handle.read(webjob.MAX_CONFIG_SIZE)
+    except OSError as exc:
+        raise webjob.UsageError('--group: %s: %s' % (path, exc.strerror))
+    clients = []
+    for number, line in enumerate(data.decode('utf-8', 'replace')
+                                  .splitlines(), 1):
+        name = line.split('#', 1)[0].strip()
+        if not name:
+            continue
+        if not webjob.is_client_id(name):
+            raise webjob.UsageError('--group: %s:%d: [%s] is not a client id'
+                                    % (path, number,
+                                       webjob.one_line(name[:64])))
+        clients.append(name)
+    return clients
+
+
+def select_clients(base, options):
+    """The hunt's or job's clients, sorted and once each, from --client /
+    --clients, --pattern (over known_clients) and --group."""
+    import fnmatch  # late import: tools only
+    chosen = set()
+    for name in (options.clients or '').split(','):
+        if name:
+            if not webjob.is_client_id(name):
+                raise webjob.UsageError('--clients: [%s] is not a client id'
+                                        % webjob.one_line(name[:64]))
+            chosen.add(name)
+    if getattr(options, 'pattern', None):
+        matched = fnmatch.filter(sorted(known_clients(base)), options.pattern)
+        if not matched:
+            raise webjob.UsageError('--pattern: [%s] matches no known client '
+                                    '(profiles/, jobqueues/, incoming/)'
+                                    % webjob.one_line(options.pattern[:64]))
+        chosen.update(matched)
+    if getattr(options, 'group', None):
+        chosen.update(read_group_file(options.group))
+    if not chosen:
+        raise webjob.UsageError('no client: give --clients, --pattern or '
+                                '--group')
+    return sorted(chosen)
+
+
+def job_fields(base, options, client_id):
+    """The entry keys of the job described by the options, for one client;
+    --pin takes the SHA-256 of the program this client would be served.
+
+    :raises webjob.UsageError: for a bad name, hash or pin.
+    """
+    if not webjob.is_program_name(options.command):
+        raise webjob.UsageError('--command: [%s] is not a plain program name'
+                                % webjob.one_line(options.command[:64]))
+    alias = options.alias or options.command
+    if not webjob.is_program_name(alias):
+        raise webjob.UsageError('--alias: [%s] is not a plain program name'
+                                % webjob.one_line(alias[:64]))
+    fields = {'Command': options.command, 'CommandAlias': alias,
+              'CommandLine': ' '.join([alias] + (options.args or '').split()),
+              'Comment': webjob.one_line(options.comment or ''),
+              'Priority': '%d' % options.priority}
+    for key, name, size in PIN_KEYS:
+        value = getattr(options, name.lower())
+        if value is not None:
+            if len(value) != size or not set(value) <= HEX_DIGITS:
+                raise webjob.UsageError('--%s: expected %d hex digits'
+                                        % (name.lower(), size))
+            fields[key] = value.lower()
+    if options.pin:
+        if alias != options.command:
+            raise webjob.UsageError('--pin: the client downloads %s, not the '
+                                    'stored %s; give --sha256' % (
+                                        alias, options.command))
+        path = stored_program(base, client_id, options.command)
+        if path is None:
+            raise webjob.UsageError('--pin: no profiles/%s/commands/%s nor '
+                                    'profiles/common/commands/%s' % (
+                                        client_id, options.command,
+                                        options.command))
+        fields['CommandSha256'] = hash_file(path, ['SHA256'])['SHA256']
+    if options.expires is not None:
+        fields['Expires'] = '%d' % options.expires
+    return fields
+
+
+def stored_program(base, client_id, name):
+    """The file a GET of name by this client is served, or None."""
+    for folder in (client_id, COMMON_PROFILE):
+        path = os.path.join(base, 'profiles', folder, 'commands', name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def queue_jobs(base, options, clients, now, hunt=None):
+    """One entry per client; returns their names."""
+    made = []
+    for client_id in clients:
+        fields = job_fields(base, options, client_id)
+        if hunt:
+            fields['Hunt'] = hunt
+        made.append(add_entries(base, client_id, fields, now))
+    return made
+
+
+def start_hunt(base, options, out, now):
+    """hunt start: the hunt record, then one entry per client; 0."""
+    name = options.name
+    if not webjob.is_client_id(name):
+        raise webjob.UsageError('hunt: [%s] is not a valid hunt name (letters,'
+                                ' digits, "_", "-", ".")' %
+                                webjob.one_line(name[:64]))
+    clients = select_clients(base, options)
+    for client_id in clients[:1]:
+        job_fields(base, options, client_id)    # INFO: refuse before writing
+    folder = hunt_folder(base)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, 0o755)
+    record = os.path.join(folder, name + '.hunt')
+    with FolderLock(folder):
+        if os.path.exists(record):
+            raise webjob.WebJobError('hunt %s exists already (%s)' % (
+                name, record))
+        fields = dict(job_fields(base, options, clients[0]), Name=name,
+                      Rate='%d' % options.rate, Created='%d' % now,
+                      Clients='%d' % len(clients))
+        if options.pin:         # INFO: each client's own, in its entry
+            del fields['CommandSha256']
+        write_whole(record, format_entry(fields))
+    made = queue_jobs(base, options, clients, now, hunt=name)
+    write_whole(os.path.join(folder, name + '.clients'), ''.join(
+        '%s %s\n' % tuple(entry.split('/')) for entry in made).encode('ascii'))
+    out.write('hunt %s: %s queued for %d clients%s%s\n' % (
+        name, fields['CommandLine'], len(clients),
+        ', at most %d per minute' % options.rate if options.rate else '',
+        ', expires %s' % format_epoch_local(options.expires)
+        if options.expires else ''))
+    return 0
+
+
+def format_epoch_local(epoch):
+    import time  # late import: tools only
+    return time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(int(epoch)))
+
+
+def entry_view(entry, now, hand_out_limit):
+    """A copy of an entry settled by the clock (nothing is written)."""
+    view = dict(entry)
+    settle_entry(view, now, hand_out_limit)
+    return view
+
+
+def progress_of(view):
+    """One of PROGRESS for a settled entry."""
+    state = view.get('State')
+    if state == 'handed-out':
+        return 'running'
+    if state == 'queued':
+        return 'pending' if view.get('Asked') else 'never-seen'
+    return state if state in PROGRESS else 'failed'
+
+
+def hunt_rows(base, name, now, hand_out_limit):
+    """[(client, entry view)] of a hunt, in its .clients order.
+
+    :raises webjob.WebJobError: when the hunt does not exist.
+    """
+    path = os.path.join(hunt_folder(base), name + '.clients')
+    if not webjob.is_client_id(name) or not os.path.isfile(path):
+        raise webjob.WebJobError('hunt %s: no such hunt (%s)' % (
+            webjob.one_line(name[:64]), path))
+    rows = []
+    with open(path, 'rb') as handle:
+        for line in handle:
+            client_id, _, number = line.decode('ascii', 'replace').strip() \
+                .partition(' ')
+            if not (webjob.is_client_id(client_id) and number.isdigit()):
+                continue
+            entry_path = os.path.join(queue_folder(base, client_id),
+                                      number + ENTRY_EXTENSION)
+            entry = read_key_values(entry_path) if os.path.isfile(
+                entry_path) else {'State': 'failed',
+                                  'Why': 'queue entry missing'}
+            entry.update(Entry=number, ClientId=client_id)
+            rows.append((client_id, entry_view(entry, now, hand_out_limit)))
+    return rows
+
+
+def hunt_names(base):
+    try:
+        names = os.listdir(hunt_folder(base))
+    except OSError:
+        return []
+    return sorted(name[:-len('.hunt')] for name in names
+                  if name.endswith('.hunt') and not name.startswith('.'))
+
+
+def hunt_progress(base, name, now, hand_out_limit):
+    """(hunt record, rows, totals) where rows are (client, progress, entry
+    view) and totals count each PROGRESS value."""
+    rows = [(client, progress_of(view), view) for client, view
+            in hunt_rows(base, name, now, hand_out_limit)]
+    record = read_key_values(os.path.join(hunt_folder(base), name + '.hunt'))
+    totals = dict((key, 0) for key in PROGRESS)
+    for client, progress, view in rows:
+        totals[progress] += 1
+    return record, rows, totals
+
+
+def show_hunt(base, name, out, as_json, now, hand_out_limit):
+    """hunt status: a line (or JSON object) per client, then the totals;
+    0 when every client is done, 1 otherwise."""
+    import json  # late import: tools only
+    record, rows, totals = hunt_progress(base, name, now, hand_out_limit)
+    for client, progress, view in rows:
+        if as_json:
+            out.write(json.dumps({
+                'kind': 'hunt-client', 'hunt': name, 'client': client,
+                'progress': progress, 'entry': entry_name(view),
+                'result': view.get('Result') or None,
+                'why': view.get('Why') or None}, sort_keys=True) + '\n')
+        else:
+            why = view.get('Why', '') if progress in (
+                'failed', 'expired', 'cancelled') else ''
+            out.write('%s %s %s %s%s\n' % (
+                client, log_field(progress), entry_name(view),
+                log_field(view.get('Result')),
+                ' -- ' + webjob.one_line(why) if why else ''))
+    if as_json:
+        out.write(json.dumps(dict(totals, kind='hunt', hunt=name,
+                                  clients=len(rows),
+                                  command=record.get('CommandLine')),
+                             sort_keys=True) + '\n')
+    else:
+        out.write('hunt %s: %d clients: %s\n' % (name, len(rows), ', '.join(
+            '%d %s' % (totals[key], key) for key in PROGRESS)))
+    return 0 if totals['done'] == len(rows) else 1
+
+
+def list_queue(base, out, client, as_json, now, hand_out_limit):
+    """job list: one line (or JSON object) per queue entry."""
+    import json  # late import: tools only
+    clients = [client] if client else sorted(
+        name for name in os.listdir(os.path.join(base, QUEUE_FOLDER))
+        if webjob.is_client_id(name)) if os.path.isdir(
+            os.path.join(base, QUEUE_FOLDER)) else []
+    count = 0
+    for client_id in clients:
+        for entry in read_entries(queue_folder(base, client_id)):
+            entry['ClientId'] = client_id
+            view = entry_view(entry, now, hand_out_limit)
+            count += 1
+            if as_json:
+                record = dict((key, view[key]) for key in ENTRY_KEYS
+                              if key in view)
+                record.update(kind='job', name=entry_name(view))
+                out.write(json.dumps(record, sort_keys=True) + '\n')
+                continue
+            out.write('%s %s\n' % (entry_name(view), ' '.join(log_field(
+                view.get(key)) for key in ('State', 'CommandLine', 'Hunt',
+                                           'HandOuts', 'Result', 'Why'))))
+    return count
+
+
+def cancel_entries(base, names, out, now):
+    """job cancel: cancel open entries named client/NNNNNN; 1 when one of
+    them was not open or does not exist."""
+    failed = 0
+    for name in names:
+        client_id, slash, number = name.partition('/')
+        if not (slash and webjob.is_client_id(client_id) and
+                number.isdigit() and len(number) == ENTRY_DIGITS):
+            raise webjob.UsageError('job cancel: [%s]: expected CLIENT/NNNNNN'
+                                    % webjob.one_line(name[:80]))
+        folder = queue_folder(base, client_id)
+        path = os.path.join(folder, number + ENTRY_EXTENSION)
+        if not os.path.isfile(path):
+            out.write('%s: no such entry\n' % name)
+            failed += 1
+            continue
+        with FolderLock(folder):
+            entry = read_key_values(path)
+            entry['Entry'] = number
+            if entry.get('State') not in OPEN_STATES:
+                out.write('%s: not cancelled: already %s\n' % (
+                    name, entry.get('State')))
+                failed += 1
+                continue
+            entry.update(State='cancelled', Finished='%d' % now,
+                         Why='cancelled by the administrator')
+            save_entry(folder, entry)
+        out.write('%s: cancelled\n' % name)
+    return 1 if failed else 0
+
+
+def cancel_hunt(base, name, out, now):
+    """hunt cancel: cancel every open entry of the hunt."""
+    names = [entry_name(view) for client, view in
+             hunt_rows(base, name, now, 0) if view.get('State') in OPEN_STATES]
+    if not names:
+        out.write('hunt %s: nothing open to cancel\n' % name)
+        return 0
+    return cancel_entries(base, names, out, now)
+
+
+###############################################################################
+# Reports #####################################################################
+###############################################################################
+
+# INFO: report reads incoming/, the manifest, nph-webjob.log and the queues,
+# and writes nothing but its output (and --html FILE, whole or not at all).
+# It shows what list does not: every failed job and why, GETs that never
+# came back as a PUT, each client's last contact.
+
+LOG_FIELDS = ('date', 'time', 'jid', 'user', 'address', 'method', 'client',
+              'filename', 'length', 'server_length', 'duration', 'status')
+
+
+def parse_log_line(line):
+    """{field: value} of one nph-webjob.log line ('-' becomes ''), with
+    'message'; None for a line that is not in the format."""
+    head, sep, message = line.rstrip('\n').partition(' --')
+    parts = head.split(' ')
+    if not sep or len(parts) != len(LOG_FIELDS):
+        return None
+    record = dict((key, '' if value == '-' else value)
+                  for key, value in zip(LOG_FIELDS, parts))
+    record['message'] = message[1:] if message.startswith(' ') else message
+    return record
+
+
+def read_log(base):
+    """The parsed lines of logfiles/nph-webjob.log, oldest first."""
+    path = os.path.join(base, 'logfiles', LOG_NAME)
+    try:
+        handle = open(path, 'rb')
+    except OSError:
+        return []
+    with handle:
+        return [record for record in (
+            parse_log_line(line.decode('utf-8', 'replace'))
+            for line in handle) if record is not None]
+
+
+def veto_kind(why):
+    """'dsv-veto', 'gethook-veto', 'hash-mismatch' or 'failed', by the
+    words the client and server use."""
+    text = ' '.join(why)
+    if 'DSV' in text:
+        return 'dsv-veto'
+    if 'GetHook' in text:
+        return 'gethook-veto'
+    if 'hash mismatch' in text or 'differs from the pinned' in text:
+        return 'hash-mismatch'
+    return 'failed'
+
+
+def collect_jobs(base, client=None, since=None):
+    """One dict per incoming group, oldest first: who, what, exit status,
+    result (ok / failed) and why, the server's hash verification."""
+    import re  # late import: tools only
+    incoming = os.path.join(base, 'incoming')
+    try:
+        groups = read_groups(incoming)
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (incoming, exc.strerror or exc))
+    recorded = read_manifest(os.path.join(base, 'logfiles', MANIFEST_NAME))[0]
+    jobs = []
+    for group, exts in groups.items():
+        match = re.match(GROUP_NAME, group)
+        if not match or (client and match.group('client') != client) or \
+                (since and match.group('stamp') < since):
+            continue
+        path = os.path.join(incoming, group + '.')
+        env = read_key_values(path + 'env') if 'env' in exts else {}
+        rdy = read_key_values(path + 'rdy') if 'rdy' in exts else {}
+        why = judge_upload(env, 'bad' in exts)
+        if 'rdy' not in exts:
+            why.append('incomplete: no .rdy')
+        declared = read_declared_hashes(path + 'env') if 'env' in exts \
+            else (None, None, None)
+        if 'bad' in exts:
+            hashes = 'mismatch'
+        elif declared[0] and group + '.out' in recorded:
+            hashes = 'match:%s' % declared[0]
+        else:
+            hashes = 'unchecked'
+        stamp = match.group('stamp')
+        jobs.append({
+            'kind': 'job', 'group': group, 'client': match.group('client'),
+            'program': match.group('program'),
+            'date': '%s-%s-%s %s:%s:%s' % (stamp[:4], stamp[4:6], stamp[6:8],
+                                           stamp[8:10], stamp[10:12],
+                                           stamp[12:]),
+            'jid': rdy.get('Jid') or env.get('Jid') or None,
+            'kid_status': env.get('KidStatus') or None,
+            'get_error': env.get('GetError') or None,
+            'run_error': env.get('RunError') or None,
+            'result': veto_kind(why) if why else 'ok', 'why': why,
+            'hashes': hashes, 'files': sorted(exts - {'lck'}),
+            '_order': (stamp, match.group('serial'))})
+    jobs.sort(key=lambda job: job['_order'])
+    for job in jobs:
+        del job['_order']
+    return jobs
+
+
+def collect_log_findings(records, client=None):
+    """(failures, last contact per client) from the log: GETs refused or
+    never followed by a PUT with their Job-Id."""
+    put_ids = set(r['jid'] for r in records if r['method'] == 'PUT' and
+                  r['jid'])
+    failures, contact = [], {}
+    for record in records:
+        who = record['client']
+        if not who or (client and who != client):
+            continue
+        contact[who] = record
+        if record['method'] != 'GET':
+            continue
+        if record['status'] == '200' and record['jid'] not in put_ids:
+            why = ['GET without a PUT']
+        elif record['status'] not in ('200', ''):
+            why = ['GET refused: %s %s' % (record['status'],
+                                          record['message'])]
+        else:
+            continue
+        failures.append({
+            'kind': 'failure', 'date': '%s %s' % (record['date'],
+                                                  record['time']),
+            'client': who, 'program': record['filename'] or None,
+            'jid': record['jid'] or None, 'why': why,
+            'result': veto_kind(why) if 'GetHook' in record['message']
+            else 'failed', 'source': 'log'})
+    return failures, contact
+
+
+def build_report(base, client=None, since=None):
+    """Everything the report shows: jobs, failures (jobs and log), clients
+    (last contact), hunts (progress)."""
+    import time  # late import: tools only
+    jobs = collect_jobs(base, client, since)
+    records = read_log(base)
+    if since:
+        records = [r for r in records if (r['date'] + r['time']).replace(
+            '-', '').replace(':', '') >= since]
+    log_failures, contact = collect_log_findings(records, client)
+    failures = [dict(job, kind='failure', source='upload') for job in jobs
+                if job['result'] != 'ok'] + log_failures
+    failures.sort(key=lambda item: item['date'])
+    names = set(contact) | set(job['client'] for job in jobs)
+    if not client:
+        names |= known_clients(base)
+    elif webjob.is_client_id(client):
+        names.add(client)
+    clients = []
+    for name in sorted(names):
+        last = contact.get(name)
+        mine = [job for job in jobs if job['client'] == name]
+        clients.append({
+            'kind': 'client', 'client': name,
+            'last_contact': '%s %s' % (last['date'], last['time'])
+            if last else None,
+            'last_request': '%s %s %s' % (last['method'], last['filename'],
+                                          last['status']) if last else None,
+            'jobs': len(mine),
+            'failed': sum(1 for job in mine if job['result'] != 'ok')})
+    now = time.time()
+    hunts = []
+    for name in hunt_names(base):
+        try:
+            record, rows, totals = hunt_progress(base, name, now, 0)
+        except webjob.WebJobError:
+            continue
+        hunts.append({'kind': 'hunt', 'hunt': name,
+                      'command': record.get('CommandLine'),
+                      'clients': len(rows), 'totals': totals,
+                      'rows': [{'client': c, 'progress': p,
+                                'entry': entry_name(v),
+                                'result': v.get('Result') or None,
+                                'why': v.get('Why') or None}
+                               for c, p, v in rows]})
+    return {'jobs': jobs, 'failures': failures, 'clients': clients,
+            'hunts': hunts}
+
+
+def write_report(report, out, as_json):
+    """The report as text lines, or JSON lines (one object each)."""
+    import json  # late import: tools only
+    items = report['failures'] + report['clients'] + report['jobs']
+    if as_json:
+        for item in items + [dict(hunt, rows=None) for hunt in
+                             report['hunts']]:
+            out.write(json.dumps(dict((k, v) for k, v in item.items()
+                                      if v is not None),
+                                 sort_keys=True) + '\n')
+    else:
+        for item in report['failures']:
+            out.write('failure %s %s %s %s %s -- %s\n' % (
+                item['date'], log_field(item['client']),
+                log_field(item['program']), log_field(item['jid']),
+                log_field(item['result']), '; '.join(item['why'])))
+        for item in report['clients']:
+            out.write('client %s jobs=%d failed=%d last-contact %s\n' % (
+                log_field(item['client']), item['jobs'], item['failed'],
+                '%(last_contact)s %(last_request)s' % item
+                if item['last_contact'] else 'never'))
+        for item in report['jobs']:
+            out.write('job %s %s %s %s %s %s %s\n' % (
+                item['date'], log_field(item['client']),
+                log_field(item['program']), log_field(item['jid']),
+                log_field(item['kid_status']), log_field(item['result']),
+                log_field(item['hashes'])))
+        for hunt in report['hunts']:
+            out.write('hunt %s %d clients: %s\n' % (
+                hunt['hunt'], hunt['clients'], ', '.join(
+                    '%d %s' % (hunt['totals'][key], key) for key in PROGRESS)))
+    summary = {'kind': 'summary', 'jobs': len(report['jobs']),
+               'failures': len(report['failures']),
+               'clients': len(report['clients']),
+               'hunts': len(report['hunts'])}
+    out.write(json.dumps(summary, sort_keys=True) + '\n' if as_json else
+              'report: %(jobs)d jobs, %(failures)d failures, %(clients)d '
+              'clients, %(hunts)d hunts\n' % summary)
+    return len(report['failures'])
+
+
+#: The report as HTML: one self-contained page (style inline, no script,
+#: no request for anything else), the same for report --html and the
+#: standalone server's administrator pages.  Uploads are shown as escaped
+#: text only; controls, ANSI escapes and bidi overrides become visible \\x..
+HTML_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; "
+               "img-src data:; form-action 'none'; base-uri 'none'")
+PREVIEW_LIMIT = 1 << 16         # bytes of each .out/.err shown in the page
+EMBED_LIMIT = 1 << 18           # a static report embeds files up to this
+ADMIN_PATH = '/webjob-admin/'   # the standalone server's read-only pages
+ADMIN_FILES = ADMIN_PATH + 'files/'
+_BIDI = frozenset(range(0x202a, 0x202f)) | frozenset(range(0x2066, 0x206a))
+HTML_STYLE = """
+body{font:14px sans-serif;margin:1em 2em;color:#111}
+table{border-collapse:collapse;margin:.5em 0 1.5em}
+td,th{border:1px solid #bbb;padding:2px 6px;text-align:left;vertical-align:top}
+th{background:#eee}
+pre{background:#f6f6f6;border:1px solid #ccc;padding:6px;max-height:30em;
+overflow:auto;white-space:pre-wrap;word-break:break-all}
+.ok,.done{background:#c8f0c8}.failed,.dsv-veto,.gethook-veto,
+.hash-mismatch,.mismatch{background:#f6c0c0}.running,.pending{background:#fbeeb0}
+.never-seen,.expired,.cancelled,.unchecked{background:#ddd}
+.bar{display:inline-block;height:1em;vertical-align:middle}
+"""
+
+
+def html_text(value):
+    """Escape text for HTML and make every control character, ANSI escape
+    and bidi override visible as \\xNN / \\uNNNN instead of acting."""
+    import html  # late import: reports only
+    out = []
+    for ch in '' if value is None else str(value):
+        code = ord(ch)
+        if ch in '\n\t':
+            out.append(ch)
+        elif code < 32 or 127 <= code < 160 or 0xdc80 <= code <= 0xdcff:
+            out.append('\\x%02x' % (code & 0xff))
+        elif code in _BIDI or code == 0xfeff:
+            out.append('\\u%04x' % code)
+        else:
+            out.append(ch)
+    return html.escape(''.join(out), quote=True)
+
+
+def html_table(headers, rows, classes=None):
+    """A table; rows are tuples of already-escaped cells."""
+    head = ''.join('<th>%s</th>' % html_text(h) for h in headers)
+    body = []
+    for n, row in enumerate(rows):
+        css = classes[n] if classes else None
+        body.append('<tr%s>%s</tr>' % (
+            ' class="%s"' % html_text(css) if css else '',
+            ''.join('<td>%s</td>' % cell for cell in row)))
+    return '<table><tr>%s</tr>%s</table>\n' % (head, ''.join(body))
+
+
+def html_cell(value, css=None):
+    text = html_text('-' if value in (None, '') else value)
+    return '<span class="%s">%s</span>' % (html_text(css), text) if css \
+        else text
+
+
+def static_link(path, name):
+    """A static report's download: the file itself as a data: URL when it
+    is small enough, else None."""
+    import base64  # late import: reports only
+    if os.path.getsize(path) > EMBED_LIMIT:
+        return None
+    with open(path, 'rb') as handle:
+        data = base64.b64encode(handle.read()).decode('ascii')
+    return 'data:application/octet-stream;base64,' + data
+
+
+def served_link(path, name):
+    """The standalone server's download of an incoming file."""
+    return ADMIN_FILES + name
+
+
+def render_html(report, base, link=static_link):
+    """The whole report as one HTML page (str)."""
+    import time  # late import: reports only
+    parts = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+             '<meta http-equiv="Content-Security-Policy" content="%s">'
+             '<title>WebJob locker report</title><style>%s</style></head>'
+             '<body>\n' % (html_text(HTML_POLICY), HTML_STYLE)]
+    jobs, failures = report['jobs'], report['failures']
+    parts.append('<h1>WebJob locker report</h1>\n<p id="summary">%s: %d '
+                 'jobs, %d failures, %d clients, %d hunts; made %s</p>\n' % (
+                     html_text(base), len(jobs), len(failures),
+                     len(report['clients']), len(report['hunts']),
+                     html_text(time.strftime('%Y-%m-%d %H:%M:%S'))))
+    parts.append('<h2 id="clients">Clients</h2>\n' + html_table(
+        ('Client', 'Last contact', 'Last request', 'Jobs', 'Failed'),
+        [(html_cell(c['client']), html_cell(c['last_contact'] or 'never'),
+          html_cell(c['last_request']), html_cell(c['jobs']),
+          html_cell(c['failed'], 'failed' if c['failed'] else None))
+         for c in report['clients']]))
+    parts.append('<h2 id="hunts">Hunts</h2>\n')
+    for hunt in report['hunts']:
+        parts.append(html_hunt(hunt))
+    parts.append('<h2 id="failures">Failures</h2>\n' + html_table(
+        ('Date', 'Client', 'Program', 'Job id', 'Result', 'Why'),
+        [(html_cell(f['date']), html_cell(f['client']),
+          html_cell(f['program']), html_cell(f['jid']),
+          html_cell(f['result'], f['result']),
+          html_cell('; '.join(f['why']))) for f in failures]))
+    parts.append('<h2 id="jobs">Jobs</h2>\n' + html_table(
+        ('Date', 'Client', 'Program', 'Job id', 'KidStatus', 'Result',
+         'Server hash check (at upload)'),
+        [(html_cell(j['date']), html_cell(j['client']),
+          '<a href="#job-%d">%s</a>' % (n, html_cell(j['program'])),
+          html_cell(j['jid']), html_cell(j['kid_status']),
+          html_cell(j['result'], j['result']),
+          html_cell(j['hashes'], j['hashes'].split(':')[0]))
+         for n, j in enumerate(jobs)],
+        ['job ' + j['result'] for j in jobs]))
+    incoming = os.path.join(base, 'incoming')
+    for n, job in enumerate(jobs):
+        parts.append(html_job(n, job, incoming, link))
+    parts.append('</body></html>\n')
+    return ''.join(parts)
+
+
+def html_hunt(hunt):
+    """A hunt's totals as a bar and a table per client."""
+    totals, count = hunt['totals'], max(hunt['clients'], 1)
+    bar = ''.join('<span class="bar %s" style="width:%dpx" title="%s"></span>'
+                  % (key, 400 * totals[key] // count, key)
+                  for key in PROGRESS if totals[key])
+    return ('<h3 class="hunt">%s: %s</h3>\n<p>%s<br>%s</p>\n' % (
+        html_text(hunt['hunt']), html_text(hunt['command']), bar,
+        html_text(', '.join('%d %s' % (totals[k], k) for k in PROGRESS))) +
+        html_table(('Client', 'Progress', 'Entry', 'Result', 'Why'), [
+            (html_cell(r['client']), html_cell(r['progress'], r['progress']),
+             html_cell(r['entry']), html_cell(r['result']),
+             html_cell(r['why'])) for r in hunt['rows']]))
+
+
+def html_job(n, job, incoming, link):
+    """One job: its .env as a table, .out and .err as escaped text."""
+    path = os.path.join(incoming, job['group'] + '.')
+    parts = ['<section class="job" id="job-%d"><h3>%s</h3>\n' % (
+        n, html_text(job['group']))]
+    if 'env' in job['files']:
+        env = read_key_values(path + 'env')
+        parts.append(html_table(('Key', 'Value'), [
+            (html_cell(key), html_cell(value)) for key, value in
+            env.items()]))
+    for ext in ('out', 'err'):
+        if ext not in job['files']:
+            continue
+        name = job['group'] + '.' + ext
+        size = os.path.getsize(path + ext)
+        with open(path + ext, 'rb') as handle:
+            data = handle.read(PREVIEW_LIMIT)
+        href = link(path + ext, name)
+        parts.append('<h4>.%s (%d bytes%s) %s</h4>\n<pre class="%s">%s</pre>'
+                     '\n' % (ext, size, ', first %d shown' % PREVIEW_LIMIT
+                             if size > PREVIEW_LIMIT else '',
+                             '<a download="%s" href="%s">download</a>' % (
+                                 html_text(name), html_text(href))
+                             if href else '(too large to embed: incoming/%s)'
+                             % html_text(name), ext, html_text(data.decode(
+                                 'utf-8', 'surrogateescape'))))
+    parts.append('</section>\n')
+    return ''.join(parts)
+
+
+def write_html_report(report, base, path):
+    """report --html FILE: the page, written whole (temporary, fsync,
+    rename) or not at all."""
+    data = render_html(report, base).encode('utf-8')
+    temp = '%s.%d.tmp' % (path, os.getpid())
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
+                     0o644)
+        try:
+            webjob.write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except OSError as exc:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise webjob.WebJobError('--html: %s: %s' % (path, exc.strerror))
+
+
+def serve_admin(handler, site):
+    """The read-only administrator pages of the standalone server: the
+    report at ADMIN_PATH, incoming files (as downloads) below ADMIN_FILES;
+    (status, headers, open body or None, body length)."""
+    import io  # late import: administrator pages only
+    headers = [('Content-Security-Policy', HTML_POLICY + "; "
+                "frame-ancestors 'none'"), ('X-Content-Type-Options',
+                                             'nosniff'),
+               ('Cache-Control', 'no-store'), ('Referrer-Policy',
+                                              'no-referrer')]
+    path = handler.path.split('?', 1)[0]
+    if handler.command not in ('GET', 'HEAD'):
+        return 405, headers + [('Allow', 'GET, HEAD')], None, 0
+    if path == ADMIN_PATH:
+        page = render_html(build_report(site.base), site.base,
+                           served_link).encode('utf-8')
+        return 200, headers + [('Content-Type', 'text/html; charset=utf-8')],\
+            io.BytesIO(page), len(page)
+    name = path[len(ADMIN_FILES):] if path.startswith(ADMIN_FILES) else ''
+    stem, dot, ext = name.rpartition('.')
+    if not (dot and stem and ext in GROUP_EXTENSIONS and
+            webjob.is_program_name(name)):
+        return 404, headers, None, 0
+    try:
+        body = open(os.path.join(site.incoming, name), 'rb')
+    except OSError:
+        return 404, headers, None, 0
+    return 200, headers + [
+        ('Content-Type', 'application/octet-stream'),
+        ('Content-Disposition', 'attachment; filename="%s"' % name)], body, \
+        os.fstat(body.fileno()).st_size
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -2355,7 +3546,9 @@ def parse_serve_args(argv):
     parser.add_argument('--client-ca')
     parser.add_argument('--htpasswd')
     parser.add_argument('--force', action='store_true')
+    parser.add_argument('--admin', default='')
     options = parser.parse_args(argv)
+    options.admins = [name for name in options.admin.split(',') if name]
     if not 0 <= options.port < 65536:
         raise webjob.UsageError('--port: expected 0-65535')
     return options
@@ -2395,6 +3588,121 @@ def run_locker_tool(command, argv):
     return 0
 
 
+def parse_fleet_args(command, argv):
+    """The job, hunt and report options: 'job add|list|cancel', 'hunt
+    start|status|cancel|list', 'report'."""
+    import argparse  # late import: start-up time
+    import time  # late import: tools only
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise webjob.UsageError('%s: %s' % (self.prog, message))
+
+    actions = {'job': ('add', 'list', 'cancel'),
+               'hunt': ('start', 'status', 'cancel', 'list'),
+               'report': ('',)}[command]
+    action = argv[0] if argv[:1] and argv[0] in actions else ''
+    if action not in actions:
+        raise webjob.UsageError('%s: expected %s' % (command, ' or '.join(
+            actions)))
+    parser = Parser(prog=('nph_webjob.py %s %s' % (command, action)).strip(),
+                    add_help=False)
+    parser.add_argument('--root')
+    parser.add_argument('--config')
+    if action in ('add', 'start'):
+        parser.add_argument('--command', required=True)
+        parser.add_argument('--alias')
+        parser.add_argument('--args')
+        parser.add_argument('--comment')
+        parser.add_argument('--priority', type=int, default=DEFAULT_PRIORITY)
+        parser.add_argument('--expires')
+        parser.add_argument('--pin', action='store_true')
+        for key, name, size in PIN_KEYS:
+            parser.add_argument('--' + name.lower())
+        parser.add_argument('--clients', '--client')
+    if action == 'start':
+        parser.add_argument('name')
+        parser.add_argument('--pattern')
+        parser.add_argument('--group')
+        parser.add_argument('--rate', type=int, default=0)
+    if action in ('status', 'cancel') and command == 'hunt':
+        parser.add_argument('name')
+    if action == 'cancel' and command == 'job':
+        parser.add_argument('entries', nargs='+')
+    if action in ('list', 'status', ''):
+        parser.add_argument('--json', action='store_true')
+    if command == 'job' and action == 'list' or command == 'report':
+        parser.add_argument('--client')
+    if command == 'report':
+        parser.add_argument('--since')
+        parser.add_argument('--html')
+    options = parser.parse_args(argv[1:] if action else argv)
+    options.action, options.now = action, time.time()
+    if getattr(options, 'client', None) is not None and \
+            not webjob.is_client_id(options.client):
+        raise webjob.UsageError('--client: not a valid client id')
+    if getattr(options, 'expires', None) is not None:
+        options.expires = parse_expiry(options.expires, options.now)
+    if getattr(options, 'since', None):
+        options.since = parse_since(options.since)
+    if getattr(options, 'rate', 0) < 0 or \
+            getattr(options, 'priority', 0) < 0:
+        raise webjob.UsageError('--rate and --priority: expected 0 or more')
+    return options
+
+
+def run_fleet_tool(command, argv, out):
+    """job, hunt and report; the exit codes their functions give."""
+    options = parse_fleet_args(command, argv)
+    base = resolve_base(options)
+    limit = resolve_hand_out_limit(options)
+    now, action = options.now, options.action
+    try:
+        if command == 'report':
+            report = build_report(base, options.client, options.since)
+            if options.html:
+                write_html_report(report, base, options.html)
+            return 1 if write_report(report, out, options.json) else 0
+        if command == 'job' and action == 'add':
+            clients = select_clients(base, options)
+            for name in queue_jobs(base, options, clients, now):
+                out.write('%s: queued\n' % name)
+            return 0
+        if command == 'job' and action == 'list':
+            list_queue(base, out, options.client, options.json, now, limit)
+            return 0
+        if command == 'job':
+            return cancel_entries(base, options.entries, out, now)
+        if action == 'start':
+            return start_hunt(base, options, out, now)
+        if action == 'status':
+            return show_hunt(base, options.name, out, options.json, now,
+                             limit)
+        if action == 'cancel':
+            return cancel_hunt(base, options.name, out, now)
+        for name in hunt_names(base):
+            show_hunt(base, name, out, options.json, now, limit) \
+                if options.json else out.write('%s\n' % name)
+        return 0
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise webjob.WebJobError('%s: %s' % (exc.filename or base,
+                                             exc.strerror or exc))
+
+
+def resolve_hand_out_limit(options):
+    """JobHandOutTimeLimit of --config (or the CGI's), else the default."""
+    path = options.config or os.environ.get(CONFIG_VARIABLE)
+    if not path:
+        return dict((n, d) for n, k, d in SERVER_CONTROLS)[
+            'JobHandOutTimeLimit']
+    try:
+        return load_site(path, True).values['JobHandOutTimeLimit']
+    except HTTPStatusError as exc:
+        raise webjob.WebJobError(exc.message)
+
+
 def main(argv=None):
     """CGI when GATEWAY_INTERFACE is set, else the command line; exit code.
 
@@ -2410,6 +3718,8 @@ def main(argv=None):
             return 0
         if argv[:1] in (['verify'], ['list']):
             return run_locker_tool(argv[0], argv[1:])
+        if argv[:1] in (['job'], ['hunt'], ['report']):
+            return run_fleet_tool(argv[0], argv[1:], sys.stdout)
         if argv == [SUPERVISE_COMMAND]:
             return run_trigger_supervisor(sys.stdin.buffer)
         if argv[:1] == ['install-cgi']:
@@ -2419,6 +3729,7 @@ def main(argv=None):
                                     '[--config FILE]')
         if argv[:1] != ['serve']:
             raise webjob.UsageError('expected "serve", "verify", "list", '
+                                    '"job", "hunt", "report", '
                                     '"install-cgi" or -h'
                                     if argv else
                                     'not a CGI request (GATEWAY_INTERFACE '
@@ -2426,7 +3737,7 @@ def main(argv=None):
         options = parse_serve_args(argv[1:])
         return serve(options.root, options.bind, options.port, options.config,
                      options.tls_cert, options.tls_key, options.client_ca,
-                     options.htpasswd, options.force)
+                     options.htpasswd, options.force, options.admins)
     except webjob.UsageError as exc:
         write_stderr(exc)
         sys.stderr.write(USAGE)

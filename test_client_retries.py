@@ -73,7 +73,7 @@ def test_a_lost_answer_is_retried_and_recognised_as_stored(site):
     assert result.returncode == 0, result.stderr
     assert len(groups(server)) == 1
     lines = read_log_lines(server.root, 3)
-    assert [line.split()[11] for line in lines[1:]] == ['200', '252']
+    assert [line.split()[11] for line in lines[1:]] == ['200', '253']
     verify_clean(server)
 
 

@@ -197,7 +197,7 @@ def test_a_lost_answer_under_apache_is_stored_once(apache_server,
     assert result.returncode == 0, result.stderr
     assert len(stored(server)) == 1
     assert [line.split()[11] for line in server.log_lines(3)] == [
-        '200', '200', '252']
+        '200', '200', '253']
 
 
 def test_a_lost_answer_under_nginx_is_stored_once(nginx_server, fault_proxy,
@@ -222,4 +222,4 @@ def test_a_lost_answer_under_nginx_is_stored_once(nginx_server, fault_proxy,
     assert b'attempt 1 of 3 failed' in result.stderr
     assert len(stored(server)) == 2
     assert [line.split()[11] for line in server.log_lines(5)][2:] == [
-        '200', '200', '252']
+        '200', '200', '253']

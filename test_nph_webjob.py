@@ -164,11 +164,12 @@ def last_log(root):
 
 def test_status_table_is_the_nph_ftimes_table():
     """Plus 401, which only the standalone server's own Basic auth sends,
-    and the delivery extension's 252 (a re-send) and 503 (its first copy
-    is still being stored)."""
+    252, which only the JOB extension (JobQueueEnable=Y) sends, and the
+    delivery extension's 253 (a re-send) and 503 (its first copy is still
+    being stored)."""
     assert nph_webjob.STATUS_REASONS == {
-        200: 'OK', 251: 'Link Test OK', 252: 'Upload Already Stored',
-        401: 'Unauthorized', 404: 'Not Found',
+        200: 'OK', 251: 'Link Test OK', 252: 'No Job Queued',
+        253: 'Upload Already Stored', 401: 'Unauthorized', 404: 'Not Found',
         405: 'Method Not Allowed', 450: 'Invalid Query',
         451: 'File Already Exists', 452: 'Username Undefined',
         453: 'Username-ClientId Mismatch', 454: 'Content-Length Undefined',
@@ -185,6 +186,7 @@ def test_controls_table_holds_the_defaults():
                      'RequireMatch': True, 'CapContentLength': False,
                      'MaxContentLength': 100000000, 'EnableLogging': True,
                      'UseGMT': False, 'ServerId': 'server_1',
+                     'JobQueueEnable': False, 'JobHandOutTimeLimit': 3600,
                      'GetHookCommandLine': '', 'GetHookEnable': False,
                      'GetHookSuffix': '', 'GetHookTimeLimit': 60,
                      'GetTriggerCommandLine': '', 'GetTriggerEnable': False,

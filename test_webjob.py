@@ -2676,9 +2676,11 @@ def test_signed_job_runs_against_the_server(tmp_path, job_dir, standalone_server
     assert result.returncode == 0, result.stderr
     assert_evidence(read_group(os.path.join(str(server.root), 'incoming'),
                                'job.sh'), b'hello signed')
-    requests = [line.split()[7] for line in server.log_lines()]
-    assert requests == (['job.sh', 'job.sh'] if in_header else
-                        ['job.sh', 'job.sh.sig', 'job.sh'])
+    expected = (['job.sh', 'job.sh'] if in_header else
+                ['job.sh', 'job.sh.sig', 'job.sh'])
+    # INFO: the PUT's line is written after its answer: wait for it
+    requests = [line.split()[7] for line in server.log_lines(len(expected))]
+    assert requests == expected
 
 
 def test_payload_tampered_on_the_server_is_never_run(tmp_path, job_dir,

@@ -60,6 +60,7 @@ RETRY_STATUSES = frozenset([408, 429]) | frozenset(range(500, 600)) - \
 
 USAGE = """\
 Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
+       webjob {-j|--job} {-f|--file} config[,config...] [count]
        webjob {-g|--get-url} [{-f|--file} config[,config...]] url
        webjob {-h|--hashsum} {-t|--type} {md5|sha1|sha256} {file|-}
        webjob {-v|--version}
@@ -2420,6 +2421,7 @@ class Job(object):
         self.outputs = []
         self.tls = {}
         self.dsv_keys = None
+        self.pins = {}          # a queued job's CommandSha256 etc.
 
     def path(self, name):
         return os.path.join(self.temp_dir, name)
@@ -2498,7 +2500,8 @@ def fetch_to_file(job, name, path, deadline, limit=None):
     query = build_query(job.base_query(name))
     response = http_exchange('GET', target, query, deadline,
                              job.tls_for(target),
-                             auth=values['URLAuthType'] == 'basic')
+                             auth=values['URLAuthType'] == 'basic',
+                             job_id=job.job_id)
     try:
         if not response.ok:
             raise TransportError('%s: Status = [%d], Reason = [%s]'
@@ -2539,6 +2542,8 @@ def run_get_stage(job):
         job.job_id = response.fields.get('job-id')
         if job.dsv_keys is not None:
             verify_download(job, partial, response, deadline)
+        if job.pins:
+            check_pins(job, partial)
         os.chmod(partial, 0o700)
         install_file(partial, final, overwrite)
     except TransportError as exc:
@@ -2785,7 +2790,7 @@ def run_put_stage(job):
 # made of; retry_put repeats an attempt on transient failures inside
 # PutTimeLimit.  The upload's identity is its Job-Id: the GET's, or with
 # retries on and no GET answer, one made here (make_upload_id), so that the
-# server can recognise a re-send of the same bytes (answer 252) instead of
+# server can recognise a re-send of the same bytes (answer 253) instead of
 # storing a second group.
 
 KEPT_SUFFIX = 'kept'
@@ -3038,7 +3043,12 @@ def load_dsv_keys(tree):
 
 def execute_mode(values, program, options):
     """-e: GET, RUN and PUT one program; return the exit code (XER_*)."""
-    job = configure_job(values, program, options)
+    return run_stages(configure_job(values, program, options))
+
+
+def run_stages(job):
+    """GET, RUN and PUT a configured job; return the exit code (XER_*)."""
+    values = job.values
     capture = bool(values['URLPutURL'])
     failures = []
     try:
@@ -3249,6 +3259,128 @@ def build_plain_get(target, values):
     add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+###############################################################################
+# Job queue mode ##############################################################
+###############################################################################
+
+# INFO: --job asks the server (a JOB request to URLGetURL, the GET's query
+# with FILENAME=default) for the next queued job, runs it through the same
+# stages as -e with the Job-Id the server gave, and asks again until the
+# server answers 252 (nothing queued) or count jobs have run.
+
+JOB_QUEUE_NAME = 'default'
+NO_JOB_STATUS = 252
+MAX_JOB_REPLY = 1 << 16         # a job file is a few short lines
+MAX_QUEUE_JOBS = 64             # jobs one run takes when no count is given
+JOB_REPLY_KEYS = ('CommandAlias', 'CommandLine', 'CommandMd5', 'CommandSha1',
+                  'CommandSha256', 'Comment')
+PIN_KEYS = (('CommandSha256', 'sha256', 64), ('CommandSha1', 'sha1', 40),
+            ('CommandMd5', 'md5', 32))
+
+
+def request_job(job):
+    """JOB: (job id, job file values) of the next queued job, or None.
+
+    :raises GetStageError: for a refused request or a malformed answer.
+    """
+    values = job.values
+    target = make_target(values, 'URLGetURL')
+    deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
+    path = job.output_path('job')
+    try:
+        response = http_exchange('JOB', target, build_query(
+            job.base_query(JOB_QUEUE_NAME)), deadline, job.tls_for(target),
+            auth=values['URLAuthType'] == 'basic')
+        try:
+            if response.status == NO_JOB_STATUS:
+                return None
+            if not response.ok:
+                raise TransportError('JOB: Status = [%d], Reason = [%s]'
+                                     % (response.status, response.reason))
+            fd = create_exclusive(path)
+            try:
+                read_body_to_file(response, fd, MAX_JOB_REPLY, deadline)
+            finally:
+                os.close(fd)
+        finally:
+            response.close()
+        with open(path, 'rb') as handle:
+            data = handle.read(MAX_JOB_REPLY)
+    except TransportError as exc:
+        raise GetStageError(str(exc))
+    except OSError as exc:
+        raise GetStageError('JOB: %s' % (exc.strerror or exc))
+    finally:
+        remove_quietly(path)
+    return response.fields.get('job-id'), parse_job_reply(data)
+
+
+def parse_job_reply(data):
+    """The job file of a JOB answer: known keys only, a plain program name
+    that starts its CommandLine, pins that are hex digests.
+
+    :raises GetStageError: naming the key that is wrong.
+    """
+    reply = {}
+    for line in data.decode('utf-8', 'replace').splitlines():
+        key, equals, value = line.partition('=')
+        if equals and key in JOB_REPLY_KEYS:
+            reply[key] = value.strip()
+    alias = reply.get('CommandAlias', '')
+    words = reply.get('CommandLine', '').split()
+    if not is_program_name(alias) or words[:1] != [alias]:
+        raise GetStageError('JOB: CommandAlias = [%s], CommandLine = [%s]: '
+                            'expected a plain program name starting the '
+                            'command line' % (one_line(alias[:64]), one_line(
+                                reply.get('CommandLine', '')[:128])))
+    for key, name, size in PIN_KEYS:
+        value = reply.get(key)
+        if value is not None and not (len(value) == size and all(
+                c in '0123456789abcdefABCDEF' for c in value)):
+            raise GetStageError('JOB: %s = [%s]: expected %d hex digits'
+                                % (key, one_line(value[:80]), size))
+    return reply
+
+
+def check_pins(job, path):
+    """A queued program runs only if the download has the pinned digests.
+
+    :raises TransportError: naming the digest that differs.
+    """
+    for key, name, size in PIN_KEYS:
+        want = job.pins.get(key)
+        if want and hash_file(path, name)[1] != want.lower():
+            raise TransportError('%s: %s of the download differs from the '
+                                 'pinned %s; the payload was deleted'
+                                 % (job.request_name, name.upper(), key))
+
+
+def job_mode(values, count=None):
+    """--job: run queued jobs until none is left or count have run; the
+    exit code of the one that failed, XER_MULTI_STAGE for several kinds."""
+    probe = configure_job(values, JOB_QUEUE_NAME, ())
+    # INFO: a queued job reports a failed GET too, so its entry ends failed
+    # with the reason instead of waiting for JobHandOutTimeLimit; and it
+    # removes what it downloaded, so the next job may fetch the same name.
+    values = dict(values, UploadOnGetFailure=True, UnlinkExecutable=True)
+    codes = []
+    for number in range(count or MAX_QUEUE_JOBS):
+        answer = request_job(probe)
+        if answer is None:
+            break
+        job_id, reply = answer
+        words = reply['CommandLine'].split()
+        job = configure_job(values, words[0], words[1:])
+        job.job_id = job_id
+        job.pins = dict((key, reply[key]) for key, name, size in PIN_KEYS
+                        if reply.get(key))
+        codes.append(run_stages(job))
+    failed = sorted(set(code for code in codes if code))
+    if not failed:
+        return XER_OK
+    return failed[0] if len(failed) == 1 else XER_MULTI_STAGE
 
 
 ###############################################################################
@@ -4139,6 +4271,17 @@ def parse_args(argv):
         config = take(argv, 2, 'config file')
         program = take(argv, 3, 'program')
         return 'execute', (config, program, argv[4:])
+    if mode in ('-j', '--job'):
+        if take(argv, 1, '-f|--file') not in ('-f', '--file'):
+            raise UsageError('expected -f|--file after %s' % mode)
+        config = take(argv, 2, 'config file')
+        if len(argv) > 4:
+            raise UsageError('unexpected argument [%s]' % argv[4])
+        count = argv[3] if len(argv) > 3 else None
+        if count is not None and not (is_digits(count) and 0 < int(count)
+                                      <= 1000):
+            raise UsageError('count = [%s]: expected 1-1000 jobs' % count)
+        return 'job', (config, int(count) if count else None)
     if mode in ('-h', '--hashsum'):
         if take(argv, 1, '-t|--type') not in ('-t', '--type'):
             raise UsageError('expected -t|--type after %s' % mode)
@@ -4199,6 +4342,9 @@ def dispatch(mode, arguments):
         check_program(program)
         values = read_config(config, CLIENT_CONTROLS)
         return execute_mode(values, program, options)
+    if mode == 'job':
+        config, count = arguments
+        return job_mode(read_config(config, CLIENT_CONTROLS), count)
     if mode == 'hashsum':
         return hashsum_mode(*arguments)
     if mode == 'version':
