@@ -129,6 +129,7 @@ ADDRESS_CHARS = frozenset('0123456789abcdefABCDEF.:')
 MANIFEST_NAME = 'nph-webjob-manifest.sha256'
 UPLOAD_INDEX = 'nph-webjob-uploads'     # logfiles/<this>/: uploads by Job-Id
 UPLOAD_WAIT = 10                # seconds a re-send waits for its first copy
+UPLOAD_ID_VARIABLE = 'HTTP_WEBJOB_UPLOAD_ID'    # the WebJob-Upload-Id header
 FLAG_EXTENSION = 'bad'                  # sidecar: the hashes differ
 HASH_NAMES = ('MD5', 'SHA1', 'SHA256')  # the client's HashType values
 ASIDE_HASHES = ('MD5',)                 # taken while copying, with SHA256
@@ -1693,35 +1694,39 @@ def store_group(site, exchange, stdin, prefix, suffix, lengths):
 def store_once(site, exchange, stdin, lengths, store):
     """Store a PUT, or recognise a re-send of an upload already stored.
 
-    A client that lost the answer to a PUT sends it again.  An upload that
-    carries a Job-Id is identified by its ClientId and Job-Id, and is the
-    same upload when FILENAME, the three lengths and the .env's bytes (which
-    hold the job's StdOutHash and StdErrHash) are the same: a re-send is
-    drained and answered 253, nothing stored; a different upload under a
-    stored identity is refused with 451.  A copy flagged .bad does not
-    count, so a clean re-send is stored beside it.  One index file per
-    identity (logfiles/nph-webjob-uploads/) is locked while its upload is
-    written, so a re-send that overtakes its first copy waits for it (503
-    after UPLOAD_WAIT seconds).  Without a Job-Id: the original behaviour.
+    A client that lost the answer to a PUT sends it again, naming the
+    upload in a WebJob-Upload-Id header (the delivery extension).  Such an
+    upload is identified by its ClientId and that id, and is the same upload
+    when FILENAME, the three lengths and the .env's bytes (which hold the
+    job's StdOutHash and StdErrHash) are the same: a re-send is drained and
+    answered 253, nothing stored; a different upload under a stored identity
+    is refused with 451.  A copy flagged .bad does not count, so a clean
+    re-send is stored beside it.  One index file per identity
+    (logfiles/nph-webjob-uploads/) is locked while its upload is written, so
+    a re-send that overtakes its first copy waits for it (503 after
+    UPLOAD_WAIT seconds).  Without the header: the original behaviour.
     """
-    job_id = exchange.environ.get('HTTP_JOB_ID', '')
-    if not is_job_id(job_id):
+    upload_id = exchange.environ.get(UPLOAD_ID_VARIABLE, '')
+    if not upload_id:
         store()
         return
-    fd = lock_upload_index(site, exchange.client_id, job_id)
+    if not is_job_id(upload_id):
+        raise HTTPStatusError(450, 'Invalid WebJob-Upload-Id header (%s)'
+                              % webjob.one_line(upload_id[:64]))
+    fd = lock_upload_index(site, exchange.client_id, upload_id)
     storing = False
     try:
         entry = read_key_values_fd(fd)
         if entry.get('State') == 'storing':     # its writer died mid-way
-            entry = find_stored_upload(site, exchange, job_id)
+            entry = find_stored_upload(site, exchange, upload_id)
         if entry.get('Group') and entry.get('Flagged') != 'Y':
             answer_resend(exchange, stdin, lengths, entry)
             return
         write_index(fd, [('ClientId', exchange.client_id),
-                         ('JobId', job_id), ('State', 'storing')])
+                         ('UploadId', upload_id), ('State', 'storing')])
         storing = True
         store()
-        write_index(fd, upload_entry(site.incoming, exchange, job_id))
+        write_index(fd, upload_entry(site.incoming, exchange, upload_id))
     except BaseException:
         if storing and exchange.group is None:    # nothing was stored
             write_index(fd, [])
@@ -1730,7 +1735,7 @@ def store_once(site, exchange, stdin, lengths, store):
         os.close(fd)
 
 
-def lock_upload_index(site, client_id, job_id):
+def lock_upload_index(site, client_id, upload_id):
     """Open and flock the index file of one upload identity.
 
     :raises HTTPStatusError: 503 while another request holds it too long.
@@ -1741,7 +1746,7 @@ def lock_upload_index(site, client_id, job_id):
     folder = os.path.join(site.logfiles, UPLOAD_INDEX)
     if not os.path.isdir(folder):
         os.makedirs(folder, 0o755, exist_ok=True)
-    name = hashlib.sha256(('%s\n%s' % (client_id, job_id)).encode(
+    name = hashlib.sha256(('%s\n%s' % (client_id, upload_id)).encode(
         'ascii')).hexdigest()[:40]
     fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT |
                  _O_NOFOLLOW, 0o644)
@@ -1753,9 +1758,9 @@ def lock_upload_index(site, client_id, job_id):
         except BlockingIOError:
             if time.monotonic() > give_up:
                 os.close(fd)
-                raise HTTPStatusError(503, 'Upload with Job-Id (%s) is still '
-                                      'being stored by another request'
-                                      % job_id)
+                raise HTTPStatusError(503, 'Upload (%s) is still being '
+                                      'stored by another request'
+                                      % upload_id)
             time.sleep(0.05)    # the other request is writing its copy
 
 
@@ -1774,10 +1779,10 @@ def write_index(fd, pairs):
     os.fsync(fd)
 
 
-def upload_entry(incoming, exchange, job_id):
+def upload_entry(incoming, exchange, upload_id):
     """The index record of the group an upload was stored as."""
     path = os.path.join(incoming, exchange.group + '.')
-    return [('ClientId', exchange.client_id), ('JobId', job_id),
+    return [('ClientId', exchange.client_id), ('UploadId', upload_id),
             ('Filename', exchange.filename), ('Group', exchange.group),
             ('Lengths', ','.join(str(os.path.getsize(path + ext))
                                  for ext in STREAM_EXTENSIONS)),
@@ -1786,7 +1791,7 @@ def upload_entry(incoming, exchange, job_id):
              else 'N')]
 
 
-def find_stored_upload(site, exchange, job_id):
+def find_stored_upload(site, exchange, upload_id):
     """After a crash mid-store: the complete group of this identity, found
     by its .rdy's Jid, as an index record; {} when there is none."""
     head = exchange.client_id + '_'
@@ -1794,10 +1799,10 @@ def find_stored_upload(site, exchange, job_id):
     for name in sorted(os.listdir(site.incoming)):
         if name.startswith(head) and name.endswith(tail) and \
                 read_key_values(os.path.join(site.incoming, name)).get(
-                    'Jid') == job_id:
+                    'Jid') == upload_id:
             exchange.group = name[:-4]
             try:
-                return dict(upload_entry(site.incoming, exchange, job_id))
+                return dict(upload_entry(site.incoming, exchange, upload_id))
             finally:
                 exchange.group = None
     return {}
@@ -1823,9 +1828,9 @@ def answer_resend(exchange, stdin, lengths, entry):
             entry.get('Lengths') == ','.join(map(str, lengths)) and
             entry.get('EnvSHA256') == digest.hexdigest())
     if not same:
-        raise HTTPStatusError(451, 'Job-Id (%s) is already stored as %s, '
+        raise HTTPStatusError(451, 'Upload (%s) is already stored as %s, '
                               'with other contents; refused'
-                              % (entry.get('JobId'), entry.get('Group')))
+                              % (entry.get('UploadId'), entry.get('Group')))
     exchange.status = 253
     exchange.message = 'Success: a re-send of %s, already stored' % (
         entry.get('Group'))
@@ -2260,6 +2265,9 @@ def _handler_class():
             job_id = self.headers.get('Job-Id')
             if job_id is not None:
                 environ['HTTP_JOB_ID'] = job_id
+            upload_id = self.headers.get('WebJob-Upload-Id')
+            if upload_id is not None:
+                environ[UPLOAD_ID_VARIABLE] = upload_id
             length = 0
             if self.headers.get('Transfer-Encoding') or len(lengths) > 1:
                 length = None           # unsupported framing: 454, then close

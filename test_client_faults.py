@@ -21,6 +21,7 @@ from conftest import (CGI_PATH, LOOPBACK, NPH_WEBJOB, FaultPlan, answer_503,
 
 SEED = 16
 CUTS_PER_KIND = 100
+TLS_CUTS = 30                   # per stream, over HTTPS
 PROGRAM = b'#!/bin/sh\n' + b'# padding\n' * 3000 + b'echo done\n'
 OUTPUT = bytes(random.Random(SEED).getrandbits(8) for _ in range(48 * 1024))
 
@@ -28,10 +29,12 @@ OUTPUT = bytes(random.Random(SEED).getrandbits(8) for _ in range(48 * 1024))
 class Trials(object):
     """A client side for many trials against one server through a proxy."""
 
-    def __init__(self, server, proxy, folder):
+    def __init__(self, server, proxy, folder, scheme='http', **controls):
         self.server = server
         self.proxy = proxy
         self.folder = folder
+        self.url = '%s://%s:%d%s' % (scheme, LOOPBACK, proxy.port, CGI_PATH)
+        self.controls = controls
         self.count = 0
         self.sent = {}          # Job-Id -> the .out bytes
         write_file(os.path.join(str(server.root),
@@ -40,9 +43,10 @@ class Trials(object):
 
     def values(self, **controls):
         path = os.path.join(self.folder, 'trial.cfg')
-        settings = dict(ClientId='client_1', URLGetURL=self.proxy.url(
-            CGI_PATH), URLPutURL=self.proxy.url(CGI_PATH), PutRetryCount=4,
-            PutRetryDelay=0, PutStallTimeLimit=30, TempDirectory=self.folder)
+        settings = dict(ClientId='client_1', URLGetURL=self.url,
+                        URLPutURL=self.url, PutRetryCount=4, PutRetryDelay=0,
+                        PutStallTimeLimit=30, TempDirectory=self.folder)
+        settings.update(self.controls)
         settings.update(controls)
         with open(path, 'w') as handle:
             handle.writelines('%s=%s\n' % pair for pair in settings.items())
@@ -149,6 +153,27 @@ def test_gets_cut_anywhere_never_leave_a_partial_program(trials):
         assert not [n for n in os.listdir(trials.folder) if n.endswith(
             '.get')]
     assert trials.proxy.cuts >= CUTS_PER_KIND - 5 and failed > CUTS_PER_KIND / 2
+
+
+def test_tls_puts_cut_anywhere_are_stored_once(standalone_server,
+                                               fault_proxy, pki, tmp_path):
+    """Over HTTPS the cut falls in the handshake, in the 1 MiB writes of
+    the body or in the answer's record."""
+    server = standalone_server(args=['--tls-cert', pki.path(
+        'server-chain.pem'), '--tls-key', pki.path('server.key')])
+    folder = tmp_path / 'client'
+    folder.mkdir()
+    trials = Trials(server, fault_proxy(server.port), str(folder), 'https',
+                    SSLVerifyPeerCert='Y', SSLExpectedPeerCN='webjob.test',
+                    SSLBundledCAsFile=pki.path('ca.crt'))
+    request, response = trials.calibrate()
+    rng = random.Random(SEED + 5)
+    for number in range(2 * TLS_CUTS):
+        plan = FaultPlan(request_cut=rng.randrange(0, request - 16)) if \
+            number % 2 else FaultPlan(response_cut=rng.randrange(0, response))
+        assert trials.put(plan) is None
+    assert trials.proxy.cuts == 2 * TLS_CUTS
+    trials.check_stored_once()
 
 
 def test_503_answers_are_retried_until_stored_once(trials):

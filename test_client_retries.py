@@ -11,14 +11,17 @@ import sys
 
 import pytest
 
-from conftest import (CGI_PATH, LOOPBACK, NPH_WEBJOB, WEBJOB, FaultPlan,
-                      answer_503, free_port, read_log_lines, wait_for_lines)
+from conftest import (CGI_PATH, LOOPBACK, NPH_WEBJOB, NEWEST_PY, OLDEST_PY,
+                      WEBJOB, FaultPlan, answer_503, free_port, read_log_lines)
+
+BOTH_PYTHONS = pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                                       ids=lambda p: p.split('/')[-3])
 
 
-def run_webjob(args, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, WEBJOB] + list(args), input=stdin,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout)
+def run_webjob(args, stdin=None, timeout=120, python=None):
+    return subprocess.run([python or sys.executable, WEBJOB] + list(args),
+                          input=stdin, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout)
 
 
 def config(put_url, get_url, temp, **controls):
@@ -64,12 +67,13 @@ def test_a_503_is_retried_and_the_upload_stored_once(site):
     verify_clean(server)
 
 
-def test_a_lost_answer_is_retried_and_recognised_as_stored(site):
+@BOTH_PYTHONS
+def test_a_lost_answer_is_retried_and_recognised_as_stored(site, python):
     server, proxy, temp = site
     proxy.plan(FaultPlan(response_cut=12))      # the server stored, then cut
     cfg = config(proxy.url(CGI_PATH), server.cgi_url, temp, PutRetryCount=2,
                  PutRetryDelay=0)
-    result = run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg)
+    result = run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg, python=python)
     assert result.returncode == 0, result.stderr
     assert len(groups(server)) == 1
     lines = read_log_lines(server.root, 3)
@@ -77,13 +81,15 @@ def test_a_lost_answer_is_retried_and_recognised_as_stored(site):
     verify_clean(server)
 
 
-def test_refused_connections_are_retried_then_the_output_is_kept(tmp_path):
+@BOTH_PYTHONS
+def test_refused_connections_are_retried_then_the_output_is_kept(tmp_path,
+                                                                 python):
     temp = tmp_path / 'temp'
     temp.mkdir()
     dead = 'http://%s:%d%s' % (LOOPBACK, free_port(), CGI_PATH)
     cfg = config(dead, dead, temp, PutRetryCount=2, PutRetryDelay=0,
                  UploadOnGetFailure='Y', UnlinkOutput='Y')
-    result = run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg)
+    result = run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg, python=python)
     err = result.stderr.decode()
     assert result.returncode == 11, err      # GET and PUT failed
     assert 'attempt 1 of 3 failed' in err and 'attempt 2 of 3 failed' in err
@@ -130,18 +136,19 @@ def test_without_retry_controls_one_put_and_no_job_id_is_made_up(site):
     assert proxy.connections == 1 and 'attempt' not in result.stderr.decode()
 
 
-def test_unlink_output_waits_for_the_resend_that_is_confirmed(site):
+@BOTH_PYTHONS
+def test_unlink_output_waits_for_the_resend_that_is_confirmed(site, python):
     server, proxy, temp = site
     proxy.plan(FaultPlan(answer=answer_503()))
     cfg_data = config(proxy.url(CGI_PATH), server.cgi_url, temp,
                       UnlinkOutput='Y')
-    assert run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg_data
-                      ).returncode == 10
+    assert run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg_data,
+                      python=python).returncode == 10
     kept = [n for n in os.listdir(str(temp)) if n.endswith('.kept')]
     assert len(kept) == 1 and groups(server) == []
     cfg = temp.parent / 'resend.cfg'
     cfg.write_bytes(cfg_data)
-    result = run_webjob(['--resend', '-f', str(cfg)])
+    result = run_webjob(['--resend', '-f', str(cfg)], python=python)
     assert result.returncode == 0 and result.stderr == b'', result.stderr
     assert os.listdir(str(temp)) == ['hostname.sh'] and len(groups(server)) == 1
     again = run_webjob(['--resend', '-f', str(cfg)])     # nothing left
@@ -209,3 +216,24 @@ def test_linktest_is_answered_251_and_then_the_job_runs(site):
     assert [(line.split()[5], line.split()[11]) for line in lines] == [
         ('GET', '200'), ('PUT', '251'), ('PUT', '200')]
     assert len(groups(server)) == 1
+
+
+def test_a_stalled_attempt_is_abandoned_after_PutStallTimeLimit(site):
+    """A server that accepts and then never reads nor answers: the attempt
+    ends when nothing has moved for PutStallTimeLimit, and is retried."""
+    import socket
+    server, proxy, temp = site
+    silent = socket.socket()
+    silent.bind((LOOPBACK, 0))
+    silent.listen(8)            # the kernel accepts; nobody ever reads
+    try:
+        url = 'http://%s:%d%s' % (LOOPBACK, silent.getsockname()[1], CGI_PATH)
+        cfg = config(url, server.cgi_url, temp, PutRetryCount=1,
+                     PutRetryDelay=0, PutStallTimeLimit=1)
+        result = run_webjob(['-e', '-f', '-', 'hostname.sh'], cfg)
+    finally:
+        silent.close()
+    err = result.stderr.decode()
+    assert result.returncode == 10, err
+    assert err.count('PutStallTimeLimit (1 s) expired') == 2, err
+    assert 'attempt 1 of 2 failed' in err and 'output kept' in err

@@ -752,8 +752,9 @@ def open_tunnel(sock, target, deadline):
 
 
 def build_request(method, target, query, content_length, job_id=None,
-                  auth=False):
-    """The request head exactly as the original sends it (protocol.md 1.2)."""
+                  auth=False, headers=()):
+    """The request head exactly as the original sends it (protocol.md 1.2);
+    headers: (name, value) pairs an extension adds after Job-Id."""
     lines = ['%s %s%s%s HTTP/1.1' % (method, request_target(target),
                                      '&' if '?' in target.path else '?', query),
              'Host: %s' % target.host_header(),
@@ -766,6 +767,7 @@ def build_request(method, target, query, content_length, job_id=None,
             pair.encode('utf-8')).decode('ascii'))
     if job_id:
         lines.append('Job-Id: %s' % job_id)
+    lines.extend('%s: %s' % pair for pair in headers)
     add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
@@ -981,14 +983,14 @@ def write_all(fd, data):
 
 
 def http_exchange(method, target, query, deadline, tls_context=None,
-                  auth=False, job_id=None, body_files=()):
+                  auth=False, job_id=None, body_files=(), headers=()):
     """Send one request (body streamed from (path, size) files); return the
     response with its head read and the body still on the socket."""
     size = sum(length for path, length in body_files)
     sock = open_connection(target, deadline, tls_context)
     try:
         send_all(sock, build_request(method, target, query, size, job_id,
-                                     auth), deadline)
+                                     auth, headers), deadline)
         for path, length in body_files:
             if length:
                 send_file(sock, path, length, deadline)
@@ -2788,18 +2790,19 @@ def run_put_stage(job):
 
 # INFO: delivery.  One PUT attempt (put_once) is the unit every upload is
 # made of; retry_put repeats an attempt on transient failures inside
-# PutTimeLimit.  The upload's identity is its Job-Id: the GET's, or with
-# retries on and no GET answer, one made here (make_upload_id), so that the
-# server can recognise a re-send of the same bytes (answer 253) instead of
-# storing a second group.
+# PutTimeLimit.  A retried or re-sent upload names itself in the
+# WebJob-Upload-Id header (the GET's Job-Id, else make_upload_id), the same
+# for every attempt and for --resend, so that the server can recognise a
+# re-send of the same bytes (answer 253) instead of storing a second group.
 
 KEPT_SUFFIX = 'kept'
+UPLOAD_ID_HEADER = 'WebJob-Upload-Id'
 UPLOAD_ID_SEPARATOR = '.'       # never in a server-made id (ServerId_...)
 
 
 def make_upload_id(values, epoch, nonce):
-    """A Job-Id for an upload without one: ClientId.epoch.nonce, the same
-    for every attempt and for --resend, and never equal to a server's."""
+    """An upload's identity when the GET gave no Job-Id: ClientId.epoch.nonce,
+    never equal to a server-made id."""
     return UPLOAD_ID_SEPARATOR.join((values['ClientId'], '%d' % epoch, nonce))
 
 
@@ -2807,7 +2810,7 @@ class KeptGroup(object):
     """The .kept marker of one output group, locked while it is sent.
 
     Key=Value lines: what a later --resend needs to send the group with the
-    same identity (JobId, Filename, ClientId, RunType).
+    same identity (JobId, UploadId, Filename, ClientId, RunType).
     """
 
     def __init__(self, stem, fields, fd=None):
@@ -2819,10 +2822,9 @@ class KeptGroup(object):
     def create(cls, job):
         """Write and lock the marker of a job's outputs."""
         values = job.values
-        job_id = job.job_id
-        if not job_id and (values['PutRetryCount'] or values['PutLinkTest']):
-            job_id = make_upload_id(values, job.epoch, job.nonce)
-        fields = [('JobId', job_id or ''), ('Filename', job.program),
+        upload_id = job.job_id or make_upload_id(values, job.epoch, job.nonce)
+        fields = [('JobId', job.job_id or ''), ('UploadId', upload_id),
+                  ('Filename', job.program),
                   ('ClientId', values['ClientId']),
                   ('RunType', values['RunType'])]
         path = job.output_path(KEPT_SUFFIX)
@@ -2896,8 +2898,12 @@ def lock_file(fd, wait=True):
     return True
 
 
-def put_group(job, kept, files, deadline):
-    """PUT one output group (with retries); on a 2xx answer confirm it."""
+def put_group(job, kept, files, deadline, resend=False):
+    """PUT one output group (with retries); on a 2xx answer confirm it.
+
+    The upload names itself (WebJob-Upload-Id) when it may be sent more
+    than once: with PutRetryCount set, and always from --resend.
+    """
     values = job.values
     fields = kept.fields
     target = make_target(values, 'URLPutURL')
@@ -2909,20 +2915,24 @@ def put_group(job, kept, files, deadline):
         ('STDOUT_LENGTH', files[0][1]), ('STDERR_LENGTH', files[1][1]),
         ('STDENV_LENGTH', files[2][1])])
     job_id = fields.get('JobId') or None
+    upload_id = fields.get('UploadId')
+    headers = ((UPLOAD_ID_HEADER, upload_id),) if upload_id and (
+        resend or values['PutRetryCount']) else ()
 
     def attempt(attempt_deadline):
-        return put_once(job, target, query, files, attempt_deadline, job_id)
+        return put_once(job, target, query, files, attempt_deadline, job_id,
+                        headers)
     retry_put(job, target, attempt, deadline)
     kept.confirm(values['UnlinkOutput'])
 
 
-def put_once(job, target, query, files, deadline, job_id):
+def put_once(job, target, query, files, deadline, job_id, headers=()):
     """One PUT attempt: the request head, then the (path, size) files as
     one body.  Returns the Response (closed); raises TransportError."""
     response = http_exchange('PUT', target, query, deadline,
                              job.tls_for(target),
                              auth=job.values['URLAuthType'] == 'basic',
-                             job_id=job_id, body_files=files)
+                             job_id=job_id, body_files=files, headers=headers)
     response.close()
     return response
 
@@ -3194,7 +3204,7 @@ def resend_mode(config_spec, stdin=None):
             files = [(kept.path(s), os.stat(kept.path(s)).st_size)
                      for s in ('out', 'err', 'env')]
             put_group(job, kept, files, Deadline(values['PutTimeLimit'],
-                                                 'PutTimeLimit'))
+                                                 'PutTimeLimit'), resend=True)
         except OSError as exc:
             write_stderr('PutStage: %s: %s; %s' % (exc.filename, exc.strerror
                                                    or exc, kept.describe()))
