@@ -176,6 +176,25 @@ def test_tls_puts_cut_anywhere_are_stored_once(standalone_server,
     trials.check_stored_once()
 
 
+def test_a_tls_put_of_several_blocks_arrives_whole(standalone_server,
+                                                  fault_proxy, pki, tmp_path):
+    """Over TLS the body goes out in 1 MiB writes: a length that is not a
+    multiple of the block, on both Pythons' ssl, arrives byte-identical."""
+    server = standalone_server(args=['--tls-cert', pki.path(
+        'server-chain.pem'), '--tls-key', pki.path('server.key')])
+    folder = tmp_path / 'client'
+    folder.mkdir()
+    trials = Trials(server, fault_proxy(server.port), str(folder), 'https',
+                    SSLVerifyPeerCert='Y', SSLExpectedPeerCN='webjob.test',
+                    SSLBundledCAsFile=pki.path('ca.crt'))
+    job = trials.new_job()
+    data = OUTPUT * 70 + b'tail'          # 3 MiB + 1 KiB + 4 bytes
+    write_file(job.output_path('out'), data)
+    webjob.run_put_stage(job)
+    trials.sent[job.job_id] = data
+    trials.check_stored_once()
+
+
 def test_503_answers_are_retried_until_stored_once(trials):
     rng = random.Random(SEED + 3)
     for _ in range(20):
