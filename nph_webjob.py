@@ -28,7 +28,7 @@ __license__ = 'BSD-3-Clause'
 __all__ = ['STATUS_REASONS', 'SERVER_CONTROLS', 'HTTPStatusError', 'Site',
            'Exchange', 'load_site', 'parse_query', 'process_request',
            'send_response', 'log_exchange', 'handle_request', 'run_cgi',
-           'make_layout', 'serve', 'main']
+           'make_layout', 'serve', 'dsvtool_main', 'main']
 
 # INFO: the config reader and the CLIENTID/FILENAME validators are shared
 # with the client.  The CGI runs through a link (nph-webjob.cgi), so look
@@ -51,12 +51,14 @@ PROGRAM = 'nph_webjob'
 #: own Basic authentication.  Clients key on the number.
 STATUS_REASONS = {
     200: 'OK',
+    204: 'No Content',
     251: 'Link Test OK',
     252: 'No Job Queued',
     253: 'Upload Already Stored',
     401: 'Unauthorized',
     404: 'Not Found',
     405: 'Method Not Allowed',
+    409: 'Conflict',
     450: 'Invalid Query',
     451: 'File Already Exists',
     452: 'Username Undefined',
@@ -86,6 +88,8 @@ SERVER_CONTROLS = (
     ('JobQueueEnable', 'yn', False),
     ('MaxContentLength', 'uint', 100000000),
     ('OverrideDirectory', 'text', ''),
+    ('PartialExpireTime', 'uint', 604800),
+    ('PartialUploadEnable', 'yn', False),
     ('PutTriggerCommandLine', 'text', ''),
     ('PutTriggerEnable', 'yn', False),
     ('RequireMatch', 'yn', True),
@@ -196,6 +200,7 @@ Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
                             [--html FILE]
                       (job, hunt, report: [--root DIR | --config FILE])
        nph_webjob.py install-cgi PATH [--config FILE]
+       nph_webjob.py dsvtool ARGS...      (webjob-dsvtool: sign, check, keys)
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
 """
@@ -934,7 +939,8 @@ def run_triggers(exchange):
     site = exchange.site
     if site is None or exchange.status != 200:
         return
-    prefix = {'GET': 'GetTrigger', 'PUT': 'PutTrigger'}.get(exchange.method)
+    prefix = {'GET': 'GetTrigger', 'PUT': 'PutTrigger',
+              'PATCH': 'PutTrigger'}.get(exchange.method)   # PATCH: stored
     if prefix is None or not site.values[prefix + 'Enable']:
         return
     fields = (exchange.job_id, exchange.method, exchange.client_id,
@@ -1155,14 +1161,23 @@ class FolderLock(object):
 
     def __enter__(self):
         import fcntl  # late import: job queues only
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW,
-                          0o644)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | _O_NOFOLLOW,
+                          0o644)      # INFO: read-only: any owner may lock
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
         os.close(self.fd)       # INFO: closing releases the flock
         self.fd = None
+
+
+def make_queue_folder(path):
+    """Create a folder under jobqueues/ owned like jobqueues/ itself: the
+    administrator's tools run as root, the CGI as the web server's user."""
+    os.makedirs(path, 0o755)
+    owner = os.stat(os.path.dirname(path))
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def write_whole(path, data):
@@ -1249,8 +1264,10 @@ def settle_entry(entry, now, hand_out_limit):
 def add_entries(base, client_id, fields, now):
     """Queue a new entry for one client; return its name (client/NNNNNN)."""
     folder = queue_folder(base, client_id)
+    if not os.path.isdir(os.path.dirname(folder)):
+        os.makedirs(os.path.dirname(folder), 0o755)
     if not os.path.isdir(folder):
-        os.makedirs(folder, 0o755)
+        make_queue_folder(folder)
     with FolderLock(folder):
         numbers = [as_int(entry['Entry']) for entry in read_entries(folder)]
         entry = dict(fields, ClientId=client_id, State='queued',
@@ -1455,18 +1472,23 @@ def process_request(environ, stdin, site=None):
             site = load_site(path or DEFAULT_CONFIG, required=bool(path))
         exchange.site = site
         site.check_layout()
-        if exchange.method not in ('GET', 'PUT') and not (
+        partial = exchange.method in PARTIAL_METHODS and \
+            site.values['PartialUploadEnable']
+        if exchange.method not in ('GET', 'PUT') and not partial and not (
                 exchange.method == 'JOB' and site.values['JobQueueEnable']):
             raise HTTPStatusError(405, 'Method (%s) not allowed'
                                   % webjob.one_line(exchange.method[:32]))
-        names = PUT_PARAMETERS if exchange.method == 'PUT' else GET_PARAMETERS
+        names = partial_names(environ) if partial else \
+            PUT_PARAMETERS if exchange.method == 'PUT' else GET_PARAMETERS
         query = parse_query(environ.get('QUERY_STRING', ''), names)
         exchange.client_id = query['CLIENTID']
         exchange.filename = query['FILENAME']
         site = exchange.site = apply_overrides(site, exchange.client_id,
                                                exchange.filename)
         check_user(site, exchange)
-        if exchange.method == 'GET':
+        if partial:
+            serve_partial(site, exchange, query, stdin)
+        elif exchange.method == 'GET':
             serve_get(site, exchange)
         elif exchange.method == 'JOB':
             hand_out_job(site, exchange)
@@ -1663,23 +1685,18 @@ def serve_put(site, exchange, query, stdin):
                                   % (length, done, why))
         exchange.status, exchange.message = 251, 'Success'
         return
-    import time  # late import: start-up time
-    now = site.clock()
-    stamp = time.strftime('%Y%m%d%H%M%S', (time.gmtime if site.values['UseGMT']
-                                           else time.localtime)(now))
-    prefix = '%s_%s_' % (exchange.client_id, stamp)
-    suffix = '_' + exchange.filename
-    if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
-        raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
-                              'for a name in incoming/')
-    store_once(site, exchange, stdin, lengths, lambda: store_group(
-        site, exchange, stdin, prefix, suffix, lengths))
+    prefix, suffix = group_affixes(site, exchange)
+
+    def store():
+        exchange.group, note = store_upload(site, stdin, prefix, suffix,
+                                            lengths, exchange.job_id)
+        conclude_upload(site, exchange, note)
+    store_once(site, exchange, stdin, lengths, store)
 
 
-def store_group(site, exchange, stdin, prefix, suffix, lengths):
-    """Store the body as a new group and judge the job it reports."""
-    exchange.group, note = store_upload(site, stdin, prefix, suffix, lengths,
-                                        exchange.job_id)
+def conclude_upload(site, exchange, note):
+    """Answer a stored upload 200, judge the job from its .env, and tie it
+    to its queue entry when the JOB extension handed it out."""
     path = os.path.join(site.incoming, exchange.group + '.')
     why = judge_upload(read_key_values(path + 'env'),
                        os.path.exists(path + FLAG_EXTENSION))
@@ -1689,6 +1706,24 @@ def store_group(site, exchange, stdin, prefix, suffix, lengths):
     exchange.status = 200
     exchange.message = ('Stored; job failed: %s' % '; '.join(why) if why
                         else 'Success') + note
+
+
+def group_affixes(site, exchange):
+    """(prefix, suffix) of a new group's name around its serial number:
+    '<ClientId>_<YYYYMMDDHHMMSS>_' and '_<FILENAME>'.
+
+    :raises HTTPStatusError: 450 when the name would be too long.
+    """
+    import time  # late import: start-up time
+    now = site.clock()
+    stamp = time.strftime('%Y%m%d%H%M%S', (time.gmtime if site.values['UseGMT']
+                                           else time.localtime)(now))
+    prefix = '%s_%s_' % (exchange.client_id, stamp)
+    suffix = '_' + exchange.filename
+    if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
+        raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
+                              'for a name in incoming/')
+    return prefix, suffix
 
 
 def store_once(site, exchange, stdin, lengths, store):
@@ -1904,6 +1939,534 @@ def handle_request(environ, stdin, stdout, site=None, nph=True,
     stdout.flush()              # INFO: the answer leaves before any trigger
     run_triggers(exchange)
     return exchange.status
+
+
+###############################################################################
+# Partial uploads #############################################################
+###############################################################################
+
+# INFO: an extension, off until PartialUploadEnable=Y, modelled on the IETF
+# resumable-upload draft (HEAD asks for the offset the server holds, PATCH
+# appends at an offset that must match, 409 gives the right one).  The
+# client names the upload with a random Upload-Key instead of receiving a
+# Location in a 104 answer: a CGI behind Apache or nginx cannot send an
+# interim response.  An upload is the PUT body (out, err, env back to back)
+# or, while the program runs, out and err appended apart (Upload-Stream);
+# it lives in incoming/.partial/<ClientId>_<key>/, which is no group and
+# holds no final name, until the PATCH that completes it makes the group.
+
+PARTIAL_METHODS = ('HEAD', 'PATCH')
+PARTIAL_FOLDER = '.partial'             # under incoming/: same file system
+PARTIAL_STREAMS = ('out', 'err')        # Upload-Stream values
+PARTIAL_DONE = 'done'                   # the group a committed upload made
+PARTIAL_LOCK = 'lock'
+PARTIAL_LOCK_WAIT = 10.0                # seconds an append waits its turn
+UPLOAD_KEY_LENGTH = 32                  # lower-case hex (128 random bits)
+UPLOAD_FIELDS = ('Upload-Key', 'Upload-Stream', 'Upload-Offset',
+                 'Upload-Complete')
+
+
+def partial_names(environ):
+    """The query a partial request carries: the PUT's (with the three
+    lengths) for the whole body, the GET's for one stream."""
+    query = environ.get('QUERY_STRING', '')
+    return PUT_PARAMETERS if 'STDOUT_LENGTH=' in query else GET_PARAMETERS
+
+
+def read_upload_fields(environ):
+    """(key, stream or None, offset or None, complete) from the Upload-*
+    request fields, each checked before it names a file.
+
+    :raises HTTPStatusError: 450 naming the field.
+    """
+    key = environ.get('HTTP_UPLOAD_KEY', '')
+    if len(key) != UPLOAD_KEY_LENGTH or not set(key) <= set('0123456789abcdef'):
+        raise HTTPStatusError(450, 'Invalid Upload-Key: expected %d lower-case'
+                              ' hex digits' % UPLOAD_KEY_LENGTH)
+    stream = environ.get('HTTP_UPLOAD_STREAM')
+    if stream is not None and stream not in PARTIAL_STREAMS:
+        raise HTTPStatusError(450, 'Invalid Upload-Stream: expected out or '
+                              'err')
+    offset = environ.get('HTTP_UPLOAD_OFFSET')
+    if offset is not None:
+        if not _is_ascii_digits(offset):
+            raise HTTPStatusError(450, 'Invalid Upload-Offset: expected '
+                                  'digits')
+        offset = int(offset)
+    complete = environ.get('HTTP_UPLOAD_COMPLETE', '?0')
+    if complete not in ('?0', '?1'):
+        raise HTTPStatusError(450, 'Invalid Upload-Complete: expected ?0 or '
+                              '?1')
+    return key, stream, offset, complete == '?1'
+
+
+class Partial(object):
+    """One upload in progress: its folder and what each stream holds."""
+
+    def __init__(self, site, client_id, key):
+        self.root = os.path.join(site.incoming, PARTIAL_FOLDER)
+        self.folder = os.path.join(self.root, '%s_%s' % (client_id, key))
+        self.lock_fd = None
+
+    def path(self, ext):
+        return os.path.join(self.folder, ext)
+
+    def held(self):
+        """Bytes held of out, err and env (0 for a stream not begun)."""
+        sizes = []
+        for ext in STREAM_EXTENSIONS:
+            try:
+                sizes.append(os.lstat(self.path(ext)).st_size)
+            except OSError:
+                sizes.append(0)
+        return sizes
+
+    def done_group(self):
+        """The group this upload became, or None while it is partial."""
+        try:
+            with open(self.path(PARTIAL_DONE), 'rb') as handle:
+                return handle.read(NAME_MAX).decode('ascii').strip() or None
+        except (OSError, UnicodeError):
+            return None
+
+    def lock(self):
+        """Create the folder if new, then hold its lock (one writer).
+
+        :raises HTTPStatusError: 409 while another request keeps it.
+        """
+        import fcntl  # late import: partial uploads only
+        import time  # late import: start-up time
+        if not os.path.isdir(self.folder):
+            os.makedirs(self.folder, 0o700, exist_ok=True)
+            fsync_folder(self.root)
+        self.lock_fd = os.open(self.path(PARTIAL_LOCK), os.O_WRONLY |
+                               os.O_CREAT | _O_NOFOLLOW, 0o600)
+        end = time.monotonic() + PARTIAL_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if time.monotonic() > end:
+                    self.unlock()
+                    raise HTTPStatusError(409, 'Partial upload busy: another '
+                                          'request is appending to it')
+                time.sleep(0.05)    # poll interval while another appends
+
+    def unlock(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)      # INFO: closing releases the flock
+            self.lock_fd = None
+
+    def append(self, ext, stdin, count):
+        """Append the next count body bytes to one stream, fsynced even when
+        the body ends early: what arrived is held for the next attempt.
+
+        :raises HTTPStatusError: 456 when the body ends early.
+        """
+        path = self.path(ext)
+        new = not os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     _O_NOFOLLOW, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            digests = take_running(self.folder, ext, size)
+            done, why = copy_stream(ArrivingBody(stdin), fd, count, digests)
+            os.fsync(fd)
+            if digests is not None:
+                keep_running(self.folder, ext, size + done, digests)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_folder(self.folder)
+        if done != count:
+            raise HTTPStatusError(456, 'Partial upload: %d of %d bytes '
+                                  'received for %s (%s); %d held' % (
+                                      done, count, ext, why,
+                                      os.path.getsize(path)))
+
+
+class RunningDigests(object):
+    """SHA-256 and the aside digests of one partial stream, fed as it is
+    appended, so the completing PATCH need not read it back.  Kept only by
+    a long-lived process (the standalone server): a CGI reads it back."""
+
+    def __init__(self):
+        import hashlib  # late import: partial uploads only
+        self.digests = [('SHA256', hashlib.sha256())] + [
+            (name, hashlib.new(name.lower())) for name in ASIDE_HASHES]
+
+    def update(self, chunk):
+        for name, digest in self.digests:
+            digest.update(chunk)
+
+    def sums(self):
+        return dict((name, digest.hexdigest()) for name, digest
+                    in self.digests)
+
+
+#: (partial folder, stream) -> (bytes hashed, RunningDigests), this process.
+RUNNING_DIGESTS = {}
+MAX_RUNNING = 1024              # streams followed at once; then the oldest go
+
+
+def take_running(folder, ext, size):
+    """The RunningDigests of a stream whose first size bytes they hashed;
+    a fresh one for an empty stream; else None (read it back at the end)."""
+    found = RUNNING_DIGESTS.pop((folder, ext), None)
+    if found is not None and found[0] == size:
+        return found[1]
+    return RunningDigests() if size == 0 else None
+
+
+def keep_running(folder, ext, size, digests):
+    while len(RUNNING_DIGESTS) >= MAX_RUNNING:
+        RUNNING_DIGESTS.pop(next(iter(RUNNING_DIGESTS)), None)
+    RUNNING_DIGESTS[(folder, ext)] = (size, digests)
+
+
+class ArrivingBody(object):
+    """A body read as it arrives (read1 where the stream has it), so the
+    bytes of a cut PATCH are on disk even when the web server kills the CGI
+    instead of ending its input (Apache's mod_cgi on a client abort)."""
+
+    def __init__(self, stdin):
+        self.read = getattr(stdin, 'read1', None) or stdin.read
+
+
+def body_offset(held, lengths):
+    """The first byte of the PUT body (out, err, env back to back) that the
+    server does not hold.
+
+    :raises HTTPStatusError: 456 when a stream holds more than declared.
+    """
+    position = 0
+    for ext, have, length in zip(STREAM_EXTENSIONS, held, lengths):
+        if have > length:
+            raise HTTPStatusError(456, 'Partial upload: %s holds %d bytes, '
+                                  'more than its declared %d' % (ext, have,
+                                                                 length))
+        if have < length:
+            return position + have
+        position += length
+    return position
+
+
+def serve_partial(site, exchange, query, stdin):
+    """HEAD: answer the offset held.  PATCH: append at the offset, which
+    must match (else 409 with the right one), and when the body is whole
+    and Upload-Complete is ?1, store the group.
+
+    :raises HTTPStatusError: 409, 450, 454, 455, 456 or 451.
+    """
+    environ = exchange.environ
+    key, stream, offset, complete = read_upload_fields(environ)
+    whole = 'STDOUT_LENGTH' in query
+    if whole == (stream is not None):
+        raise HTTPStatusError(450, 'Partial upload: Upload-Stream goes with '
+                              'the GET query, the stream lengths without it')
+    lengths = [int(query[name]) for name in LENGTH_PARAMETERS] if whole \
+        else None
+    partial = Partial(site, exchange.client_id, key)
+    if exchange.method == 'HEAD':
+        answer_offset(exchange, partial, stream, lengths)
+        return
+    count = read_patch_length(site, exchange, offset)
+    if not os.path.isdir(partial.folder):
+        note = expire_partials(site, partial.root)
+        exchange.message = note
+    partial.lock()
+    try:
+        group = partial.done_group()
+        if group is not None:
+            answer_stored(exchange, group, lengths, count == 0 and complete)
+            return
+        held = partial.held()
+        if stream is not None:
+            index = STREAM_EXTENSIONS.index(stream)
+            expected = held[index]
+            total = None
+        else:
+            expected = body_offset(held, lengths)
+            total = sum(lengths)
+        if offset != expected:
+            exchange.headers.append(('Upload-Offset', str(expected)))
+            raise HTTPStatusError(409, 'Partial upload: Upload-Offset (%d) '
+                                  'does not match the %d bytes held' % (
+                                      offset, expected))
+        cap = site.values['MaxContentLength']
+        if total is not None and offset + count > total:
+            raise HTTPStatusError(456, 'Partial upload: %d bytes at offset %d'
+                                  ' overrun the declared %d' % (count, offset,
+                                                                total))
+        if site.values['CapContentLength'] and (
+                (total or 0) > cap or sum(held) + count > cap):
+            raise HTTPStatusError(455, 'Partial upload: length exceeds maximum'
+                                  ' allowed length (%d)' % cap)
+        if stream is not None:
+            partial.append(stream, stdin, count)
+            held[index] += count
+            exchange.headers.append(('Upload-Offset', str(held[index])))
+        else:
+            append_body(partial, stdin, offset, count, lengths)
+            held = partial.held()
+            if held == lengths and complete:
+                commit_partial(site, exchange, partial, lengths)
+                return
+            exchange.headers.append(('Upload-Offset', str(offset + count)))
+        exchange.status = 204
+        exchange.message = ('Partial upload: %d bytes appended%s' % (
+            count, ' to ' + stream if stream else '')) + exchange.message
+    finally:
+        partial.unlock()
+
+
+def read_patch_length(site, exchange, offset):
+    """A PATCH's Content-Length, which must be there, with an Upload-Offset.
+
+    :raises HTTPStatusError: 454 or 450.
+    """
+    length = exchange.content_length
+    if not length or not _is_ascii_digits(length):
+        raise HTTPStatusError(454, 'Content length is undefined, null or not'
+                              ' a number')
+    if offset is None:
+        raise HTTPStatusError(450, 'Partial upload: Upload-Offset missing')
+    return int(length)
+
+
+def append_body(partial, stdin, offset, count, lengths):
+    """Split count bytes of the PUT body at offset over out, err and env;
+    a stream written after the first must be empty so far.
+
+    :raises HTTPStatusError: 409 for a stream that holds bytes out of turn.
+    """
+    start = 0
+    held = partial.held()
+    for ext, have, length in zip(STREAM_EXTENSIONS, held, lengths):
+        end = start + length
+        if count and offset < end:
+            here = offset - start
+            if here != have:
+                raise HTTPStatusError(409, 'Partial upload: %s holds %d '
+                                      'bytes, the body starts it at %d' % (
+                                          ext, have, here))
+            take = min(count, end - offset)
+            partial.append(ext, stdin, take)
+            offset += take
+            count -= take
+        start = end
+
+
+def answer_offset(exchange, partial, stream, lengths):
+    """The HEAD answer: 204 with the offset held, Upload-Complete ?1 once
+    the upload is a group."""
+    group = partial.done_group()
+    held = partial.held()
+    if group is not None:
+        offset = sum(lengths) if lengths else 0
+        exchange.headers.append(('Upload-Complete', '?1'))
+        exchange.message = 'Partial upload: stored as %s' % group
+    elif stream is not None:
+        offset = held[STREAM_EXTENSIONS.index(stream)]
+        exchange.message = 'Partial upload: %d bytes of %s held' % (offset,
+                                                                   stream)
+    else:
+        offset = body_offset(held, lengths)
+        exchange.message = 'Partial upload: %d bytes held' % offset
+    exchange.headers.insert(0, ('Upload-Offset', str(offset)))
+    exchange.status = 204
+
+
+def answer_stored(exchange, group, lengths, finished):
+    """A PATCH for an upload already stored: 200 for the completing PATCH
+    sent again (its answer was lost), else 409; never a second group."""
+    exchange.group = None
+    exchange.headers.append(('Upload-Offset', str(sum(lengths or ()))))
+    exchange.headers.append(('Upload-Complete', '?1'))
+    if not finished or lengths is None:
+        raise HTTPStatusError(409, 'Partial upload: already stored as %s'
+                              % group)
+    exchange.status = 200
+    exchange.message = 'Success: already stored as %s' % group
+
+
+def commit_partial(site, exchange, partial, lengths):
+    """Make the held streams a group: hash them against the .env, link them
+    to their final names, manifest, .rdy last; then record the group and
+    drop the partial.  Until .rdy is written the partial stays whole, so a
+    failure leaves it to be completed again."""
+    incoming = site.incoming
+    exchange.job_id = exchange.job_id or make_job_id(site)
+    prefix, suffix = group_affixes(site, exchange)
+    group, lock = claim_group(incoming, prefix, suffix, site.next_serial())
+    sources = [partial.path(ext) for ext in STREAM_EXTENSIONS]
+    made = []
+    note = ''
+    try:
+        for source in sources:
+            if not os.path.exists(source):      # an empty stream
+                os.close(os.open(source, os.O_WRONLY | os.O_CREAT |
+                                 _O_NOFOLLOW, 0o600))
+        finals = [os.path.join(incoming, group + '.' + ext)
+                  for ext in STREAM_EXTENSIONS]
+        manifest = []
+        flag = None
+        if site.values['IntegrityEnable']:
+            declared = read_declared_hashes(sources[2])
+            aside = tuple(set(ASIDE_HASHES + (declared[0] or 'SHA256',)) -
+                          set(['SHA256']))
+            sums = [held_digests(partial, ext, source, aside)
+                    for ext, source in zip(STREAM_EXTENSIONS, sources)]
+            note, flag = check_upload_hashes(declared, sums[0], sums[1])
+            manifest = [(sums[n]['SHA256'], group + '.' + ext)
+                        for n, ext in enumerate(STREAM_EXTENSIONS)]
+        for source, final in zip(sources, finals):
+            os.chmod(source, 0o644)
+            os.link(source, final)
+            made.append(final)
+        record = ('Jid=%s\n' % exchange.job_id).encode('ascii')
+        extra = [(flag, FLAG_EXTENSION)] if flag is not None else []
+        for data, ext in extra + [(record, 'rdy')]:
+            if manifest:
+                manifest.append((sha256_hex(data), group + '.' + ext))
+            if ext == 'rdy' and manifest and not append_log(
+                    site.manifest_path, ''.join('%s  %s\n' % pair
+                                                for pair in manifest)):
+                note += '; manifest (%s) not written' % MANIFEST_NAME
+            temp = os.path.join(incoming, '.%s.%s' % (group, ext))
+            made.append(temp)
+            write_stream(temp, io_bytes(data), len(data))
+            os.rename(temp, os.path.join(incoming, group + '.' + ext))
+            made[-1] = os.path.join(incoming, group + '.' + ext)
+        made = []               # INFO: complete from here on; keep it all
+        fsync_folder(incoming)
+    finally:
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        os.unlink(lock)
+    record_done(partial, group)
+    exchange.group = group
+    exchange.headers.append(('Upload-Complete', '?1'))
+    conclude_upload(site, exchange, note)
+
+
+def held_digests(partial, ext, path, aside):
+    """{HashType: hex} of a held stream: from its RunningDigests when this
+    process hashed all of it as it came, else read back."""
+    size = os.path.getsize(path)
+    running = take_running(partial.folder, ext, size)
+    if running is None:
+        return digest_file(path, aside)
+    found = running.sums()
+    missing = [name for name in aside if name not in found]
+    if missing:
+        found.update(hash_file(path, missing))
+    return found
+
+
+def digest_file(path, aside):
+    """StreamDigests of a held stream, read back in 1 MiB blocks: SHA-256
+    here and the aside digests on the second core for a large one."""
+    digests = StreamDigests(os.path.getsize(path), aside)
+    try:
+        with open(path, 'rb') as handle:
+            copy_stream(handle, None, os.fstat(handle.fileno()).st_size,
+                        digests)
+    finally:
+        found = digests.finish()
+    return found
+
+
+def io_bytes(data):
+    import io  # late import: partial uploads only
+    return io.BytesIO(data)
+
+
+def record_done(partial, group):
+    """Replace the held streams by the name of the group they became, so a
+    lost answer is recognised when the upload is sent again."""
+    temp = partial.path('.' + PARTIAL_DONE)
+    write_stream(temp, io_bytes((group + '\n').encode('ascii')),
+                 len(group) + 1)
+    os.rename(temp, partial.path(PARTIAL_DONE))
+    for ext in STREAM_EXTENSIONS:
+        try:
+            os.unlink(partial.path(ext))
+        except OSError:
+            pass
+    fsync_folder(partial.folder)
+
+
+def expire_partials(site, root):
+    """Remove partial uploads untouched for PartialExpireTime seconds (and
+    the records of stored ones); returns a note for the log message."""
+    import fcntl  # late import: partial uploads only
+    import shutil  # late import: partial uploads only
+    limit = site.values['PartialExpireTime']
+    if not limit:
+        return ''
+    now = site.clock()
+    removed = 0
+    for name, age, size in list_partials(root, now):
+        if age < limit:
+            continue
+        folder = os.path.join(root, name)
+        try:
+            fd = os.open(os.path.join(folder, PARTIAL_LOCK), os.O_WRONLY |
+                         os.O_CREAT | _O_NOFOLLOW, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return '; %d abandoned partial uploads expired' % removed if removed \
+        else ''
+
+
+def list_partials(root, now):
+    """(name, seconds since last written, bytes held or None once stored)
+    for each partial upload folder, sorted by name."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        folder = os.path.join(root, name)
+        try:
+            stamps = [os.lstat(folder).st_mtime]
+            size = 0
+            for ext in STREAM_EXTENSIONS + (PARTIAL_DONE,):
+                try:
+                    info = os.lstat(os.path.join(folder, ext))
+                except OSError:
+                    continue
+                stamps.append(info.st_mtime)
+                size = None if ext == PARTIAL_DONE else size + info.st_size
+        except OSError:
+            continue
+        found.append((name, now - max(stamps), size))
+    return found
+
+
+def partial_findings(incoming, now=None):
+    """verify's lines for partial uploads: each one not yet a group (the
+    client keeps its copy and may resume it, or it expires)."""
+    import time  # late import: tools only
+    root = os.path.join(incoming, PARTIAL_FOLDER)
+    return [(PARTIAL_FOLDER + '/' + name, 'partial upload, not a group: %d '
+             'bytes held, last written %d s ago' % (size, age))
+            for name, age, size in list_partials(root, now or time.time())
+            if size is not None]
 
 
 ###############################################################################
@@ -2262,12 +2825,10 @@ def _handler_class():
                        'SERVER_SOFTWARE': self.version_string(),
                        'SERVER_PROTOCOL': self.request_version}
             lengths = self.headers.get_all('Content-Length') or []
-            job_id = self.headers.get('Job-Id')
-            if job_id is not None:
-                environ['HTTP_JOB_ID'] = job_id
-            upload_id = self.headers.get('WebJob-Upload-Id')
-            if upload_id is not None:
-                environ[UPLOAD_ID_VARIABLE] = upload_id
+            for name in ('Job-Id', 'WebJob-Upload-Id') + UPLOAD_FIELDS:
+                value = self.headers.get(name)
+                if value is not None:
+                    environ['HTTP_' + name.upper().replace('-', '_')] = value
             length = 0
             if self.headers.get('Transfer-Encoding') or len(lengths) > 1:
                 length = None           # unsupported framing: 454, then close
@@ -2637,6 +3198,7 @@ def verify_locker(base, out):
             problems.extend(verify_group(incoming, group, exts, recorded))
     for name in sorted(set(recorded) - seen):
         problems.append((name, 'missing since upload (in the manifest)'))
+    problems.extend(partial_findings(incoming))
     for name, problem in problems:
         out.write('%s: %s\n' % (webjob.one_line(name), problem))
     out.write('verify: %d groups, %d files in the manifest, %d problems\n' % (
@@ -2899,8 +3461,10 @@ def start_hunt(base, options, out, now):
     for client_id in clients[:1]:
         job_fields(base, options, client_id)    # INFO: refuse before writing
     folder = hunt_folder(base)
+    if not os.path.isdir(os.path.dirname(folder)):
+        os.makedirs(os.path.dirname(folder), 0o755)
     if not os.path.isdir(folder):
-        os.makedirs(folder, 0o755)
+        make_queue_folder(folder)
     record = os.path.join(folder, name + '.hunt')
     with FolderLock(folder):
         if os.path.exists(record):
@@ -3166,7 +3730,8 @@ def collect_jobs(base, client=None, since=None):
             else (None, None, None)
         if 'bad' in exts:
             hashes = 'mismatch'
-        elif declared[0] and group + '.out' in recorded:
+        elif declared[0] and (declared[1] or declared[2]) and \
+                group + '.out' in recorded:
             hashes = 'match:%s' % declared[0]
         else:
             hashes = 'unchecked'
@@ -3533,6 +4098,877 @@ def serve_admin(handler, site):
 
 
 ###############################################################################
+# DSV tool: constants and errors ##############################################
+###############################################################################
+
+# INFO: webjob-dsvtool (nph_webjob.py dsvtool) signs, so unlike the client
+# it handles private keys; it lives here, on the administrator's machine,
+# not in the client that every suspect host runs.  It reads DER and PEM and
+# verifies with the client's own code (webjob.der_*, webjob.pem_*,
+# webjob.verify_*).  Python ints are not constant-time; the tool is meant to
+# run on the operator's own signing host.  Keys and passphrases never appear
+# in messages.
+
+DSVTOOL_VERSION = '1.0.0'
+DSVTOOL_USAGE = """\
+Usage: webjob-dsvtool {-s|--sign-payload} {-k|--key-file} key \
+[{-a|--hash} sha256|sha384|sha512|sha1] {payload|-} [payload ...]
+       webjob-dsvtool {-c|--check-signature} {-f|--cert-file} cert \
+signature [signature ...]
+       webjob-dsvtool {-c|--check-signature} {-t|--cert-tree} tree \
+signature [signature ...]
+       webjob-dsvtool {-g|--generate-key} {-b|--bits} bits {-t|--type} rsa \
+[{-n|--common-name} name] [{-o|--output} prefix]
+       webjob-dsvtool {-p|--generate-password} [{-l|--length} length]
+       webjob-dsvtool {-v|--version}
+(webjob-dsvtool is "python3 nph_webjob.py dsvtool", or nph_webjob.py linked
+under that name.)
+"""
+DSVTOOL_SIGN_HASHES = ('sha256', 'sha384', 'sha512', 'sha1')
+DSVTOOL_PASSWORD_ALPHABET = ('ABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                             'abcdefghijklmnopqrstuvwxyz0123456789')
+DSV_MAX_PASSPHRASE_LENGTH = 1024  # protocol.md §6; the original's is unknown
+DSV_MAX_SIG_FILE = 64 * 1024
+DSV_MAX_PBKDF2_ITERATIONS = 10 ** 7  # a hostile key file must not hang us
+OID_SHA256_WITH_RSA = '1.2.840.113549.1.1.11'
+OID_PBES2 = '1.2.840.113549.1.5.13'          # RFC 8018 appendix A.4
+OID_PBKDF2 = '1.2.840.113549.1.5.12'         # RFC 8018 appendix A.2
+
+#: RFC 8018 appendix B.1: PBKDF2 PRF OID -> hashlib name.
+PBKDF2_PRFS = {'1.2.840.113549.2.7': 'sha1', '1.2.840.113549.2.8': 'sha224',
+               '1.2.840.113549.2.9': 'sha256', '1.2.840.113549.2.10': 'sha384',
+               '1.2.840.113549.2.11': 'sha512'}
+#: NIST CSOR aesNNN-CBC OIDs (RFC 3565 §4.1) -> key length.
+AES_CBC_OIDS = {'2.16.840.1.101.3.4.1.2': 16, '2.16.840.1.101.3.4.1.22': 24,
+                '2.16.840.1.101.3.4.1.42': 32}
+#: OpenSSL's legacy PEM ``DEK-Info`` cipher names -> key length.
+PEM_DEK_CIPHERS = {'AES-128-CBC': 16, 'AES-192-CBC': 24, 'AES-256-CBC': 32}
+
+
+class DsvUsageError(webjob.DsvError):
+    """Bad webjob-dsvtool command line (exit code 2, as XER_Usage)."""
+    exit_code = 2
+
+
+class KeyFileError(webjob.DsvError):
+    """A private key cannot be read, decrypted or used."""
+
+###############################################################################
+# DSV tool: DER and PEM encoders ##############################################
+###############################################################################
+
+
+def der_encode_tlv(tag, value):
+    """Encode one TLV, definite length in fewest octets (X.690 §10.1)."""
+    length = len(value)
+    if length < 0x80:
+        return bytes((tag, length)) + value
+    octets = length.to_bytes((length.bit_length() + 7) // 8, 'big')
+    return bytes((tag, 0x80 | len(octets))) + octets + value
+
+
+def der_encode_integer(value):
+    """Encode a non-negative INTEGER in minimal two's complement (§8.3)."""
+    return der_encode_tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1,
+                                               'big'))
+
+
+def der_encode_sequence(*items):
+    """Encode a SEQUENCE of already encoded items (X.690 §8.9)."""
+    return der_encode_tlv(0x30, b''.join(items))
+
+
+def der_encode_oid(dotted):
+    """Encode an OBJECT IDENTIFIER from dotted text (X.690 §8.19)."""
+    arcs = [int(arc) for arc in dotted.split('.')]
+    body = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7f]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | arc & 0x7f)
+            arc >>= 7
+        body.extend(reversed(chunk))
+    return der_encode_tlv(0x06, bytes(body))
+
+
+def pem_encode(der, label):
+    """Armour DER as RFC 7468 text: base64 in 64-column lines."""
+    import base64  # late import: start-up time
+    text = base64.b64encode(der).decode('ascii')
+    lines = [text[at:at + 64] for at in range(0, len(text), 64)]
+    return ('-----BEGIN %s-----\n%s\n-----END %s-----\n'
+            % (label, '\n'.join(lines), label)).encode('ascii')
+
+###############################################################################
+# DSV tool: AES-CBC decryption ################################################
+###############################################################################
+
+# Decryption only, for encrypted private keys.  Tables are built per call
+# (about a millisecond), not at import, and nothing is cached globally.
+
+
+def aes_build_tables():
+    """Build ``[sbox, inv_sbox, td0, td1, td2, td3]`` (FIPS-197 §5.1.1).
+
+    S-box: GF(2^8) inverse plus affine map; each Td table folds InvSubBytes
+    into one InvMixColumns column (§5.3.2-5.3.3).
+    """
+    exp, log = [0] * 255, [0] * 256
+    x = 1
+    for power in range(255):  # powers of the generator 3 (= x + 1)
+        exp[power], log[x] = x, power
+        x ^= (x << 1) ^ (0x11b if x & 0x80 else 0)
+
+    def mul(a, b):
+        """Multiply in GF(2^8) through the log tables."""
+        return exp[(log[a] + log[b]) % 255] if a and b else 0
+    sbox, inv_sbox = [0] * 256, [0] * 256
+    for a in range(256):
+        b = exp[-log[a] % 255] if a else 0
+        s = b
+        for _ in range(4):
+            b = (b << 1 | b >> 7) & 0xff
+            s ^= b
+        sbox[a], inv_sbox[s ^ 0x63] = s ^ 0x63, a
+    td0 = [mul(i, 14) << 24 | mul(i, 9) << 16 | mul(i, 13) << 8 | mul(i, 11)
+           for i in inv_sbox]
+    rotations = [[(w >> 8 * r | w << 32 - 8 * r) & 0xffffffff for w in td0]
+                 for r in (1, 2, 3)]
+    return [sbox, inv_sbox, td0] + rotations
+
+
+def aes_decryption_key_schedule(key, tables):
+    """Key expansion (FIPS-197 §5.2) as round keys for the equivalent
+    inverse cipher (§5.3.5): reversed, inner ones through InvMixColumns.
+    """
+    sbox, _, td0, td1, td2, td3 = tables
+    nk = len(key) // 4
+    words = [int.from_bytes(key[4 * i:4 * i + 4], 'big') for i in range(nk)]
+    rcon = 1
+    for i in range(nk, 4 * (nk + 7)):
+        t = words[-1]
+        if i % nk == 0:
+            t = (t << 8 | t >> 24) & 0xffffffff  # RotWord
+        if i % nk == 0 or (nk > 6 and i % nk == 4):
+            t = (sbox[t >> 24] << 24 | sbox[t >> 16 & 255] << 16 |
+                 sbox[t >> 8 & 255] << 8 | sbox[t & 255])  # SubWord
+        if i % nk == 0:
+            t ^= rcon << 24
+            rcon = rcon << 1 ^ (0x11b if rcon & 0x80 else 0)
+        words.append(words[i - nk] ^ t)
+    rounds = [words[at:at + 4] for at in range(0, len(words), 4)][::-1]
+    for rk in rounds[1:-1]:
+        rk[:] = [td0[sbox[w >> 24]] ^ td1[sbox[w >> 16 & 255]] ^
+                 td2[sbox[w >> 8 & 255]] ^ td3[sbox[w & 255]] for w in rk]
+    return rounds
+
+
+def aes_decrypt_block(block, rounds, tables):
+    """Decrypt one block: equivalent inverse cipher (FIPS-197 Figure 15)."""
+    _, inv_sbox, td0, td1, td2, td3 = tables
+    s0, s1, s2, s3 = [int.from_bytes(block[4 * i:4 * i + 4], 'big') ^
+                      rounds[0][i] for i in range(4)]
+    for rk in rounds[1:-1]:
+        s0, s1, s2, s3 = (
+            td0[s0 >> 24] ^ td1[s3 >> 16 & 255] ^ td2[s2 >> 8 & 255] ^
+            td3[s1 & 255] ^ rk[0],
+            td0[s1 >> 24] ^ td1[s0 >> 16 & 255] ^ td2[s3 >> 8 & 255] ^
+            td3[s2 & 255] ^ rk[1],
+            td0[s2 >> 24] ^ td1[s1 >> 16 & 255] ^ td2[s0 >> 8 & 255] ^
+            td3[s3 & 255] ^ rk[2],
+            td0[s3 >> 24] ^ td1[s2 >> 16 & 255] ^ td2[s1 >> 8 & 255] ^
+            td3[s0 & 255] ^ rk[3])
+    out = b''
+    for i, (a, b, c, d) in enumerate(((s0, s3, s2, s1), (s1, s0, s3, s2),
+                                      (s2, s1, s0, s3), (s3, s2, s1, s0))):
+        word = (inv_sbox[a >> 24] << 24 | inv_sbox[b >> 16 & 255] << 16 |
+                inv_sbox[c >> 8 & 255] << 8 | inv_sbox[d & 255])
+        out += (word ^ rounds[-1][i]).to_bytes(4, 'big')
+    return out
+
+
+def aes_cbc_decrypt(key, iv, data):
+    """AES-CBC decryption (SP 800-38A §6.2); padding is left in place.
+
+    :raises KeyFileError: bad key, IV or ciphertext length.
+    """
+    if len(key) not in (16, 24, 32) or len(iv) != 16 or not data or len(
+            data) % 16:
+        raise KeyFileError('bad encrypted key data')
+    tables = aes_build_tables()
+    rounds = aes_decryption_key_schedule(key, tables)
+    out, previous = [], iv
+    for at in range(0, len(data), 16):
+        block = data[at:at + 16]
+        plain = aes_decrypt_block(block, rounds, tables)
+        out.append((int.from_bytes(plain, 'big') ^ int.from_bytes(
+            previous, 'big')).to_bytes(16, 'big'))
+        previous = block
+    return b''.join(out)
+
+
+def pkcs7_unpad(data):
+    """Strip PKCS#7 padding (RFC 5652 §6.3); bad padding: wrong passphrase.
+
+    :raises KeyFileError: padding invalid.
+    """
+    pad = data[-1] if data else 0
+    if not 1 <= pad <= 16 or data[-pad:] != bytes((pad,)) * pad:
+        raise KeyFileError('cannot decrypt private key: wrong passphrase?')
+    return data[:-pad]
+
+###############################################################################
+# DSV tool: private keys ######################################################
+###############################################################################
+
+
+def dsv_read_passphrase(stdin):
+    """Return the key passphrase as bytes (protocol.md §6).
+
+    DSV_PASSPHRASE, else a getpass prompt when stdin is a terminal; never
+    waits on a pipe.
+    :raises KeyFileError: no source, or longer than the maximum.
+    """
+    value = os.environ.get('DSV_PASSPHRASE')
+    if value is not None:
+        value = os.fsencode(value)
+    elif stdin is not None and stdin.isatty():
+        import getpass  # late import: start-up time
+        try:
+            value = getpass.getpass('Passphrase: ').encode('utf-8')
+        except EOFError:
+            value = b''
+    else:
+        raise KeyFileError('private key is encrypted: set DSV_PASSPHRASE or '
+                           'run from a terminal')
+    if len(value) > DSV_MAX_PASSPHRASE_LENGTH:
+        raise KeyFileError('passphrase too long')
+    return value
+
+
+def evp_bytes_to_key(passphrase, salt, length):
+    """OpenSSL EVP_BytesToKey, MD5, one iteration: D_i = MD5(D_i-1||P||S)."""
+    import hashlib  # late import: start-up time
+    key, block = b'', b''
+    while len(key) < length:
+        block = hashlib.md5(block + passphrase + salt).digest()
+        key += block
+    return key[:length]
+
+
+def pem_legacy_decrypt(dek_info, data, passphrase):
+    """Decrypt a legacy ``Proc-Type: 4,ENCRYPTED`` PEM body (AES-*-CBC).
+
+    Key = EVP_BytesToKey(MD5, passphrase, salt = first 8 IV octets).
+    :raises KeyFileError: unsupported cipher or wrong passphrase.
+    """
+    cipher, _, iv_hex = dek_info.partition(',')
+    length = PEM_DEK_CIPHERS.get(cipher.strip().upper())
+    try:
+        iv = bytes.fromhex(iv_hex.strip())
+    except ValueError:
+        iv = b''
+    if length is None or len(iv) != 16:
+        raise KeyFileError('unsupported key encryption %s' % cipher.strip())
+    key = evp_bytes_to_key(passphrase, iv[:8], length)
+    return pkcs7_unpad(aes_cbc_decrypt(key, iv, data))
+
+
+def pkcs8_decrypt(der, passphrase):
+    """Decrypt an EncryptedPrivateKeyInfo (RFC 5958 §3): PBES2 with PBKDF2
+    and AES-CBC (RFC 8018 §6.2, A.2, A.4), as openssl genpkey/pkcs8 write.
+
+    :raises DERError: malformed structure.
+    :raises KeyFileError: unsupported scheme or wrong passphrase.
+    """
+    import hashlib  # late import: start-up time
+    start, end = webjob.der_read_expected(der, 0, len(der), 0x30)
+    webjob.der_expect_end(end, len(der))
+    oid, params, pos = webjob.der_read_algorithm(der, start, end)
+    encrypted, pos = webjob.der_read_octetstring(der, pos, end)
+    webjob.der_expect_end(pos, end)
+    if oid != OID_PBES2:
+        raise KeyFileError('unsupported key encryption %s' % oid)
+    start, end = webjob.der_read_expected(params, 0, len(params), 0x30)
+    kdf, kdf_params, pos = webjob.der_read_algorithm(params, start, end)
+    cipher, iv_der, pos = webjob.der_read_algorithm(params, pos, end)
+    webjob.der_expect_end(pos, end)
+    iv, iv_end = webjob.der_read_octetstring(iv_der, 0, len(iv_der))
+    webjob.der_expect_end(iv_end, len(iv_der))
+    if kdf != OID_PBKDF2 or cipher not in AES_CBC_OIDS:
+        raise KeyFileError('unsupported key encryption %s' % cipher)
+    start, end = webjob.der_read_expected(kdf_params, 0, len(kdf_params), 0x30)
+    salt, pos = webjob.der_read_octetstring(kdf_params, start, end)
+    iterations, pos = webjob.der_read_integer(kdf_params, pos, end)
+    length = AES_CBC_OIDS[cipher]
+    if pos < end and kdf_params[pos] == 0x02:
+        key_length, pos = webjob.der_read_integer(kdf_params, pos, end)
+        if key_length != length:
+            raise KeyFileError('bad PBKDF2 key length')
+    prf = '1.2.840.113549.2.7'  # DEFAULT algid-hmacWithSHA1
+    if pos < end:
+        prf, prf_params, pos = webjob.der_read_algorithm(kdf_params, pos, end)
+        if prf_params not in (b'', webjob.DER_NULL):
+            raise webjob.DERError('bad PBKDF2 PRF parameters')
+    webjob.der_expect_end(pos, end)
+    if prf not in PBKDF2_PRFS:
+        raise KeyFileError('unsupported PBKDF2 PRF %s' % prf)
+    if not 1 <= iterations <= DSV_MAX_PBKDF2_ITERATIONS:
+        raise KeyFileError('bad PBKDF2 iteration count')
+    key = hashlib.pbkdf2_hmac(PBKDF2_PRFS[prf], passphrase, salt, iterations,
+                              length)
+    return pkcs7_unpad(aes_cbc_decrypt(key, iv, encrypted))
+
+
+def rsa_private_key_decode(der):
+    """Decode a two-prime RSAPrivateKey (RFC 8017 A.1.2) with cheap checks.
+
+    Returns ``(n, e, d, p, q, dP, dQ, qInv)``.
+    :raises DERError: malformed, multi-prime or inconsistent.
+    """
+    version, n, e, d, p, q, dp, dq, qinv = webjob.der_read_integer_sequence(der, 9)
+    webjob.rsa_check_public(n, e)
+    if (version != 0 or n != p * q or dp != d % (p - 1) or
+            dq != d % (q - 1) or qinv * q % p != 1):
+        raise webjob.DERError('inconsistent RSA private key')
+    return n, e, d, p, q, dp, dq, qinv
+
+
+def dsa_private_key_build(p, q, g, y, x):
+    """Return ``(p, q, g, y, x)`` if 0 < x < q and y = g^x mod p (FIPS 186-4).
+
+    :raises DERError: out of range or inconsistent.
+    """
+    webjob.dsa_check_public(p, q, g, y)
+    if not 0 < x < q or pow(g, x, p) != y:
+        raise webjob.DERError('inconsistent DSA private key')
+    return p, q, g, y, x
+
+
+def pkcs8_decode(der):
+    """Decode a PrivateKeyInfo (RFC 5958 §2) holding an RSA or DSA key.
+
+    DSA keeps p, q, g in the parameters and x as an INTEGER (RFC 5912).
+    :raises DERError: malformed or unsupported.
+    """
+    start, end = webjob.der_read_expected(der, 0, len(der), 0x30)
+    webjob.der_expect_end(end, len(der))
+    version, pos = webjob.der_read_integer(der, start, end)
+    oid, params, pos = webjob.der_read_algorithm(der, pos, end)
+    private, pos = webjob.der_read_octetstring(der, pos, end)
+    for optional in (0xa0, 0x81):  # attributes, publicKey (RFC 5958)
+        if pos < end and der[pos] == optional:
+            pos = webjob.der_read_tlv(der, pos, end)[2]
+    webjob.der_expect_end(pos, end)
+    if version not in (0, 1):
+        raise webjob.DERError('bad PrivateKeyInfo version')
+    if oid == webjob.OID_RSA_ENCRYPTION and params == webjob.DER_NULL:
+        return 'rsa', rsa_private_key_decode(private)
+    if oid == webjob.OID_DSA and params:
+        p, q, g = webjob.der_read_integer_sequence(params, 3)
+        x, pos = webjob.der_read_integer(private, 0, len(private))
+        webjob.der_expect_end(pos, len(private))
+        return 'dsa', dsa_private_key_build(p, q, g, pow(g, x, p), x)
+    raise webjob.DERError('unsupported private key algorithm')
+
+
+def openssl_dsa_private_key_decode(der):
+    """Decode OpenSSL's ``DSA PRIVATE KEY``: SEQUENCE {0, p, q, g, y, x}.
+
+    :raises DERError: malformed or inconsistent.
+    """
+    version, p, q, g, y, x = webjob.der_read_integer_sequence(der, 6)
+    if version != 0:
+        raise webjob.DERError('bad DSA private key version')
+    return 'dsa', dsa_private_key_build(p, q, g, y, x)
+
+
+def load_private_key(data, get_passphrase):
+    """Decode the one RSA or DSA private key in PEM ``data``.
+
+    PKCS#1 ``RSA PRIVATE KEY`` or OpenSSL ``DSA PRIVATE KEY`` (maybe legacy
+    encrypted), PKCS#8 ``PRIVATE KEY`` or ``ENCRYPTED PRIVATE KEY``.
+    ``get_passphrase()`` is called only for an encrypted key.  Returns
+    ``('rsa', (n, e, d, p, q, dP, dQ, qInv))`` or ``('dsa', (p, q, g, y, x))``.
+    :raises KeyFileError: none, several, bad or undecryptable.
+    """
+    decoders = (('RSA PRIVATE KEY', lambda der: ('rsa',
+                                                 rsa_private_key_decode(der))),
+                ('DSA PRIVATE KEY', openssl_dsa_private_key_decode),
+                ('PRIVATE KEY', pkcs8_decode),
+                ('ENCRYPTED PRIVATE KEY', pkcs8_decode))
+    found = []
+    try:
+        for label, decode in decoders:
+            found.extend((label, decode, headers, der) for headers, der
+                         in webjob.pem_decode_with_headers(data, label))
+    except webjob.PEMError as exc:
+        raise KeyFileError('cannot read private key: %s' % exc) from None
+    if len(found) != 1:
+        raise KeyFileError('expected one RSA or DSA private key, found %d'
+                           % len(found))
+    label, decode, headers, der = found[0]
+    encrypted = (label == 'ENCRYPTED PRIVATE KEY' or
+                 headers.get('Proc-Type') == '4,ENCRYPTED')
+    try:
+        if label == 'ENCRYPTED PRIVATE KEY':
+            der = pkcs8_decrypt(der, get_passphrase())
+        elif encrypted:
+            der = pem_legacy_decrypt(headers.get('DEK-Info', ''), der,
+                                     get_passphrase())
+        return decode(der)
+    except webjob.DERError:
+        if encrypted:
+            raise KeyFileError('cannot decrypt private key: wrong '
+                               'passphrase?') from None
+        raise KeyFileError('cannot read private key: malformed or '
+                           'unsupported') from None
+
+###############################################################################
+# DSV tool: signing ###########################################################
+###############################################################################
+
+
+def mod_inverse(a, m):
+    """a^-1 mod m by extended Euclid; COMPAT(3.6): pow(a, -1, m) is 3.8+.
+
+    :raises ValueError: a has no inverse modulo m.
+    """
+    r0, r1, t0, t1 = m, a % m, 0, 1
+    while r1:
+        quotient = r0 // r1
+        r0, r1, t0, t1 = r1, r0 - quotient * r1, t1, t0 - quotient * t1
+    if r0 != 1:
+        raise ValueError('not invertible')
+    return t0 % m
+
+
+def rsa_pkcs1v15_sign(key, hash_name, digest):
+    """RSASSA-PKCS1-v1_5-SIGN (RFC 8017 §8.2.1) with the CRT form of RSASP1
+    (§5.2.1 step 2.b).  The caller verifies the result (fault check).
+    """
+    n, _, _, p, q, dp, dq, qinv = key
+    k = (n.bit_length() + 7) // 8
+    m = int.from_bytes(webjob.rsa_pkcs1v15_encode(hash_name, digest, k), 'big')
+    s1, s2 = pow(m, dp, p), pow(m, dq, q)
+    return (s2 + q * (qinv * (s1 - s2) % p)).to_bytes(k, 'big')
+
+
+def rfc6979_nonces(x, q, hash_name, digest):
+    """Yield the deterministic DSA nonces k of RFC 6979 §3.2 (steps b-h).
+
+    HMAC_DRBG seeded with x and H(m): no biased or repeated k can leak x.
+    """
+    import hmac  # late import: start-up time
+    qlen = q.bit_length()
+    rlen = (qlen + 7) // 8
+
+    def bits2int(octets):
+        """RFC 6979 §2.3.2: the leftmost qlen bits as an integer."""
+        return int.from_bytes(octets, 'big') >> max(0, 8 * len(octets) - qlen)
+
+    def mac(key, data):
+        """HMAC with the message's hash function."""
+        return hmac.new(key, data, hash_name).digest()
+    # int2octets(x) || bits2octets(h1), §2.3.3-2.3.4
+    seed = (x.to_bytes(rlen, 'big') +
+            (bits2int(digest) % q).to_bytes(rlen, 'big'))
+    v, k = b'\x01' * len(digest), b'\x00' * len(digest)    # steps b, c
+    k = mac(k, v + b'\x00' + seed)                         # step d
+    v = mac(k, v)                                          # step e
+    k = mac(k, v + b'\x01' + seed)                         # step f
+    v = mac(k, v)                                          # step g
+    while True:                                            # step h
+        t = b''
+        while 8 * len(t) < qlen:
+            v = mac(k, v)
+            t += v
+        nonce = bits2int(t)
+        if 0 < nonce < q:
+            yield nonce
+        k = mac(k, v + b'\x00')
+        v = mac(k, v)
+
+
+def dsa_sign(key, hash_name, digest):
+    """DSA signature generation (FIPS 186-4 §4.6) with RFC 6979 nonces;
+    returns the DER Dss-Sig-Value.
+    """
+    p, q, g, _, x = key
+    z = int.from_bytes(digest, 'big') >> max(0, 8 * len(digest) -
+                                             q.bit_length())
+    for k in rfc6979_nonces(x, q, hash_name, digest):
+        r = pow(g, k, p) % q
+        s = pow(k, q - 2, q) * (z + x * r) % q
+        if r and s:  # else the next k (RFC 6979 §3.4)
+            return der_encode_sequence(der_encode_integer(r),
+                                       der_encode_integer(s))
+
+
+def dsv_sign_digest(private, hash_name, digest):
+    """Sign ``digest`` with a loaded key, verifying before release: an
+    inconsistent key or a CRT fault would otherwise leak the factors of n.
+
+    :raises KeyFileError: the signature does not verify.
+    """
+    kind, key = private
+    if kind == 'rsa':
+        signature, public = rsa_pkcs1v15_sign(key, hash_name, digest), key[:2]
+    else:
+        signature, public = dsa_sign(key, hash_name, digest), key[:4]
+    try:
+        webjob.verify_with_key(kind, public, hash_name, digest, signature)
+    except webjob.SignatureError:
+        raise KeyFileError('private key is inconsistent') from None
+    return signature
+
+###############################################################################
+# DSV tool: RSA key and certificate generation ################################
+###############################################################################
+
+
+def small_primes_product(limit):
+    """Return the product of the odd primes below ``limit`` (trial sieve)."""
+    product, is_prime = 1, bytearray([1]) * limit
+    for n in range(3, limit, 2):
+        if is_prime[n]:
+            product *= n
+            is_prime[n * n::2 * n] = bytes(len(range(n * n, limit, 2 * n)))
+    return product
+
+
+def miller_rabin(n, rounds):
+    """Miller-Rabin, random bases (FIPS 186-4 C.3.1); error <= 4^-rounds."""
+    import secrets  # late import: start-up time
+    d, s = n - 1, 0
+    while not d & 1:
+        d, s = d >> 1, s + 1
+    for _ in range(rounds):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x == 1 or x == n - 1:
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def rsa_generate_prime(bits, e, sieve):
+    """Return a random ``bits``-bit prime p with gcd(p - 1, e) = 1.
+
+    Top two bits set: p >= sqrt(2) * 2^(bits-1) (FIPS 186-4 B.3.3 step 4).
+    A gcd with the small-prime product drops most composites before
+    Miller-Rabin (40 rounds).  ``e`` must be prime.
+    """
+    import math  # late import: start-up time
+    import secrets
+    while True:
+        p = secrets.randbits(bits) | 3 << bits - 2 | 1
+        if math.gcd(p, sieve) == 1 and (p - 1) % e and miller_rabin(p, 40):
+            return p
+
+
+def rsa_generate_key(bits, e=65537):
+    """Generate ``(n, e, d, p, q, dP, dQ, qInv)``, n of exactly ``bits``.
+
+    FIPS 186-4 B.3.1, B.3.3: |p - q| > 2^(bits/2 - 100), and
+    d = e^-1 mod lcm(p - 1, q - 1) > 2^(bits/2).
+    """
+    import math  # late import: start-up time
+    sieve = small_primes_product(2000)
+    while True:
+        p = rsa_generate_prime(bits // 2, e, sieve)
+        q = rsa_generate_prime(bits // 2, e, sieve)
+        if abs(p - q) >> (bits // 2 - 100) == 0:
+            continue
+        p, q = max(p, q), min(p, q)
+        d = mod_inverse(e, (p - 1) * (q - 1) // math.gcd(p - 1, q - 1))
+        if d.bit_length() > bits // 2:
+            return (p * q, e, d, p, q, d % (p - 1), d % (q - 1),
+                    mod_inverse(q, p))
+
+
+def x509_encode_time(when):
+    """UTCTime before 2050, else GeneralizedTime (RFC 5280 §4.1.2.5)."""
+    import time  # late import: start-up time
+    moment = time.gmtime(when)
+    if moment.tm_year < 2050:
+        return der_encode_tlv(0x17, time.strftime('%y%m%d%H%M%SZ',
+                                                  moment).encode('ascii'))
+    return der_encode_tlv(0x18, time.strftime('%Y%m%d%H%M%SZ',
+                                              moment).encode('ascii'))
+
+
+def x509_build_self_signed(key, common_name, days=3652):
+    """Return the DER of a self-signed X.509 v3 certificate (RFC 5280).
+
+    sha256WithRSAEncryption, random 128-bit serial, CN subject = issuer,
+    ``days`` from now, plus basicConstraints cA (critical) and a
+    subjectKeyIdentifier (§4.2.1.2 method 1), as ``openssl req -x509``.
+    """
+    import hashlib  # late import: start-up time
+    import secrets
+    import time
+    now = int(time.time())
+    algorithm = der_encode_sequence(der_encode_oid(OID_SHA256_WITH_RSA),
+                                    webjob.DER_NULL)
+    name = der_encode_sequence(der_encode_tlv(0x31, der_encode_sequence(
+        der_encode_oid(webjob.OID_COMMON_NAME),
+        der_encode_tlv(0x0c, common_name.encode('utf-8')))))
+    public = der_encode_sequence(der_encode_integer(key[0]),
+                                 der_encode_integer(key[1]))
+    spki = der_encode_sequence(der_encode_sequence(
+        der_encode_oid(webjob.OID_RSA_ENCRYPTION), webjob.DER_NULL),
+        der_encode_tlv(0x03, b'\x00' + public))  # RFC 3279 §2.3.1
+    true = b'\x01\x01\xff'
+    extensions = der_encode_tlv(0xa3, der_encode_sequence(
+        der_encode_sequence(der_encode_oid('2.5.29.19'), true, der_encode_tlv(
+            0x04, der_encode_sequence(true))),  # basicConstraints cA
+        der_encode_sequence(der_encode_oid('2.5.29.14'), der_encode_tlv(
+            0x04, der_encode_tlv(0x04, hashlib.sha1(public).digest())))))
+    tbs = der_encode_sequence(
+        der_encode_tlv(0xa0, der_encode_integer(2)),
+        der_encode_integer(secrets.randbits(128) | 1 << 127), algorithm,
+        name, der_encode_sequence(x509_encode_time(now),
+                                  x509_encode_time(now + days * 86400)),
+        name, spki, extensions)
+    signature = dsv_sign_digest(('rsa', key), 'sha256',
+                                hashlib.sha256(tbs).digest())
+    return der_encode_sequence(tbs, algorithm,
+                               der_encode_tlv(0x03, b'\x00' + signature))
+
+###############################################################################
+# DSV tool: command line ######################################################
+###############################################################################
+
+
+def dsv_write_file(path, data, mode=0o644, replace=True):
+    """Write ``data`` to ``path``: through a temporary name and a rename
+    (``replace``), or created with O_EXCL, which never overwrites.
+    """
+    target = '%s.%d.tmp' % (path, os.getpid()) if replace else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, 'wb') as stream:
+            stream.write(data)
+        if replace:
+            os.replace(target, path)
+    except BaseException:
+        try:
+            os.unlink(target)
+        except OSError:
+            pass
+        raise
+
+
+def dsvtool_parse_int(text, low, high, what):
+    """Parse a decimal command-line number within ``low..high``.
+
+    :raises DsvUsageError: not a number, or out of range.
+    """
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise DsvUsageError('%s must be a number from %d to %d'
+                            % (what, low, high))
+    return int(text)
+
+
+def dsvtool_parse_args(argv):
+    """Parse the position-dependent command line (protocol.md §6).
+
+    Options come in the synopsis order, each with its own argument, so a
+    bundled flag such as ``-sk`` is an unknown mode.  Returns
+    ``(mode_function, options)``.
+
+    :raises DsvUsageError: anything else.
+    """
+    args = list(argv)
+
+    def take(names, required=True):
+        """Pop ``names value`` off the front of args (None if optional)."""
+        if args and args[0] in names:
+            if len(args) < 2:
+                raise DsvUsageError('option %s needs a value' % args[0])
+            del args[0]
+            return args.pop(0)
+        if required:
+            raise DsvUsageError('expected %s' % '|'.join(names))
+        return None
+    mode = args.pop(0) if args else None
+    rest = None  # name of the option that takes the remaining arguments
+    if mode in ('-s', '--sign-payload'):
+        function, rest = dsvtool_sign, 'payloads'
+        options = {'key': take(('-k', '--key-file')),
+                   'hash': take(('-a', '--hash'), False) or 'sha256'}
+        if options['hash'] not in DSVTOOL_SIGN_HASHES:
+            raise DsvUsageError('unsupported hash %s' % options['hash'])
+    elif mode in ('-c', '--check-signature'):
+        function, rest = dsvtool_check, 'signatures'
+        if args and args[0] in ('-t', '--cert-tree'):
+            options = {'cert_tree': take(('-t', '--cert-tree'))}
+        else:
+            options = {'cert_file': take(('-f', '--cert-file'))}
+    elif mode in ('-g', '--generate-key'):
+        function = dsvtool_generate_key
+        bits = dsvtool_parse_int(take(('-b', '--bits')), 1024, 8192, 'bits')
+        if bits % 256:
+            raise DsvUsageError('bits must be a multiple of 256')
+        if take(('-t', '--type')) != 'rsa':
+            raise DsvUsageError('only rsa keys can be generated')
+        options = {'bits': bits, 'common_name': take(
+            ('-n', '--common-name'), False) or 'webjob-dsv',
+                   'prefix': take(('-o', '--output'), False) or 'webjob-dsv'}
+    elif mode in ('-p', '--generate-password'):
+        function, length = dsvtool_generate_password, take(
+            ('-l', '--length'), False)
+        options = {'length': dsvtool_parse_int(length or '20', 8, 1024,
+                                               'length')}
+    elif mode in ('-v', '--version'):
+        function, options = dsvtool_version, {}
+    else:
+        raise DsvUsageError('unknown mode %s' % mode if mode else 'no mode')
+    if rest and not args:
+        raise DsvUsageError('no %s given' % rest)
+    if rest:
+        options[rest] = args
+    elif args:
+        raise DsvUsageError('unexpected argument %s' % args[0])
+    return function, options
+
+
+def dsvtool_sign(options, stdin, stdout, stderr):
+    """Sign mode: write ``<payload>.sig`` (one base64 line) per payload, or
+    the line to stdout for ``-``.  Returns 1 if any payload failed.
+    """
+    import base64  # late import: start-up time
+    data = webjob.dsv_read_small_file(options['key'])
+    private = load_private_key(data, lambda: dsv_read_passphrase(stdin))
+    hash_name, status = options['hash'], 0
+    for payload in options['payloads']:
+        try:
+            if payload == '-':
+                digest = webjob.hash_stream_all(stdin, [hash_name])[hash_name]
+            else:
+                with open(payload, 'rb') as stream:
+                    digest = webjob.hash_stream_all(stream, [hash_name])[hash_name]
+            line = base64.b64encode(dsv_sign_digest(private, hash_name,
+                                                    digest)) + b'\n'
+            if payload == '-':
+                stdout.write(line.decode('ascii'))
+            else:
+                dsv_write_file(payload + '.sig', line)
+        except OSError as exc:
+            stderr.write('webjob-dsvtool: %s: %s\n' % (payload, exc.strerror))
+            status = 1
+    return status
+
+
+def dsvtool_check(options, stdin, stdout, stderr):
+    """Check mode: print ``<sig>: OK`` or ``<sig>: FAILED`` per signature.
+
+    The payload is the signature name minus ``.sig``.  SHA-1 signatures
+    are accepted here, unlike in the client: this tool inspects old
+    signatures too.  Returns 1 if any failed.
+
+    :raises DsvError: no usable certificate.
+    """
+    source = options.get('cert_tree') or options['cert_file']
+    try:
+        spkis = (webjob.load_certificate_tree(source) if 'cert_tree' in options
+                 else webjob.x509_load_spkis(webjob.dsv_read_small_file(source)))
+    except webjob.DsvError as exc:
+        raise webjob.DsvError('%s: %s' % (source, exc)) from None
+    if not spkis:
+        raise webjob.DsvError('%s: no usable certificate' % source)
+    status = 0
+    for sig_path in options['signatures']:
+        verdict = 'FAILED'
+        try:
+            if not sig_path.endswith('.sig'):
+                raise webjob.DsvError('signature file name must end in .sig')
+            webjob.verify_payload_file(sig_path[:-4], webjob.dsv_read_small_file(
+                sig_path, DSV_MAX_SIG_FILE), spkis, allow_sha1=True)
+            verdict = 'OK'
+        except webjob.SignatureError:
+            pass
+        except (OSError, webjob.DsvError) as exc:
+            stderr.write('webjob-dsvtool: %s: %s\n' % (
+                sig_path, getattr(exc, 'strerror', None) or exc))
+        stdout.write('%s: %s\n' % (sig_path, verdict))
+        status |= verdict != 'OK'
+    return status
+
+
+def dsvtool_generate_key(options, stdin, stdout, stderr):
+    """Generate-key mode: ``<prefix>.key`` (PKCS#1 PEM, mode 0600) and
+    ``<prefix>.crt`` (self-signed PEM certificate).  Never overwrites.
+
+    :raises DsvError: an output file exists.
+    """
+    prefix = options['prefix']
+    for suffix in ('.key', '.crt'):
+        if os.path.lexists(prefix + suffix):
+            raise webjob.DsvError('%s%s exists: not overwritten' % (prefix, suffix))
+    key = rsa_generate_key(options['bits'])
+    cert = x509_build_self_signed(key, options['common_name'])
+    private = der_encode_sequence(*[der_encode_integer(value)
+                                    for value in (0,) + key])
+    dsv_write_file(prefix + '.key', pem_encode(private, 'RSA PRIVATE KEY'),
+                   0o600, replace=False)
+    dsv_write_file(prefix + '.crt', pem_encode(cert, 'CERTIFICATE'), 0o644,
+                   replace=False)
+    return 0
+
+
+def dsvtool_generate_password(options, stdin, stdout, stderr):
+    """Generate-password mode: letters and digits drawn with ``secrets``."""
+    import secrets  # late import: start-up time
+    stdout.write(''.join(secrets.choice(DSVTOOL_PASSWORD_ALPHABET)
+                         for _ in range(options['length'])) + '\n')
+    return 0
+
+
+def dsvtool_version(options, stdin, stdout, stderr):
+    """Version mode: ``webjob-dsvtool <version>``."""
+    stdout.write('webjob-dsvtool %s\n' % DSVTOOL_VERSION)
+    return 0
+
+
+def dsvtool_main(argv, stdin=None, stdout=None, stderr=None):
+    """Run webjob-dsvtool; return its exit code (0 ok, 1 failure, 2 usage).
+
+    ``argv`` excludes the program name.  The one catch-all: errors become
+    one ``webjob-dsvtool: ...`` line on stderr, never a traceback, and
+    never key material (unexpected errors show only their type).
+    """
+    stdin = sys.stdin.buffer if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        function, options = dsvtool_parse_args(argv)
+        return function(options, stdin, stdout, stderr)
+    except DsvUsageError as exc:
+        stderr.write('webjob-dsvtool: %s\n%s' % (exc, DSVTOOL_USAGE))
+        return exc.exit_code
+    except webjob.WebJobError as exc:
+        stderr.write('webjob-dsvtool: %s\n' % exc)
+        return exc.exit_code
+    except OSError as exc:
+        stderr.write('webjob-dsvtool: %s: %s\n' % (exc.filename, exc.strerror))
+        return 1
+    except KeyboardInterrupt:
+        stderr.write('webjob-dsvtool: interrupted\n')
+        return 1
+    except Exception as exc:  # last resort: never a traceback
+        stderr.write('webjob-dsvtool: internal error: %s\n'
+                     % type(exc).__name__)
+        return 1
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -3719,7 +5155,12 @@ def main(argv=None):
     """
     if os.environ.get('GATEWAY_INTERFACE') and argv is None:
         return run_cgi()
+    invoked = os.path.basename(sys.argv[0] if sys.argv else '')
     argv = sys.argv[1:] if argv is None else argv
+    if invoked.startswith('webjob-dsvtool'):
+        return dsvtool_main(argv)
+    if argv[:1] == ['dsvtool']:
+        return dsvtool_main(argv[1:])
     try:
         if argv[:1] in (['-h'], ['--help']):
             sys.stdout.write(USAGE)
@@ -3738,7 +5179,7 @@ def main(argv=None):
         if argv[:1] != ['serve']:
             raise webjob.UsageError('expected "serve", "verify", "list", '
                                     '"job", "hunt", "report", '
-                                    '"install-cgi" or -h'
+                                    '"install-cgi", "dsvtool" or -h'
                                     if argv else
                                     'not a CGI request (GATEWAY_INTERFACE '
                                     'is unset) and no command given')

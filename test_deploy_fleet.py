@@ -188,6 +188,9 @@ def test_html_report_renders_hostile_uploads_as_inert_text(locker, tmp_path):
     assert dom.pres.count(shown) == 2           # .out and .err of the bad job
     rows = [a.get('class') for a in dom.tags('tr') if a.get('class')]
     assert rows == ['job ok', 'job failed', 'job ok']
+    checks = [a.get('class') for a in dom.tags('span')
+              if a.get('class') in ('match', 'mismatch', 'unchecked')]
+    assert checks == ['unchecked'] * 3      # no StdOutHash was declared
     assert 'A' * (1 << 16) in dom.pres and 'A' * ((1 << 16) + 1) not in ''.join(
         dom.pres)
     links = dict((a['download'], a['href']) for a in dom.tags('a')
@@ -269,9 +272,10 @@ def test_admin_pages_need_an_administrator(admin_server):
     assert "default-src 'none'" in headers['Content-Security-Policy']
     assert headers['X-Content-Type-Options'] == 'nosniff'
     assert b'<h1>WebJob locker report</h1>' in body
-    lines = server.log_lines(4)
-    assert lines[-1].endswith('200 -- Administrator page (/webjob-admin/) '
-                              'for admin')
+    lines = server.log_lines(3 + 4)         # the locker's 3 PUTs, then ours
+    admin, = [line for line in lines if line.endswith(' for admin')]
+    assert admin.endswith(' 200 -- Administrator page (/webjob-admin/) for '
+                          'admin')
 
 
 def test_admin_pages_change_nothing(admin_server):
@@ -504,3 +508,131 @@ def test_two_servers_behind_nginx_hand_each_entry_out_once(farm):
     assert sorted(handed) == sorted(given) and len(set(given)) == 20
     servers = set(job_id.rsplit('_', 2)[0] for job_id in given)
     assert servers == {'server_0', 'server_1'}      # both took part
+
+
+# The CGI as the web server's user ############################################
+
+def run_cgi_as_www(top, method, query, body=b'', job_id=None):
+    """nph_webjob.py as a CGI process run as www-data: its status code."""
+    import pwd
+    www = pwd.getpwnam('www-data')
+    env = {'GATEWAY_INTERFACE': 'CGI/1.1', 'REQUEST_METHOD': method,
+           'QUERY_STRING': query, 'CONTENT_LENGTH': str(len(body)),
+           'SCRIPT_FILENAME': os.path.join(top, 'nph-webjob.cgi'),
+           'REMOTE_ADDR': '127.0.0.1', 'PATH': '/usr/bin:/bin',
+           'WEBJOB_PROPERTIES_FILE': os.path.join(top, 'nph-webjob.cfg')}
+    if job_id:
+        env['HTTP_JOB_ID'] = job_id
+
+    def demote():
+        os.setgroups([])
+        os.setgid(www.pw_gid)
+        os.setuid(www.pw_uid)
+
+    proc = subprocess.Popen(['/usr/bin/python3', '-I', '-S', os.path.join(
+        top, 'nph_webjob.py')], env=env, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, preexec_fn=demote)
+    out = proc.communicate(body, timeout=60)[0]
+    head, _, rest = out.partition(b'\r\n\r\n')
+    fields = dict(line.split(': ', 1) for line in
+                  head.decode('latin-1').split('\r\n')[1:])
+    return int(head.split()[1]), fields.get('Job-Id')
+
+
+def test_cgi_as_www_data_serves_a_queue_the_administrator_made_as_root():
+    import pwd
+    import tempfile
+    www = pwd.getpwnam('www-data')
+    top = tempfile.mkdtemp(prefix='webjob-cgi-queue-')
+    try:
+        os.chmod(top, 0o755)
+        for name in ('webjob.py', 'nph_webjob.py'):
+            shutil.copy(os.path.join(os.path.dirname(NPH_WEBJOB), name), top)
+        base = os.path.join(top, 'base')
+        for name in ('incoming', 'logfiles', 'jobqueues',
+                     'profiles/common/commands'):
+            os.makedirs(os.path.join(base, name))
+        for name in ('incoming', 'logfiles', 'jobqueues'):  # the README's
+            os.chown(os.path.join(base, name), www.pw_uid, www.pw_gid)
+        write_file(os.path.join(base, 'profiles/common/commands/collect.sh'),
+                   b'#!/bin/sh\necho collected\n', 0o755)
+        write_file(os.path.join(top, 'nph-webjob.cfg'), (
+            'BaseDirectory=%s\nRequireUser=N\nJobQueueEnable=Y\n' % base
+        ).encode())
+        proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'job', 'add',
+                                 '--client', 'client_1', '--command',
+                                 'collect.sh', '--root', base],
+                                stdout=subprocess.DEVNULL)
+        assert proc.wait(timeout=60) == 0
+        status, job_id = run_cgi_as_www(top, 'JOB', queue_query(
+            'client_1', 'default'))
+        assert status == 200 and job_id
+        env = ('KidStatus=0\nJid=%s\n' % job_id).encode()
+        status, given = run_cgi_as_www(top, 'PUT', queue_query(
+            'client_1', 'collect.sh', (0, 0, len(env))), env, job_id)
+        assert (status, given) == (200, job_id)
+        record = nph_webjob.read_key_values(os.path.join(
+            base, 'jobqueues/client_1/000001.job'))
+        assert record['State'] == 'done'
+        assert os.stat(os.path.join(base, 'jobqueues/client_1')).st_uid == \
+            www.pw_uid
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+# Apache ######################################################################
+
+def wait_for_log(server, text, timeout=30.0):
+    """True once a line of the server's log contains text (the CGI writes
+    it after its answer)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in line for line in server.log_lines()):
+            return True
+        time.sleep(0.05)        # poll interval while waiting on the log
+    return False
+
+
+def test_queued_jobs_run_through_apache_nph_cgi(apache_server, tmp_path):
+    """The JOB method and the 252 answer pass Apache's mod_cgi (the NPH
+    script, as the README deploys it: Apache may chunk a parsed-header
+    CGI's answer, which the original's client cannot read either)."""
+    from conftest import CGI_PATH
+    import pwd
+    server = apache_server()
+    www = pwd.getpwnam('www-data')
+    with open(server.properties, 'rb') as handle:
+        original = handle.read()
+    queues = os.path.join(server.root, 'jobqueues')
+    try:
+        write_file(server.properties, original + b'JobQueueEnable = Y\n')
+        os.makedirs(queues)
+        os.chown(queues, www.pw_uid, www.pw_gid)
+        for n in range(2):
+            proc = subprocess.Popen([sys.executable, NPH_WEBJOB, 'job', 'add',
+                                     '--client', 'client_1', '--command',
+                                     'hostname.sh', '--pin', '--root',
+                                     server.root], stdout=subprocess.DEVNULL)
+            assert proc.wait(timeout=60) == 0
+        codes = []
+        for count in (['1'], []):
+            url = 'http://%s:%d%s' % (LOOPBACK, server.port, CGI_PATH)
+            cfg = write_file(tmp_path / 'apache.cfg', (
+                'ClientId=client_1\nURLGetURL=%s\nURLPutURL=%s\n'
+                'URLAuthType=basic\nURLUsername=client_1\n'
+                'URLPassword=secret-1\nTempDirectory=%s\n' % (
+                    url, url, tmp_path)).encode())
+            proc = subprocess.Popen([sys.executable, '-I', '-S', WEBJOB,
+                                     '--job', '-f', str(cfg)] + count,
+                                    stderr=subprocess.PIPE)
+            codes.append((proc.wait(timeout=120), proc.stderr.read()))
+        assert codes == [(0, b''), (0, b'')]
+        states = [nph_webjob.read_key_values(os.path.join(
+            queues, 'client_1', '%06d.job' % n))['State'] for n in (1, 2)]
+        assert states == ['done', 'done']
+        assert wait_for_log(server, ' JOB client_1 default 0 0 0 252 -- No '
+                            'job queued')
+    finally:
+        write_file(server.properties, original)
+        shutil.rmtree(queues, ignore_errors=True)

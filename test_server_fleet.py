@@ -18,7 +18,7 @@ import threading
 import pytest
 
 import nph_webjob
-from conftest import LOOPBACK, NPH_WEBJOB, write_file
+from conftest import LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY, write_file
 
 VERSION = 'webjob+1.0.0+ssl+dsv+64+bit'
 SYSTEM = 'x86_64+Linux+6.18.0-1-amd64'
@@ -308,14 +308,18 @@ def test_queue_state_files_are_written_whole(root):
     assert sorted(names) == ['.lock', '000001.job']
 
 
-def test_queue_survives_a_server_kill(root, standalone_server):
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+def test_queue_survives_a_server_kill(root, standalone_server, python):
     cfg = write_file(root / 'queue.cfg', b'JobQueueEnable=Y\n')
     queue(root, '--client', 'client_1')
     queue(root, '--client', 'client_1')
-    server = standalone_server(root=str(root), args=['--config', str(cfg)])
+    server = standalone_server(python, root=str(root),
+                               args=['--config', str(cfg)])
     first = http_job(server.port)
     server.stop(signum=9)
-    server = standalone_server(root=str(root), args=['--config', str(cfg)])
+    server = standalone_server(python, root=str(root),
+                               args=['--config', str(cfg)])
     second = http_job(server.port)
     assert first[0] == second[0] == 200 and first[1] != second[1]
     assert http_job(server.port)[0] == 252
