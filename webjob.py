@@ -69,6 +69,7 @@ Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
        webjob {-v|--version}
        webjob --pad-make-script file [-o file.pad]
        webjob --resend {-f|--file} config[,config...]
+       webjob --help
 """
 
 
@@ -2471,11 +2472,12 @@ def push_upload(upload, query, source, offset, end, deadline, stream=None,
                 if response.fields.get('upload-complete') == '?1' and \
                         response.status in (200, 409):
                     return response
-                if response.status == 409 and \
-                        'upload-offset' in response.fields:
-                    raise TransportError('offset %d refused (409), the server '
-                                         'holds %d' % (offset, response.fields[
-                                             'upload-offset']))
+                if response.status == 409:     # another offset, or busy
+                    raise TransportError('offset %d refused (409): %s, the '
+                                         'server holds %s' % (
+                                             offset, response.reason,
+                                             response.fields.get(
+                                                 'upload-offset', '?')))
                 if 500 <= response.status <= 599:
                     raise TransportError('Status = [%d], Reason = [%s]'
                                          % (response.status, response.reason))
@@ -2497,6 +2499,8 @@ def push_upload(upload, query, source, offset, end, deadline, stream=None,
 def put_resumable(job, target, query, files, deadline):
     """The staged PUT body (out, err, env) as a resumable upload; None when
     the server is an original one (the caller sends the plain PUT)."""
+    if job.values['RunType'] == 'linktest':
+        return None             # nothing is kept: the plain PUT (251)
     upload = Upload(job, target, RESUMABLE_SEGMENT)
     try:
         held = upload.ask_offset(query, deadline)
@@ -2602,6 +2606,8 @@ def start_streamed(job):
     """Ask the server whether it takes streamed uploads; the Upload, or
     None (with one line on stderr) when the output must be staged."""
     values = job.values
+    if values['RunType'] == 'linktest':
+        return None             # nothing is kept: staged, the plain PUT
     target = Target(values['URLPutURL'], values['URLUsername'],
                     values['URLPassword'])
     upload = Upload(job, target, job.values['UploadSegmentSize'])
@@ -2645,6 +2651,7 @@ def run_streamed(job, argv, upload):
     limit = values['RunTimeLimit']
     end = time.monotonic() + limit if limit else None
     timed_out = killed = False
+    interrupted = True
     try:
         while pipes:
             wait = None if end is None else max(0.0, end - time.monotonic())
@@ -2666,14 +2673,19 @@ def run_streamed(job, argv, upload):
                 done = spool.feed(data) if data else spool.close()
                 if done is not None:
                     queue_segment(sender, done)
+        interrupted = False
     finally:
+        if interrupted:         # SIGINT or an error: wait for nobody
+            kill_group(proc.pid, signal.SIGKILL)
+            sender.error = sender.error or 'interrupted'
         for spool in spools:
             done = spool.close()
             if done is not None:
                 queue_segment(sender, done)
         proc.stdout.close()
         proc.stderr.close()
-        sender.finish()
+        if not interrupted:
+            sender.finish()
     if timed_out and not killed:
         kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -3862,15 +3874,29 @@ def take(argv, index, what):
     return argv[index]
 
 
+def mode_usage(mode):
+    """The USAGE line of one mode ('-e' or '--execute', ...), else USAGE."""
+    for line in USAGE.splitlines():
+        words = line[7:].split()
+        if len(words) > 1 and mode in words[1].strip('{}').split('|'):
+            return 'Usage: %s\n' % line[7:]
+    return USAGE
+
+
 def parse_args(argv):
     """Position-dependent parsing, as the original: no bundled flags.
 
     Returns (mode, arguments).  Everything after the program is passed
-    through untouched.
+    through untouched.  '--help', alone or right after a mode, asks for the
+    usage (-h is the man page's hashsum).
     """
     if not argv:
         raise UsageError('no mode given')
     mode = argv[0]
+    if mode == '--help':
+        return 'help', (USAGE,)
+    if argv[1:2] == ['--help'] and mode_usage(mode) != USAGE:
+        return 'help', (mode_usage(mode),)
     if mode in ('-e', '--execute'):
         if take(argv, 1, '-f|--file') not in ('-f', '--file'):
             raise UsageError('expected -f|--file after %s' % mode)
@@ -3963,6 +3989,9 @@ def dispatch(mode, arguments):
         return resend_mode(*arguments)
     if mode == 'dsvtool':
         raise DependencyError(DSVTOOL_MOVED)
+    if mode == 'help':
+        sys.stdout.write(arguments[0])
+        return XER_OK
     raise DependencyError('%s is not available in this build' % mode)
 
 
