@@ -5,6 +5,7 @@ restarted.  Every trial ends with the job stored exactly once, byte for
 byte, and `verify` clean, or with exit code 10 and the output kept.
 """
 
+import hashlib
 import os
 import random
 import shutil
@@ -426,3 +427,40 @@ def test_a_linktest_is_the_plain_put(server, tmp_path, mode):
     lines = read_log_lines(server.root, before + 2)[before:]
     assert [(line.split()[5], line.split()[11]) for line in lines] == \
         [('GET', '200'), ('PUT', '251')]
+
+
+def test_streamed_output_larger_than_the_free_disk_arrives_whole(server,
+                                                                 tmp_path):
+    """TempDirectory on an 80 MiB tmpfs, a program writing 200 MiB: the
+    staged modes could not hold it; streamed, at most 64 MiB of segments
+    exist at once and the server stores all 200 MiB, hashes matching."""
+    size = 200 << 20
+    write_file(os.path.join(server.root, 'profiles', 'client_1', 'commands',
+                            'image.sh'),
+               b'#!/bin/sh\nexec head -c %d /dev/zero\n' % size, 0o755)
+    disk = str(tmp_path / 'small-disk')
+    os.makedirs(disk)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=80m', 'tmpfs', disk],
+                   check=True)
+    try:
+        folder = os.path.join(disk, 'job')
+        argv = job_command(server, folder, server.url, 'streamed',
+                           UploadSegmentSize=8 << 20)
+        result = subprocess.run(argv[:-1] + ['image.sh'],
+                                stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=600)
+        assert result.returncode == 0, result.stderr.decode()
+        env = local_env(folder)
+    finally:
+        subprocess.run(['umount', disk], check=True)
+    job_id = [line[4:] for line in env.decode().splitlines()
+              if line.startswith('Jid=')][0]
+    found = [group for group in server.groups()
+             if server.read(group, 'rdy') == ('Jid=%s\n' % job_id).encode()]
+    assert len(found) == 1
+    stem = os.path.join(server.root, 'incoming', found[0])
+    assert os.path.getsize(stem + '.out') == size
+    assert not os.path.exists(stem + '.bad')      # the hashes matched
+    assert b'StdOutHash=%s' % hashlib.md5(b'\0' * size).hexdigest().encode() \
+        in env
