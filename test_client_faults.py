@@ -209,7 +209,7 @@ def test_retries_used_up_keep_the_output_and_exit_put_stage(trials):
     trials.proxy.plan(*[FaultPlan(answer=answer_503()) for _ in range(5)])
     failure = trials.put()
     assert isinstance(failure, webjob.PutStageError)
-    assert failure.exit_code == 10 and 'output kept' in str(failure)
+    assert failure.exit_code == 10 and 'files are kept in' in str(failure)
     trials.check_stored_once()
 
 

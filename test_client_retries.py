@@ -96,8 +96,8 @@ def test_refused_connections_are_retried_then_the_output_is_kept(tmp_path,
     names = sorted(os.listdir(str(temp)))
     stem = names[0].rsplit('.', 1)[0]
     assert names == [stem + '.' + ext for ext in ('env', 'err', 'kept', 'out')]
-    assert 'output kept: %s.{out,err,env}' % os.path.join(str(temp), stem) \
-        in err and '--resend' in err
+    assert 'the output files are kept in %s: %s.out %s.err %s.env' % (
+        temp, stem, stem, stem) in err and '--resend' in err
 
 
 def test_a_permanent_refusal_is_not_retried(site, tmp_path):
@@ -236,4 +236,4 @@ def test_a_stalled_attempt_is_abandoned_after_PutStallTimeLimit(site):
     err = result.stderr.decode()
     assert result.returncode == 10, err
     assert err.count('PutStallTimeLimit (1 s) expired') == 2, err
-    assert 'attempt 1 of 2 failed' in err and 'output kept' in err
+    assert 'attempt 1 of 2 failed' in err and 'files are kept in' in err

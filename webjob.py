@@ -3808,8 +3808,11 @@ class KeptGroup(object):
 
     def describe(self):
         """Where the unconfirmed output is, for the failure message."""
-        return 'output kept: %s.{out,err,env} (send it with webjob.py ' \
-            '--resend -f CONFIG)' % self.stem
+        folder, stem = os.path.split(self.stem)
+        return 'the output files are kept in %s: %s (not confirmed by the ' \
+            'server; send them with webjob.py --resend -f CONFIG)' % (
+                folder, ' '.join('%s.%s' % (stem, suffix) for suffix in
+                                 ('out', 'err', 'env')))
 
     def confirm(self, unlink_output):
         """The server has it: drop the marker, and with UnlinkOutput the
