@@ -191,9 +191,9 @@ Usage: nph_webjob.py serve [--root DIR] [--init] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
                            [--admin USER[,USER...]]
-       nph_webjob.py verify [--root DIR | --config FILE]
+       nph_webjob.py verify [--root DIR | --config FILE] [--json]
        nph_webjob.py list [--root DIR | --config FILE] [--client ID]
-                          [--since YYYY-MM-DD[ HH:MM[:SS]]]
+                          [--since YYYY-MM-DD[ HH:MM[:SS]]] [--json]
        nph_webjob.py job add --client ID[,ID...] --command NAME
                              [--alias NAME] [--args TEXT] [--comment TEXT]
                              [--priority N] [--expires WHEN]
@@ -3755,9 +3755,9 @@ def verify_group(incoming, group, exts, recorded):
     return problems
 
 
-def verify_locker(base, out):
-    """Check every group in base/incoming; print one line per problem and a
-    summary.  Returns the number of problems."""
+def verify_locker(base, out, as_json=False):
+    """Check every group in base/incoming; print one line (or JSON object)
+    per problem and a summary.  Returns the number of problems."""
     incoming = os.path.join(base, 'incoming')
     try:
         groups = read_groups(incoming)
@@ -3776,6 +3776,13 @@ def verify_locker(base, out):
     for name in sorted(set(recorded) - seen):
         problems.append((name, 'missing since upload (in the manifest)'))
     problems.extend(partial_findings(incoming))
+    if as_json:
+        write_json_lines(out, [{'kind': 'problem', 'name': name,
+                                'problem': problem}
+                               for name, problem in problems] + [{
+            'kind': 'summary', 'groups': len(groups),
+            'manifest_files': len(recorded), 'problems': len(problems)}])
+        return len(problems)
     for name, problem in problems:
         out.write('%s: %s\n' % (webjob.one_line(name), problem))
     out.write('verify: %d groups, %d files in the manifest, %d problems\n' % (
@@ -3783,13 +3790,25 @@ def verify_locker(base, out):
     return len(problems)
 
 
+def write_json_lines(out, records):
+    """--json: one object per line, keys sorted, for a SIEM or a notebook."""
+    import json  # late import: tools only
+    for record in records:
+        out.write(json.dumps(record, sort_keys=True) + '\n')
+
+
 GROUP_NAME = (r'(?P<client>.+?)_(?P<stamp>\d{14})_(?P<serial>\d{5})_'
               r'(?P<program>.+)\Z')
 
 
-def list_jobs(base, out, client=None, since=None):
-    """One line per group, oldest first: Date Time ClientId Program JobId
-    KidStatus OutSize ErrSize EnvSize ('-' when unknown)."""
+LIST_KEYS = ('kind', 'date', 'group', 'client', 'program', 'jid',
+             'kid_status', 'out_size', 'err_size', 'env_size')
+
+
+def list_jobs(base, out, client=None, since=None, as_json=False):
+    """One line (or JSON object) per group, oldest first: Date Time
+    ClientId Program JobId KidStatus OutSize ErrSize EnvSize ('-' when
+    unknown; KidStatus NA when the program never ran)."""
     import re  # late import: tools only
     incoming = os.path.join(base, 'incoming')
     try:
@@ -3812,11 +3831,15 @@ def list_jobs(base, out, client=None, since=None):
         sizes = [os.path.getsize(path + ext) if ext in exts else None
                  for ext in STREAM_EXTENSIONS]
         fields = [match.group('client'), match.group('program'),
-                  rdy.get('Jid') or env.get('Jid'),
-                  '' if status == 'NA' else status] + sizes
-        out.write('%s-%s-%s %s:%s:%s %s\n' % (
-            stamp[:4], stamp[4:6], stamp[6:8], stamp[8:10], stamp[10:12],
-            stamp[12:], ' '.join(log_field(f) for f in fields)))
+                  rdy.get('Jid') or env.get('Jid'), status] + sizes
+        when = '%s-%s-%s %s:%s:%s' % (stamp[:4], stamp[4:6], stamp[6:8],
+                                      stamp[8:10], stamp[10:12], stamp[12:])
+        if as_json:
+            write_json_lines(out, [dict(zip(LIST_KEYS, [
+                'group', when, group] + [f or None for f in fields[:4]] +
+                sizes))])
+            continue
+        out.write('%s %s\n' % (when, ' '.join(log_field(f) for f in fields)))
     return len(rows)
 
 
@@ -4136,15 +4159,14 @@ def hunt_progress(base, name, now, hand_out_limit):
 def show_hunt(base, name, out, as_json, now, hand_out_limit):
     """hunt status: a line (or JSON object) per client, then the totals;
     0 when every client is done, 1 otherwise."""
-    import json  # late import: tools only
     record, rows, totals = hunt_progress(base, name, now, hand_out_limit)
     for client, progress, view in rows:
         if as_json:
-            out.write(json.dumps({
+            write_json_lines(out, [{
                 'kind': 'hunt-client', 'hunt': name, 'client': client,
                 'progress': progress, 'entry': entry_name(view),
                 'result': view.get('Result') or None,
-                'why': view.get('Why') or None}, sort_keys=True) + '\n')
+                'why': view.get('Why') or None}])
         else:
             why = view.get('Why', '') if progress in (
                 'failed', 'expired', 'cancelled') else ''
@@ -4153,10 +4175,9 @@ def show_hunt(base, name, out, as_json, now, hand_out_limit):
                 log_field(view.get('Result')),
                 ' -- ' + webjob.one_line(why) if why else ''))
     if as_json:
-        out.write(json.dumps(dict(totals, kind='hunt', hunt=name,
-                                  clients=len(rows),
-                                  command=record.get('CommandLine')),
-                             sort_keys=True) + '\n')
+        write_json_lines(out, [dict(totals, kind='hunt', hunt=name,
+                                    clients=len(rows),
+                                    command=record.get('CommandLine'))])
     else:
         out.write('hunt %s: %d clients: %s\n' % (name, len(rows), ', '.join(
             '%d %s' % (totals[key], key) for key in PROGRESS)))
@@ -4165,7 +4186,6 @@ def show_hunt(base, name, out, as_json, now, hand_out_limit):
 
 def list_queue(base, out, client, as_json, now, hand_out_limit):
     """job list: one line (or JSON object) per queue entry."""
-    import json  # late import: tools only
     clients = [client] if client else sorted(
         name for name in os.listdir(os.path.join(base, QUEUE_FOLDER))
         if webjob.is_client_id(name)) if os.path.isdir(
@@ -4180,7 +4200,7 @@ def list_queue(base, out, client, as_json, now, hand_out_limit):
                 record = dict((key, view[key]) for key in ENTRY_KEYS
                               if key in view)
                 record.update(kind='job', name=entry_name(view))
-                out.write(json.dumps(record, sort_keys=True) + '\n')
+                write_json_lines(out, [record])
                 continue
             out.write('%s %s\n' % (entry_name(view), ' '.join(log_field(
                 view.get(key)) for key in ('State', 'CommandLine', 'Hunt',
@@ -4413,14 +4433,11 @@ def build_report(base, client=None, since=None):
 
 def write_report(report, out, as_json):
     """The report as text lines, or JSON lines (one object each)."""
-    import json  # late import: tools only
     items = report['failures'] + report['clients'] + report['jobs']
     if as_json:
-        for item in items + [dict(hunt, rows=None) for hunt in
-                             report['hunts']]:
-            out.write(json.dumps(dict((k, v) for k, v in item.items()
-                                      if v is not None),
-                                 sort_keys=True) + '\n')
+        write_json_lines(out, [dict((k, v) for k, v in item.items()
+                                    if v is not None) for item in items + [
+            dict(hunt, rows=None) for hunt in report['hunts']]])
     else:
         for item in report['failures']:
             out.write('failure %s %s %s %s %s -- %s\n' % (
@@ -4446,9 +4463,11 @@ def write_report(report, out, as_json):
                'failures': len(report['failures']),
                'clients': len(report['clients']),
                'hunts': len(report['hunts'])}
-    out.write(json.dumps(summary, sort_keys=True) + '\n' if as_json else
-              'report: %(jobs)d jobs, %(failures)d failures, %(clients)d '
-              'clients, %(hunts)d hunts\n' % summary)
+    if as_json:
+        write_json_lines(out, [summary])
+    else:
+        out.write('report: %(jobs)d jobs, %(failures)d failures, %(clients)d '
+                  'clients, %(hunts)d hunts\n' % summary)
     return len(report['failures'])
 
 
@@ -5644,6 +5663,7 @@ def parse_locker_args(command, argv):
     if command == 'list':
         parser.add_argument('--client')
         parser.add_argument('--since')
+    parser.add_argument('--json', action='store_true')
     options = parser.parse_args(argv)
     if command == 'list':
         if options.client is not None and \
@@ -5668,8 +5688,8 @@ def run_locker_tool(command, argv):
     options = parse_locker_args(command, argv)
     base = resolve_base(options)
     if command == 'verify':
-        return 1 if verify_locker(base, sys.stdout) else 0
-    list_jobs(base, sys.stdout, options.client, options.since)
+        return 1 if verify_locker(base, sys.stdout, options.json) else 0
+    list_jobs(base, sys.stdout, options.client, options.since, options.json)
     return 0
 
 
