@@ -420,10 +420,8 @@ def override_exists(path):
 
 def merge_override(values, path):
     """Apply one override file to values (a copy); return it."""
-    table = webjob.build_control_table(SERVER_CONTROLS)
-    found, where = {}, {}
     try:
-        webjob.read_config_file(path, table, found, where, None, ())
+        found, where = webjob.read_override_file(path, SERVER_CONTROLS)
     except webjob.PropertiesError as exc:
         raise HTTPStatusError(550, 'Override: %s' % exc)
     for name in sorted(found):
@@ -609,18 +607,11 @@ def sha256_hex(data):
 
 
 def hash_file(path, names):
-    """{name: hex} of a file in one streamed pass; hashlib names as in
-    HASH_NAMES."""
-    import hashlib  # late import: tools only
-    digests = [(name, hashlib.new(name.lower())) for name in names]
-    with open(path, 'rb') as handle:
-        while True:
-            chunk = handle.read(BLOCK_SIZE)
-            if not chunk:
-                break
-            for name, digest in digests:
-                digest.update(chunk)
-    return dict((name, digest.hexdigest()) for name, digest in digests)
+    """{name: hex} of a file in one streamed pass (webjob's block hashing);
+    names as in HASH_NAMES."""
+    with open(path, 'rb', buffering=0) as handle:
+        found = webjob.hash_stream_all(handle, [name.lower() for name in names])
+    return dict((name, found[name.lower()].hex()) for name in names)
 
 
 def read_key_values(path, limit=MAX_ENV_SCAN):
@@ -817,7 +808,7 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
         write_stream(temp, io.BytesIO(record), len(record))
         os.rename(temp, os.path.join(incoming, group + '.rdy'))
         made = []               # INFO: complete from here on; keep it all
-        fsync_folder(incoming)
+        webjob.fsync_folder(incoming)
         return group, note
     finally:
         for path in made:
@@ -826,19 +817,6 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
             except OSError:
                 pass
         os.unlink(lock)
-
-
-def fsync_folder(path):
-    """Make renames in a folder durable (after .rdy, the commit point)."""
-    import errno  # late import: start-up time
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:   # EINVAL: this file system cannot
-            raise
-    finally:
-        os.close(fd)
 
 
 ###############################################################################
@@ -960,11 +938,11 @@ def start_trigger(site, fields, command):
         'command': command, 'fields': list(fields), 'incoming': site.incoming,
         'log': site.trigger_log_path,
         'values': dict((name, site.values[name]) for name in TRIGGER_VALUES)})
-    proc = subprocess.Popen(
+    proc = webjob.spawn(
         [sys.executable, '-I', '-S', os.path.realpath(__file__),
          SUPERVISE_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, cwd=site.incoming,
-        env=supervisor_environment(), start_new_session=True)
+        env=supervisor_environment())
     try:
         proc.communicate(order.encode('utf-8'), timeout=SUPERVISOR_START_LIMIT)
     except subprocess.TimeoutExpired:
@@ -1045,40 +1023,17 @@ def supervise_trigger(site, fields, command, signal, time):
                    signal.SIGALRM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     limit = site.values['TriggerTimeLimit']
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setpgid(0, 0)
-            os.chdir(site.incoming)
-            os.execve('/bin/sh', ['/bin/sh', '-c', command],
-                      command_environment())
-        finally:
-            os._exit(127)
-    try:
-        os.setpgid(pid, pid)    # INFO: both sides, whichever runs first
-    except OSError:
-        pass
-    log_trigger(site, fields, pid, 'started', 'Command (%s)' % command)
-    expired = []
-
-    def expire(signum, frame):
-        expired.append(signum)
-        kill_group(pid)
-
-    if limit:
-        signal.signal(signal.SIGALRM, expire)
-        signal.alarm(limit)
-    status = os.waitpid(pid, 0)[1]    # retried after expire (PEP 475)
-    signal.alarm(0)
-    if expired:
+    proc = webjob.spawn(['/bin/sh', '-c', command], cwd=site.incoming,
+                        env=command_environment())
+    log_trigger(site, fields, proc.pid, 'started', 'Command (%s)' % command)
+    if webjob.wait_with_deadline(proc, limit, signal.SIGKILL):
         state, message = 'timeout', 'Signal (%d) to the process group when ' \
             'TriggerTimeLimit (%d s) expired' % (signal.SIGKILL, limit)
-    elif os.WIFSIGNALED(status):
-        state, message = 'killed', 'Signal (%d)' % os.WTERMSIG(status)
+    elif proc.returncode < 0:
+        state, message = 'killed', 'Signal (%d)' % -proc.returncode
     else:
-        state, message = 'finished', 'Exit status (%d)' % os.WEXITSTATUS(
-            status)
-    log_trigger(site, fields, pid, state, message)
+        state, message = 'finished', 'Exit status (%d)' % proc.returncode
+    log_trigger(site, fields, proc.pid, state, message)
 
 
 def format_trigger_line(site, fields, pid, state, message):
@@ -1170,24 +1125,6 @@ def make_queue_folder(path):
         os.chown(path, owner.st_uid, owner.st_gid)
 
 
-def write_whole(path, data):
-    """Replace path by data: temporary name, fsync, rename, folder fsync."""
-    folder, name = os.path.split(path)
-    temp = os.path.join(folder, '.%s.%d.tmp' % (name, os.getpid()))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW,
-                 0o644)
-    try:
-        webjob.write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temp)
-        raise
-    os.close(fd)
-    os.rename(temp, path)
-    fsync_folder(folder)
-
-
 def format_entry(entry):
     """An entry's Key=Value lines, ENTRY_KEYS first, one line each."""
     keys = list(ENTRY_KEYS) + sorted(set(entry) - set(ENTRY_KEYS))
@@ -1211,7 +1148,7 @@ def read_entries(folder):
 
 
 def save_entry(folder, entry):
-    write_whole(os.path.join(folder, entry['Entry'] + ENTRY_EXTENSION),
+    webjob.replace_file(os.path.join(folder, entry['Entry'] + ENTRY_EXTENSION),
                 format_entry(entry))
 
 
@@ -1578,6 +1515,7 @@ def run_get_hook(site, exchange, path, shown):
 
     :raises HTTPStatusError: 457 when the hook fails or runs out of time.
     """
+    import signal  # late import: GetHook only
     import subprocess  # late import: GetHook only
     import tempfile  # late import: GetHook only
     values = site.values
@@ -1587,18 +1525,15 @@ def run_get_hook(site, exchange, path, shown):
     output = tempfile.TemporaryFile()
     errors = tempfile.TemporaryFile()
     try:
-        proc = subprocess.Popen(
+        proc = webjob.spawn(
             ['/bin/sh', '-c', command], stdin=subprocess.DEVNULL,
             stdout=output, stderr=errors, cwd=os.path.dirname(path),
-            env=command_environment(), close_fds=True, start_new_session=True)
-        try:
-            status = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            kill_group(proc.pid)
-            proc.wait()
+            env=command_environment())
+        if webjob.wait_with_deadline(proc, limit, signal.SIGKILL):
             raise HTTPStatusError(457, 'GetHook for %s killed when '
                                   'GetHookTimeLimit (%d s) expired'
                                   % (shown, limit))
+        status = proc.returncode
         if status != 0:
             errors.seek(0)
             why = webjob.one_line(errors.read(256).decode('utf-8', 'replace'))
@@ -1615,15 +1550,6 @@ def run_get_hook(site, exchange, path, shown):
     exchange.body = output
     exchange.status = 200
     exchange.message = 'Success: served GetHook output of %s' % shown
-
-
-def kill_group(pid):
-    """SIGKILL a process group; it may be gone already."""
-    import signal  # late import: triggers and hooks only
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def read_signature(path):
@@ -1814,19 +1740,9 @@ def install_cgi(path, config=None):
             CONFIG_VARIABLE, os.path.abspath(config))
     text = CGI_STUB % {'python': sys.executable, 'folder': _HERE,
                        'name': os.path.basename(path), 'config': config or ''}
-    temporary = '%s.%d.tmp' % (path, os.getpid())
     try:
-        with open(temporary, 'w') as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o755)
-        os.rename(temporary, path)
+        webjob.replace_file(path, text.encode('utf-8'), 0o755)
     except OSError as exc:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
         raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
     return 0
 
@@ -1952,7 +1868,7 @@ def sha_crypt(password, salt, rounds, algorithm):
 def _parse_rounds(text, name):
     """Return the rounds= value, clamped up to the spec's minimum."""
     digits = text[len('rounds='):]
-    if not digits or not set(digits) <= set('0123456789'):
+    if not webjob.is_digits(digits):
         raise UnsupportedHashError(name + ' (malformed rounds)')
     rounds = max(int(digits), SHACRYPT_ROUNDS_MIN)
     if rounds > SHACRYPT_ROUNDS_MAX:  # a stored hash must not stall the server
@@ -2766,9 +2682,9 @@ def start_hunt(base, options, out, now):
                       Clients='%d' % len(clients))
         if options.pin:         # INFO: each client's own, in its entry
             del fields['CommandSha256']
-        write_whole(record, format_entry(fields))
+        webjob.replace_file(record, format_entry(fields))
     made = queue_jobs(base, options, clients, now, hunt=name)
-    write_whole(os.path.join(folder, name + '.clients'), ''.join(
+    webjob.replace_file(os.path.join(folder, name + '.clients'), ''.join(
         '%s %s\n' % tuple(entry.split('/')) for entry in made).encode('ascii'))
     out.write('hunt %s: %s queued for %d clients%s%s\n' % (
         name, fields['CommandLine'], len(clients),
@@ -2814,7 +2730,8 @@ def hunt_rows(base, name, now, hand_out_limit):
         for line in handle:
             client_id, _, number = line.decode('ascii', 'replace').strip() \
                 .partition(' ')
-            if not (webjob.is_client_id(client_id) and number.isdigit()):
+            if not (webjob.is_client_id(client_id) and
+                    webjob.is_digits(number)):
                 continue
             entry_path = os.path.join(queue_folder(base, client_id),
                                       number + ENTRY_EXTENSION)
@@ -2909,7 +2826,7 @@ def cancel_entries(base, names, out, now):
     for name in names:
         client_id, slash, number = name.partition('/')
         if not (slash and webjob.is_client_id(client_id) and
-                number.isdigit() and len(number) == ENTRY_DIGITS):
+                webjob.is_digits(number) and len(number) == ENTRY_DIGITS):
             raise webjob.UsageError('job cancel: [%s]: expected CLIENT/NNNNNN'
                                     % webjob.one_line(name[:80]))
         folder = queue_folder(base, client_id)
@@ -3337,21 +3254,9 @@ def write_html_report(report, base, path):
     """report --html FILE: the page, written whole (temporary, fsync,
     rename) or not at all."""
     data = render_html(report, base).encode('utf-8')
-    temp = '%s.%d.tmp' % (path, os.getpid())
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
-                     0o644)
-        try:
-            webjob.write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
+        webjob.replace_file(path, data)
     except OSError as exc:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
         raise webjob.WebJobError('--html: %s: %s' % (path, exc.strerror))
 
 
@@ -4041,19 +3946,18 @@ def dsv_write_file(path, data, mode=0o644, replace=True):
     """Write ``data`` to ``path``: through a temporary name and a rename
     (``replace``), or created with O_EXCL, which never overwrites.
     """
-    target = '%s.%d.tmp' % (path, os.getpid()) if replace else path
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    if replace:
+        webjob.replace_file(path, data, mode)
+        return
+    fd = webjob.create_exclusive(path, mode)
     try:
-        with os.fdopen(fd, 'wb') as stream:
-            stream.write(data)
-        if replace:
-            os.replace(target, path)
+        webjob.write_all(fd, data)
+        os.fsync(fd)
     except BaseException:
-        try:
-            os.unlink(target)
-        except OSError:
-            pass
+        os.close(fd)
+        os.unlink(path)
         raise
+    os.close(fd)
 
 
 def dsvtool_parse_int(text, low, high, what):
@@ -4061,7 +3965,7 @@ def dsvtool_parse_int(text, low, high, what):
 
     :raises DsvUsageError: not a number, or out of range.
     """
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not webjob.is_digits(text) or not low <= int(text) <= high:
         raise DsvUsageError('%s must be a number from %d to %d'
                             % (what, low, high))
     return int(text)

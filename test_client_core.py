@@ -40,7 +40,8 @@ def test_server_keeps_no_copy_of_a_core_function():
     import nph_webjob
     copies = [name for name in ('is_digits', 'fsync_folder', 'replace_file',
                                 'spawn', 'wait_with_deadline', 'one_line',
-                                'parse_url', 'read_override_file')
+                                'parse_url', 'read_override_file',
+                                'kill_group', 'hash_stream_all')
               if name in vars(nph_webjob)]
     assert copies == []
 
@@ -91,12 +92,16 @@ def test_replace_file_leaves_the_old_file_when_writing_fails(tmp_path):
 
 def test_replace_file_never_writes_through_a_planted_temporary_link(
         tmp_path):
+    """A link planted where a temporary name could be (a crashed run's, or
+    an attacker's) is never written through."""
     target = tmp_path / 'elsewhere'
     target.write_bytes(b'keep')
-    os.symlink(str(target), str(tmp_path / ('.f.%d.tmp' % os.getpid())))
-    with pytest.raises(OSError):
-        webjob.replace_file(str(tmp_path / 'f'), b'x')
+    for name in ('.f.%d.tmp' % os.getpid(), 'f.%d.tmp' % os.getpid()):
+        os.symlink(str(target), str(tmp_path / name))
+    webjob.replace_file(str(tmp_path / 'f'), b'new')
     assert target.read_bytes() == b'keep'
+    assert (tmp_path / 'f').read_bytes() == b'new'
+    assert not (tmp_path / 'f').is_symlink()
 
 
 # read_override_file ##########################################################

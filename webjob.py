@@ -33,7 +33,7 @@ __all__ = [
     # the config reader (override files: read_override_file), name checks,
     # the URL splitter and redaction
     'MAX_CONFIG_SIZE', 'build_control_table', 'read_config',
-    'read_config_file', 'read_override_file', 'is_digits', 'is_client_id',
+    'read_override_file', 'is_digits', 'is_client_id',
     'is_program_name', 'parse_url', 'split_host_port', 'redact_url',
     # files: whole writes, write-to-temp-then-rename
     'BLOCK_SIZE', 'write_all', 'create_exclusive', 'replace_file',
@@ -894,10 +894,12 @@ def fsync_folder(path):
 
 def replace_file(path, data, mode=0o644):
     """Write data to path whole or not at all: a new temporary name beside
-    it (O_EXCL, never through a link), fsync, rename, fsync the folder.
-    A reader sees the old file or the new one, never a part."""
+    it (unique, O_EXCL, never through a link), fsync, rename, fsync the
+    folder.  A reader sees the old file or the new one, never a part, and
+    a temporary left by a crash is never reused."""
     folder, name = os.path.split(os.path.abspath(path))
-    temp = os.path.join(folder, '.%s.%d.tmp' % (name, os.getpid()))
+    temp = os.path.join(folder, '.%s.%d.%s.tmp' % (name, os.getpid(),
+                                                   os.urandom(4).hex()))
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
                  getattr(os, 'O_NOFOLLOW', 0), mode)
     try:
