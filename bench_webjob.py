@@ -74,10 +74,11 @@ TEE_MD5 = 'head -c "$1" /dev/zero | tee "$2" | md5sum'
 PLANS = {
     'quick': {'runs': 6, 'rounds': 1, 'transfer': 2, 'rss': 1,
               'seconds': 1, 'size': 8 * MIB, 'jobs': 60,
-              'real_clients': False},
+              'real_clients': False, 'stream_sizes': ()},
     'full': {'runs': 30, 'rounds': 3, 'transfer': 5, 'rss': 3,
              'seconds': 5, 'size': 1 << 30, 'jobs': 300,
-             'real_clients': True},
+             'real_clients': True,
+             'stream_sizes': (2 << 30, 8 << 30)},   # besides --size
 }
 
 #: The figures: --json key, comparison, bound (None: no goal).
@@ -96,6 +97,10 @@ FIGURES = (
     ('cgi_import_vs_bare', None, None),
     ('job_request_ms', None, None),
     ('hunt_300_s', None, None),
+    ('stream_disk_peak_mib', '<=', 64.0),
+    ('stream_rss_mib', None, None),
+    ('stream_ratio', '>=', 0.8),
+    ('resume_ratio', '>=', 0.8),
 )
 HUNT_CLIENTS = 300                      # the issue's figure, both plans
 
@@ -263,11 +268,11 @@ def ensure_big_payload(bench):
     return path
 
 
-def write_client_config(bench, name, put=True):
+def write_client_config(bench, name, put=True, extra=()):
     """A webjob.py config against the standalone server."""
     lines = ['ClientId=%s' % CLIENT_ID, 'URLGetURL=%s' % bench.server.cgi_url,
              'TempDirectory=%s' % bench.client_dir, 'OverwriteExecutable=Y',
-             'UnlinkExecutable=Y', 'UnlinkOutput=Y']
+             'UnlinkExecutable=Y', 'UnlinkOutput=Y'] + list(extra)
     lines += ['%sTimeLimit=%d' % (stage, COMMAND_TIMEOUT)
               for stage in ('Get', 'Run', 'Put')]
     if put:
@@ -378,12 +383,19 @@ def load_conftest():
 def start_servers(bench):
     """nph_webjob.py serve (conftest's launcher) and the payloads."""
     conftest = load_conftest()
-    bench.server = conftest.start_standalone(
-        os.path.join(bench.workspace, 'serve'), bench.server_python)
+    work = os.path.join(bench.workspace, 'serve')
+    config = write_file(os.path.join(work, 'nph-webjob.cfg'),
+                        b'PartialUploadEnable = Y\n')
+    bench.server = conftest.start_standalone(work, bench.server_python,
+                                             args=['--config', config])
     bench.cleanups.append(lambda: conftest.stop_process(bench.server.proc))
     write_payloads(bench)
     bench.configs = {'job': write_client_config(bench, 'job.cfg'),
-                     'noput': write_client_config(bench, 'noput.cfg', False)}
+                     'noput': write_client_config(bench, 'noput.cfg', False),
+                     'stream': write_client_config(bench, 'stream.cfg', extra=[
+                         'UploadMode=streamed']),
+                     'resume': write_client_config(bench, 'resume.cfg', extra=[
+                         'UploadMode=resumable'])}
 
 
 def start_baseline(bench, path):
@@ -594,6 +606,123 @@ def measure_rss(bench, key):
                      'small = %.1f MiB' % (bench.size, large - small))
 
 
+def folder_bytes(path):
+    """Disk blocks in use under a folder, in bytes (files vanish as they
+    are read: a streamed job removes each segment once sent)."""
+    total = 0
+    for folder, subs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def watch_peak(path, stop, found):
+    """Sample folder_bytes(path) until stop is set; the peak in found."""
+    while not stop.wait(0.005):      # sampling interval
+        found[0] = max(found[0], folder_bytes(path))
+
+
+def run_watching_disk(bench, argv):
+    """run_timed, with the peak disk use of TempDirectory meanwhile (MiB)."""
+    import threading
+    stop, found = threading.Event(), [0]
+    watcher = threading.Thread(target=watch_peak, args=(bench.client_dir,
+                                                        stop, found))
+    watcher.start()
+    try:
+        wall, rss, ended = run_timed(bench, argv)
+    finally:
+        stop.set()
+        watcher.join()
+    return wall, rss, found[0] / float(MIB)
+
+
+def stream_job_argv(bench, size):
+    return python_argv(bench, bench.python) + [
+        WEBJOB, '-e', '-f', bench.configs['stream'], 'out.sh', str(size)]
+
+
+def measure_stream(bench, key):
+    """UploadMode=streamed: a job writing --size bytes to stdout / 'head
+    -c | curl -T -' of as many bytes to the same server (whole processes),
+    with peak RSS and peak TempDirectory disk use; the disk peak also at
+    the plan's larger sizes."""
+    url = job_url(bench.server.cgi_url, 'out.sh', (bench.size, 0, 0))
+    pipe = ('head -c "$1" /dev/zero | curl -sSf --noproxy "*" -H "Expect:" '
+            '-H "Transfer-Encoding:" -H "Content-Length: $1" -o /dev/null '
+            '-T - "$2"')
+    walls, peaks, rss, curls = [], [], [], []
+    for _ in range(bench.plan['transfer']):
+        settle_disk(bench)
+        wall, peak, disk = run_watching_disk(bench, stream_job_argv(
+            bench, bench.size))
+        walls.append(wall)
+        rss.append(peak)
+        peaks.append(disk)
+        settle_disk(bench)
+        curls.append(run_timed(bench, ['sh', '-c', pipe, 'sh',
+                                       str(bench.size), url])[0])
+    notes = ['%d bytes: %.1f MiB' % (bench.size, max(peaks))]
+    for size in bench.plan['stream_sizes']:
+        if size == bench.size:
+            continue
+        settle_disk(bench)
+        log_progress('streaming a %d-byte job' % size)
+        found = run_watching_disk(bench, stream_job_argv(bench, size))[2]
+        peaks.append(found)
+        notes.append('%d bytes: %.1f MiB' % (size, found))
+    settle_disk(bench)
+    ours, curl = median(walls), median(curls)
+    bench.set_figure(key, max(peaks), 'peak TempDirectory use of a streamed '
+                     'job, MiB (%s)' % ', '.join(notes))
+    bench.set_figure('stream_rss_mib', median(rss), 'peak RSS of a streamed '
+                     '%d-byte job, MiB' % bench.size)
+    bench.set_figure('stream_ratio', curl / ours, 'head|curl -T - %.3f s / '
+                     'streamed job %.3f s for %d bytes' % (curl, ours,
+                                                          bench.size))
+
+
+def measure_resume(bench, key):
+    """UploadMode=resumable: the PUT stage of a --size job whose PATCH is
+    cut half way and resumed (through the tests' fault proxy) / one curl -T
+    of a file that size; the stage timed by the job's .env epochs."""
+    conftest = load_conftest()
+    if not hasattr(conftest, 'FaultProxy'):
+        bench.skip(key, 'conftest.py has no FaultProxy to cut the upload')
+        return
+    big = ensure_big_payload(bench)
+    proxy = conftest.FaultProxy(bench.server.port)
+    bench.cleanups.append(proxy.close)
+    config = write_client_config(bench, 'cut.cfg', extra=[
+        'UploadMode=resumable', 'URLPutURL=%s' % proxy.url(
+            '/cgi-client/nph-webjob.cgi')])
+    job = python_argv(bench, bench.python) + [WEBJOB, '-e', '-f', config,
+                                              'out.sh', str(bench.size)]
+    curl = CURL + ['-H', 'Expect:', '-o', '/dev/null', '-T', big,
+                   job_url(bench.server.cgi_url, 'big.sh', (bench.size, 0, 0))]
+    ours, theirs = [], []
+    for _ in range(bench.plan['transfer']):
+        proxy.plan(conftest.FaultPlan(),                # the HEAD
+                   conftest.FaultPlan(request_cut=bench.size // 2))
+        settle_disk(bench)
+        ended = run_timed(bench, job)[2]
+        epochs = read_stage_epochs(bench, ended)
+        if epochs is None or proxy.pending():
+            raise BenchError('the cut job uploaded no .env record, or the '
+                             'cut never happened')
+        ours.append(epochs['End'] - epochs['Put'])
+        settle_disk(bench)
+        theirs.append(run_timed(bench, curl)[0])
+    settle_disk(bench)
+    put, reference = median(ours), median(theirs)
+    bench.set_figure(key, reference / put, 'curl -T %.3f s / PUT stage cut at'
+                     ' half and resumed %.3f s (%d bytes)' % (
+                         reference, put, bench.size))
+
+
 ###############################################################################
 # Measurements: server ########################################################
 ###############################################################################
@@ -790,6 +919,8 @@ MEASUREMENTS = (
     ('rss_large_mb', measure_rss, None),
     ('job_request_ms', measure_job_request, None),
     ('hunt_300_s', measure_hunt, None),
+    ('stream_disk_peak_mib', measure_stream, None),
+    ('resume_ratio', measure_resume, None),
 )
 
 

@@ -51,11 +51,13 @@ PROGRAM = 'nph_webjob'
 #: own Basic authentication.  Clients key on the number.
 STATUS_REASONS = {
     200: 'OK',
+    204: 'No Content',
     251: 'Link Test OK',
     252: 'No Job Queued',
     401: 'Unauthorized',
     404: 'Not Found',
     405: 'Method Not Allowed',
+    409: 'Conflict',
     450: 'Invalid Query',
     451: 'File Already Exists',
     452: 'Username Undefined',
@@ -84,6 +86,8 @@ SERVER_CONTROLS = (
     ('JobQueueEnable', 'yn', False),
     ('MaxContentLength', 'uint', 100000000),
     ('OverrideDirectory', 'text', ''),
+    ('PartialExpireTime', 'uint', 604800),
+    ('PartialUploadEnable', 'yn', False),
     ('PutTriggerCommandLine', 'text', ''),
     ('PutTriggerEnable', 'yn', False),
     ('RequireMatch', 'yn', True),
@@ -908,7 +912,8 @@ def run_triggers(exchange):
     site = exchange.site
     if site is None or exchange.status != 200:
         return
-    prefix = {'GET': 'GetTrigger', 'PUT': 'PutTrigger'}.get(exchange.method)
+    prefix = {'GET': 'GetTrigger', 'PUT': 'PutTrigger',
+              'PATCH': 'PutTrigger'}.get(exchange.method)   # PATCH: stored
     if prefix is None or not site.values[prefix + 'Enable']:
         return
     fields = (exchange.job_id, exchange.method, exchange.client_id,
@@ -1399,18 +1404,23 @@ def process_request(environ, stdin, site=None):
             site = load_site(path or DEFAULT_CONFIG, required=bool(path))
         exchange.site = site
         site.check_layout()
-        if exchange.method not in ('GET', 'PUT') and not (
+        partial = exchange.method in PARTIAL_METHODS and \
+            site.values['PartialUploadEnable']
+        if exchange.method not in ('GET', 'PUT') and not partial and not (
                 exchange.method == 'JOB' and site.values['JobQueueEnable']):
             raise HTTPStatusError(405, 'Method (%s) not allowed'
                                   % webjob.one_line(exchange.method[:32]))
-        names = PUT_PARAMETERS if exchange.method == 'PUT' else GET_PARAMETERS
+        names = partial_names(environ) if partial else \
+            PUT_PARAMETERS if exchange.method == 'PUT' else GET_PARAMETERS
         query = parse_query(environ.get('QUERY_STRING', ''), names)
         exchange.client_id = query['CLIENTID']
         exchange.filename = query['FILENAME']
         site = exchange.site = apply_overrides(site, exchange.client_id,
                                                exchange.filename)
         check_user(site, exchange)
-        if exchange.method == 'GET':
+        if partial:
+            serve_partial(site, exchange, query, stdin)
+        elif exchange.method == 'GET':
             serve_get(site, exchange)
         elif exchange.method == 'JOB':
             hand_out_job(site, exchange)
@@ -1596,17 +1606,15 @@ def serve_put(site, exchange, query, stdin):
                                   % (length, done, why))
         exchange.status, exchange.message = 251, 'Success'
         return
-    import time  # late import: start-up time
-    now = site.clock()
-    stamp = time.strftime('%Y%m%d%H%M%S', (time.gmtime if site.values['UseGMT']
-                                           else time.localtime)(now))
-    prefix = '%s_%s_' % (exchange.client_id, stamp)
-    suffix = '_' + exchange.filename
-    if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
-        raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
-                              'for a name in incoming/')
+    prefix, suffix = group_affixes(site, exchange)
     exchange.group, note = store_upload(site, stdin, prefix, suffix, lengths,
                                         exchange.job_id)
+    conclude_upload(site, exchange, note)
+
+
+def conclude_upload(site, exchange, note):
+    """Answer a stored upload 200, judge the job from its .env, and tie it
+    to its queue entry when the JOB extension handed it out."""
     path = os.path.join(site.incoming, exchange.group + '.')
     why = judge_upload(read_key_values(path + 'env'),
                        os.path.exists(path + FLAG_EXTENSION))
@@ -1616,6 +1624,24 @@ def serve_put(site, exchange, query, stdin):
     exchange.status = 200
     exchange.message = ('Stored; job failed: %s' % '; '.join(why) if why
                         else 'Success') + note
+
+
+def group_affixes(site, exchange):
+    """(prefix, suffix) of a new group's name around its serial number:
+    '<ClientId>_<YYYYMMDDHHMMSS>_' and '_<FILENAME>'.
+
+    :raises HTTPStatusError: 450 when the name would be too long.
+    """
+    import time  # late import: start-up time
+    now = site.clock()
+    stamp = time.strftime('%Y%m%d%H%M%S', (time.gmtime if site.values['UseGMT']
+                                           else time.localtime)(now))
+    prefix = '%s_%s_' % (exchange.client_id, stamp)
+    suffix = '_' + exchange.filename
+    if len(prefix) + 5 + len(suffix) + len('..env') > NAME_MAX:
+        raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
+                              'for a name in incoming/')
+    return prefix, suffix
 
 
 def send_response(exchange, out, nph=True, extra_headers=()):
@@ -1686,6 +1712,534 @@ def handle_request(environ, stdin, stdout, site=None, nph=True,
     stdout.flush()              # INFO: the answer leaves before any trigger
     run_triggers(exchange)
     return exchange.status
+
+
+###############################################################################
+# Partial uploads #############################################################
+###############################################################################
+
+# INFO: an extension, off until PartialUploadEnable=Y, modelled on the IETF
+# resumable-upload draft (HEAD asks for the offset the server holds, PATCH
+# appends at an offset that must match, 409 gives the right one).  The
+# client names the upload with a random Upload-Key instead of receiving a
+# Location in a 104 answer: a CGI behind Apache or nginx cannot send an
+# interim response.  An upload is the PUT body (out, err, env back to back)
+# or, while the program runs, out and err appended apart (Upload-Stream);
+# it lives in incoming/.partial/<ClientId>_<key>/, which is no group and
+# holds no final name, until the PATCH that completes it makes the group.
+
+PARTIAL_METHODS = ('HEAD', 'PATCH')
+PARTIAL_FOLDER = '.partial'             # under incoming/: same file system
+PARTIAL_STREAMS = ('out', 'err')        # Upload-Stream values
+PARTIAL_DONE = 'done'                   # the group a committed upload made
+PARTIAL_LOCK = 'lock'
+PARTIAL_LOCK_WAIT = 10.0                # seconds an append waits its turn
+UPLOAD_KEY_LENGTH = 32                  # lower-case hex (128 random bits)
+UPLOAD_FIELDS = ('Upload-Key', 'Upload-Stream', 'Upload-Offset',
+                 'Upload-Complete')
+
+
+def partial_names(environ):
+    """The query a partial request carries: the PUT's (with the three
+    lengths) for the whole body, the GET's for one stream."""
+    query = environ.get('QUERY_STRING', '')
+    return PUT_PARAMETERS if 'STDOUT_LENGTH=' in query else GET_PARAMETERS
+
+
+def read_upload_fields(environ):
+    """(key, stream or None, offset or None, complete) from the Upload-*
+    request fields, each checked before it names a file.
+
+    :raises HTTPStatusError: 450 naming the field.
+    """
+    key = environ.get('HTTP_UPLOAD_KEY', '')
+    if len(key) != UPLOAD_KEY_LENGTH or not set(key) <= set('0123456789abcdef'):
+        raise HTTPStatusError(450, 'Invalid Upload-Key: expected %d lower-case'
+                              ' hex digits' % UPLOAD_KEY_LENGTH)
+    stream = environ.get('HTTP_UPLOAD_STREAM')
+    if stream is not None and stream not in PARTIAL_STREAMS:
+        raise HTTPStatusError(450, 'Invalid Upload-Stream: expected out or '
+                              'err')
+    offset = environ.get('HTTP_UPLOAD_OFFSET')
+    if offset is not None:
+        if not _is_ascii_digits(offset):
+            raise HTTPStatusError(450, 'Invalid Upload-Offset: expected '
+                                  'digits')
+        offset = int(offset)
+    complete = environ.get('HTTP_UPLOAD_COMPLETE', '?0')
+    if complete not in ('?0', '?1'):
+        raise HTTPStatusError(450, 'Invalid Upload-Complete: expected ?0 or '
+                              '?1')
+    return key, stream, offset, complete == '?1'
+
+
+class Partial(object):
+    """One upload in progress: its folder and what each stream holds."""
+
+    def __init__(self, site, client_id, key):
+        self.root = os.path.join(site.incoming, PARTIAL_FOLDER)
+        self.folder = os.path.join(self.root, '%s_%s' % (client_id, key))
+        self.lock_fd = None
+
+    def path(self, ext):
+        return os.path.join(self.folder, ext)
+
+    def held(self):
+        """Bytes held of out, err and env (0 for a stream not begun)."""
+        sizes = []
+        for ext in STREAM_EXTENSIONS:
+            try:
+                sizes.append(os.lstat(self.path(ext)).st_size)
+            except OSError:
+                sizes.append(0)
+        return sizes
+
+    def done_group(self):
+        """The group this upload became, or None while it is partial."""
+        try:
+            with open(self.path(PARTIAL_DONE), 'rb') as handle:
+                return handle.read(NAME_MAX).decode('ascii').strip() or None
+        except (OSError, UnicodeError):
+            return None
+
+    def lock(self):
+        """Create the folder if new, then hold its lock (one writer).
+
+        :raises HTTPStatusError: 409 while another request keeps it.
+        """
+        import fcntl  # late import: partial uploads only
+        import time  # late import: start-up time
+        if not os.path.isdir(self.folder):
+            os.makedirs(self.folder, 0o700, exist_ok=True)
+            webjob.fsync_folder(self.root)
+        self.lock_fd = os.open(self.path(PARTIAL_LOCK), os.O_WRONLY |
+                               os.O_CREAT | _O_NOFOLLOW, 0o600)
+        end = time.monotonic() + PARTIAL_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if time.monotonic() > end:
+                    self.unlock()
+                    raise HTTPStatusError(409, 'Partial upload busy: another '
+                                          'request is appending to it')
+                time.sleep(0.05)    # poll interval while another appends
+
+    def unlock(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)      # INFO: closing releases the flock
+            self.lock_fd = None
+
+    def append(self, ext, stdin, count):
+        """Append the next count body bytes to one stream, fsynced even when
+        the body ends early: what arrived is held for the next attempt.
+
+        :raises HTTPStatusError: 456 when the body ends early.
+        """
+        path = self.path(ext)
+        new = not os.path.lexists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     _O_NOFOLLOW, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            digests = take_running(self.folder, ext, size)
+            done, why = copy_stream(ArrivingBody(stdin), fd, count, digests)
+            os.fsync(fd)
+            if digests is not None:
+                keep_running(self.folder, ext, size + done, digests)
+        finally:
+            os.close(fd)
+        if new:
+            webjob.fsync_folder(self.folder)
+        if done != count:
+            raise HTTPStatusError(456, 'Partial upload: %d of %d bytes '
+                                  'received for %s (%s); %d held' % (
+                                      done, count, ext, why,
+                                      os.path.getsize(path)))
+
+
+class RunningDigests(object):
+    """SHA-256 and the aside digests of one partial stream, fed as it is
+    appended, so the completing PATCH need not read it back.  Kept only by
+    a long-lived process (the standalone server): a CGI reads it back."""
+
+    def __init__(self):
+        import hashlib  # late import: partial uploads only
+        self.digests = [('SHA256', hashlib.sha256())] + [
+            (name, hashlib.new(name.lower())) for name in ASIDE_HASHES]
+
+    def update(self, chunk):
+        for name, digest in self.digests:
+            digest.update(chunk)
+
+    def sums(self):
+        return dict((name, digest.hexdigest()) for name, digest
+                    in self.digests)
+
+
+#: (partial folder, stream) -> (bytes hashed, RunningDigests), this process.
+RUNNING_DIGESTS = {}
+MAX_RUNNING = 1024              # streams followed at once; then the oldest go
+
+
+def take_running(folder, ext, size):
+    """The RunningDigests of a stream whose first size bytes they hashed;
+    a fresh one for an empty stream; else None (read it back at the end)."""
+    found = RUNNING_DIGESTS.pop((folder, ext), None)
+    if found is not None and found[0] == size:
+        return found[1]
+    return RunningDigests() if size == 0 else None
+
+
+def keep_running(folder, ext, size, digests):
+    while len(RUNNING_DIGESTS) >= MAX_RUNNING:
+        RUNNING_DIGESTS.pop(next(iter(RUNNING_DIGESTS)), None)
+    RUNNING_DIGESTS[(folder, ext)] = (size, digests)
+
+
+class ArrivingBody(object):
+    """A body read as it arrives (read1 where the stream has it), so the
+    bytes of a cut PATCH are on disk even when the web server kills the CGI
+    instead of ending its input (Apache's mod_cgi on a client abort)."""
+
+    def __init__(self, stdin):
+        self.read = getattr(stdin, 'read1', None) or stdin.read
+
+
+def body_offset(held, lengths):
+    """The first byte of the PUT body (out, err, env back to back) that the
+    server does not hold.
+
+    :raises HTTPStatusError: 456 when a stream holds more than declared.
+    """
+    position = 0
+    for ext, have, length in zip(STREAM_EXTENSIONS, held, lengths):
+        if have > length:
+            raise HTTPStatusError(456, 'Partial upload: %s holds %d bytes, '
+                                  'more than its declared %d' % (ext, have,
+                                                                 length))
+        if have < length:
+            return position + have
+        position += length
+    return position
+
+
+def serve_partial(site, exchange, query, stdin):
+    """HEAD: answer the offset held.  PATCH: append at the offset, which
+    must match (else 409 with the right one), and when the body is whole
+    and Upload-Complete is ?1, store the group.
+
+    :raises HTTPStatusError: 409, 450, 454, 455, 456 or 451.
+    """
+    environ = exchange.environ
+    key, stream, offset, complete = read_upload_fields(environ)
+    whole = 'STDOUT_LENGTH' in query
+    if whole == (stream is not None):
+        raise HTTPStatusError(450, 'Partial upload: Upload-Stream goes with '
+                              'the GET query, the stream lengths without it')
+    lengths = [int(query[name]) for name in LENGTH_PARAMETERS] if whole \
+        else None
+    partial = Partial(site, exchange.client_id, key)
+    if exchange.method == 'HEAD':
+        answer_offset(exchange, partial, stream, lengths)
+        return
+    count = read_patch_length(site, exchange, offset)
+    if not os.path.isdir(partial.folder):
+        note = expire_partials(site, partial.root)
+        exchange.message = note
+    partial.lock()
+    try:
+        group = partial.done_group()
+        if group is not None:
+            answer_stored(exchange, group, lengths, count == 0 and complete)
+            return
+        held = partial.held()
+        if stream is not None:
+            index = STREAM_EXTENSIONS.index(stream)
+            expected = held[index]
+            total = None
+        else:
+            expected = body_offset(held, lengths)
+            total = sum(lengths)
+        if offset != expected:
+            exchange.headers.append(('Upload-Offset', str(expected)))
+            raise HTTPStatusError(409, 'Partial upload: Upload-Offset (%d) '
+                                  'does not match the %d bytes held' % (
+                                      offset, expected))
+        cap = site.values['MaxContentLength']
+        if total is not None and offset + count > total:
+            raise HTTPStatusError(456, 'Partial upload: %d bytes at offset %d'
+                                  ' overrun the declared %d' % (count, offset,
+                                                                total))
+        if site.values['CapContentLength'] and (
+                (total or 0) > cap or sum(held) + count > cap):
+            raise HTTPStatusError(455, 'Partial upload: length exceeds maximum'
+                                  ' allowed length (%d)' % cap)
+        if stream is not None:
+            partial.append(stream, stdin, count)
+            held[index] += count
+            exchange.headers.append(('Upload-Offset', str(held[index])))
+        else:
+            append_body(partial, stdin, offset, count, lengths)
+            held = partial.held()
+            if held == lengths and complete:
+                commit_partial(site, exchange, partial, lengths)
+                return
+            exchange.headers.append(('Upload-Offset', str(offset + count)))
+        exchange.status = 204
+        exchange.message = ('Partial upload: %d bytes appended%s' % (
+            count, ' to ' + stream if stream else '')) + exchange.message
+    finally:
+        partial.unlock()
+
+
+def read_patch_length(site, exchange, offset):
+    """A PATCH's Content-Length, which must be there, with an Upload-Offset.
+
+    :raises HTTPStatusError: 454 or 450.
+    """
+    length = exchange.content_length
+    if not length or not _is_ascii_digits(length):
+        raise HTTPStatusError(454, 'Content length is undefined, null or not'
+                              ' a number')
+    if offset is None:
+        raise HTTPStatusError(450, 'Partial upload: Upload-Offset missing')
+    return int(length)
+
+
+def append_body(partial, stdin, offset, count, lengths):
+    """Split count bytes of the PUT body at offset over out, err and env;
+    a stream written after the first must be empty so far.
+
+    :raises HTTPStatusError: 409 for a stream that holds bytes out of turn.
+    """
+    start = 0
+    held = partial.held()
+    for ext, have, length in zip(STREAM_EXTENSIONS, held, lengths):
+        end = start + length
+        if count and offset < end:
+            here = offset - start
+            if here != have:
+                raise HTTPStatusError(409, 'Partial upload: %s holds %d '
+                                      'bytes, the body starts it at %d' % (
+                                          ext, have, here))
+            take = min(count, end - offset)
+            partial.append(ext, stdin, take)
+            offset += take
+            count -= take
+        start = end
+
+
+def answer_offset(exchange, partial, stream, lengths):
+    """The HEAD answer: 204 with the offset held, Upload-Complete ?1 once
+    the upload is a group."""
+    group = partial.done_group()
+    held = partial.held()
+    if group is not None:
+        offset = sum(lengths) if lengths else 0
+        exchange.headers.append(('Upload-Complete', '?1'))
+        exchange.message = 'Partial upload: stored as %s' % group
+    elif stream is not None:
+        offset = held[STREAM_EXTENSIONS.index(stream)]
+        exchange.message = 'Partial upload: %d bytes of %s held' % (offset,
+                                                                   stream)
+    else:
+        offset = body_offset(held, lengths)
+        exchange.message = 'Partial upload: %d bytes held' % offset
+    exchange.headers.insert(0, ('Upload-Offset', str(offset)))
+    exchange.status = 204
+
+
+def answer_stored(exchange, group, lengths, finished):
+    """A PATCH for an upload already stored: 200 for the completing PATCH
+    sent again (its answer was lost), else 409; never a second group."""
+    exchange.group = None
+    exchange.headers.append(('Upload-Offset', str(sum(lengths or ()))))
+    exchange.headers.append(('Upload-Complete', '?1'))
+    if not finished or lengths is None:
+        raise HTTPStatusError(409, 'Partial upload: already stored as %s'
+                              % group)
+    exchange.status = 200
+    exchange.message = 'Success: already stored as %s' % group
+
+
+def commit_partial(site, exchange, partial, lengths):
+    """Make the held streams a group: hash them against the .env, link them
+    to their final names, manifest, .rdy last; then record the group and
+    drop the partial.  Until .rdy is written the partial stays whole, so a
+    failure leaves it to be completed again."""
+    incoming = site.incoming
+    exchange.job_id = exchange.job_id or make_job_id(site)
+    prefix, suffix = group_affixes(site, exchange)
+    group, lock = claim_group(incoming, prefix, suffix, site.next_serial())
+    sources = [partial.path(ext) for ext in STREAM_EXTENSIONS]
+    made = []
+    note = ''
+    try:
+        for source in sources:
+            if not os.path.exists(source):      # an empty stream
+                os.close(os.open(source, os.O_WRONLY | os.O_CREAT |
+                                 _O_NOFOLLOW, 0o600))
+        finals = [os.path.join(incoming, group + '.' + ext)
+                  for ext in STREAM_EXTENSIONS]
+        manifest = []
+        flag = None
+        if site.values['IntegrityEnable']:
+            declared = read_declared_hashes(sources[2])
+            aside = tuple(set(ASIDE_HASHES + (declared[0] or 'SHA256',)) -
+                          set(['SHA256']))
+            sums = [held_digests(partial, ext, source, aside)
+                    for ext, source in zip(STREAM_EXTENSIONS, sources)]
+            note, flag = check_upload_hashes(declared, sums[0], sums[1])
+            manifest = [(sums[n]['SHA256'], group + '.' + ext)
+                        for n, ext in enumerate(STREAM_EXTENSIONS)]
+        for source, final in zip(sources, finals):
+            os.chmod(source, 0o644)
+            os.link(source, final)
+            made.append(final)
+        record = ('Jid=%s\n' % exchange.job_id).encode('ascii')
+        extra = [(flag, FLAG_EXTENSION)] if flag is not None else []
+        for data, ext in extra + [(record, 'rdy')]:
+            if manifest:
+                manifest.append((sha256_hex(data), group + '.' + ext))
+            if ext == 'rdy' and manifest and not append_log(
+                    site.manifest_path, ''.join('%s  %s\n' % pair
+                                                for pair in manifest)):
+                note += '; manifest (%s) not written' % MANIFEST_NAME
+            temp = os.path.join(incoming, '.%s.%s' % (group, ext))
+            made.append(temp)
+            write_stream(temp, io_bytes(data), len(data))
+            os.rename(temp, os.path.join(incoming, group + '.' + ext))
+            made[-1] = os.path.join(incoming, group + '.' + ext)
+        made = []               # INFO: complete from here on; keep it all
+        webjob.fsync_folder(incoming)
+    finally:
+        for path in made:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        os.unlink(lock)
+    record_done(partial, group)
+    exchange.group = group
+    exchange.headers.append(('Upload-Complete', '?1'))
+    conclude_upload(site, exchange, note)
+
+
+def held_digests(partial, ext, path, aside):
+    """{HashType: hex} of a held stream: from its RunningDigests when this
+    process hashed all of it as it came, else read back."""
+    size = os.path.getsize(path)
+    running = take_running(partial.folder, ext, size)
+    if running is None:
+        return digest_file(path, aside)
+    found = running.sums()
+    missing = [name for name in aside if name not in found]
+    if missing:
+        found.update(hash_file(path, missing))
+    return found
+
+
+def digest_file(path, aside):
+    """StreamDigests of a held stream, read back in 1 MiB blocks: SHA-256
+    here and the aside digests on the second core for a large one."""
+    digests = StreamDigests(os.path.getsize(path), aside)
+    try:
+        with open(path, 'rb') as handle:
+            copy_stream(handle, None, os.fstat(handle.fileno()).st_size,
+                        digests)
+    finally:
+        found = digests.finish()
+    return found
+
+
+def io_bytes(data):
+    import io  # late import: partial uploads only
+    return io.BytesIO(data)
+
+
+def record_done(partial, group):
+    """Replace the held streams by the name of the group they became, so a
+    lost answer is recognised when the upload is sent again."""
+    temp = partial.path('.' + PARTIAL_DONE)
+    write_stream(temp, io_bytes((group + '\n').encode('ascii')),
+                 len(group) + 1)
+    os.rename(temp, partial.path(PARTIAL_DONE))
+    for ext in STREAM_EXTENSIONS:
+        try:
+            os.unlink(partial.path(ext))
+        except OSError:
+            pass
+    webjob.fsync_folder(partial.folder)
+
+
+def expire_partials(site, root):
+    """Remove partial uploads untouched for PartialExpireTime seconds (and
+    the records of stored ones); returns a note for the log message."""
+    import fcntl  # late import: partial uploads only
+    import shutil  # late import: partial uploads only
+    limit = site.values['PartialExpireTime']
+    if not limit:
+        return ''
+    now = site.clock()
+    removed = 0
+    for name, age, size in list_partials(root, now):
+        if age < limit:
+            continue
+        folder = os.path.join(root, name)
+        try:
+            fd = os.open(os.path.join(folder, PARTIAL_LOCK), os.O_WRONLY |
+                         os.O_CREAT | _O_NOFOLLOW, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return '; %d abandoned partial uploads expired' % removed if removed \
+        else ''
+
+
+def list_partials(root, now):
+    """(name, seconds since last written, bytes held or None once stored)
+    for each partial upload folder, sorted by name."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        folder = os.path.join(root, name)
+        try:
+            stamps = [os.lstat(folder).st_mtime]
+            size = 0
+            for ext in STREAM_EXTENSIONS + (PARTIAL_DONE,):
+                try:
+                    info = os.lstat(os.path.join(folder, ext))
+                except OSError:
+                    continue
+                stamps.append(info.st_mtime)
+                size = None if ext == PARTIAL_DONE else size + info.st_size
+        except OSError:
+            continue
+        found.append((name, now - max(stamps), size))
+    return found
+
+
+def partial_findings(incoming, now=None):
+    """verify's lines for partial uploads: each one not yet a group (the
+    client keeps its copy and may resume it, or it expires)."""
+    import time  # late import: tools only
+    root = os.path.join(incoming, PARTIAL_FOLDER)
+    return [(PARTIAL_FOLDER + '/' + name, 'partial upload, not a group: %d '
+             'bytes held, last written %d s ago' % (size, age))
+            for name, age, size in list_partials(root, now or time.time())
+            if size is not None]
 
 
 ###############################################################################
@@ -2034,9 +2588,10 @@ def _handler_class():
                        'SERVER_SOFTWARE': self.version_string(),
                        'SERVER_PROTOCOL': self.request_version}
             lengths = self.headers.get_all('Content-Length') or []
-            job_id = self.headers.get('Job-Id')
-            if job_id is not None:
-                environ['HTTP_JOB_ID'] = job_id
+            for name in ('Job-Id',) + UPLOAD_FIELDS:
+                value = self.headers.get(name)
+                if value is not None:
+                    environ['HTTP_' + name.upper().replace('-', '_')] = value
             length = 0
             if self.headers.get('Transfer-Encoding') or len(lengths) > 1:
                 length = None           # unsupported framing: 454, then close
@@ -2406,6 +2961,7 @@ def verify_locker(base, out):
             problems.extend(verify_group(incoming, group, exts, recorded))
     for name in sorted(set(recorded) - seen):
         problems.append((name, 'missing since upload (in the manifest)'))
+    problems.extend(partial_findings(incoming))
     for name, problem in problems:
         out.write('%s: %s\n' % (webjob.one_line(name), problem))
     out.write('verify: %d groups, %d files in the manifest, %d problems\n' % (

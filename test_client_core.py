@@ -4,8 +4,10 @@ redaction against the URL parser, whole-file writes, override files).
 """
 
 import ast
+import builtins
 import os
 import stat
+import symtable
 
 import pytest
 
@@ -44,6 +46,32 @@ def test_server_keeps_no_copy_of_a_core_function():
                                 'kill_group', 'hash_stream_all')
               if name in vars(nph_webjob)]
     assert copies == []
+
+
+def undefined_globals(path):
+    """(name, function) for every global a function reads that the module
+    never defines: a call left behind when a copy was deleted."""
+    with open(path) as handle:
+        top = symtable.symtable(handle.read(), path, 'exec')
+    defined = set(symbol.get_name() for symbol in top.get_symbols()
+                  if symbol.is_assigned() or symbol.is_imported()
+                  or symbol.is_namespace())
+    found, tables = set(), [top]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        for symbol in table.get_symbols():
+            name = symbol.get_name()
+            if symbol.is_referenced() and (symbol.is_global() or table is top) \
+                    and name not in defined and not hasattr(builtins, name) \
+                    and name not in ('__file__', '__name__'):
+                found.add((name, table.get_name()))
+    return sorted(found)
+
+
+@pytest.mark.parametrize('name', ['webjob.py', 'nph_webjob.py'])
+def test_every_global_a_function_reads_is_defined(name):
+    assert undefined_globals(os.path.join(HERE, name)) == []
 
 
 # URL redaction follows the URL parser ########################################

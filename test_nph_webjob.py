@@ -166,8 +166,9 @@ def test_status_table_is_the_nph_ftimes_table():
     """Plus 401, which only the standalone server's own Basic auth sends,
     and 252, which only the JOB extension (JobQueueEnable=Y) sends."""
     assert nph_webjob.STATUS_REASONS == {
-        200: 'OK', 251: 'Link Test OK', 252: 'No Job Queued', 401: 'Unauthorized', 404: 'Not Found',
-        405: 'Method Not Allowed', 450: 'Invalid Query',
+        200: 'OK', 204: 'No Content', 251: 'Link Test OK',
+        252: 'No Job Queued', 401: 'Unauthorized', 404: 'Not Found',
+        405: 'Method Not Allowed', 409: 'Conflict', 450: 'Invalid Query',
         451: 'File Already Exists', 452: 'Username Undefined',
         453: 'Username-ClientId Mismatch', 454: 'Content-Length Undefined',
         455: 'Content-Length Exceeds Limit', 456: 'Content-Length Mismatch',
@@ -188,7 +189,8 @@ def test_controls_table_holds_the_defaults():
                      'GetTriggerCommandLine': '', 'GetTriggerEnable': False,
                      'IntegrityEnable': True, 'OverrideDirectory': '',
                      'PutTriggerCommandLine': '', 'PutTriggerEnable': False,
-                     'TriggerTimeLimit': 600}
+                     'TriggerTimeLimit': 600, 'PartialUploadEnable': False,
+                     'PartialExpireTime': 604800}
 
 
 # Config ######################################################################

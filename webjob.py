@@ -200,6 +200,8 @@ def one_line(text):
 #   runtype snapshot or linktest (any case) -> lower case
 #   signal  a valid signal number -> int
 #   auth    basic or none (any case) -> lower case
+#   upload  put, resumable or streamed (any case) -> lower case
+#   segment bytes, 4096 to 8388608 -> int
 #   path    a file or folder name (may be relative)
 
 #: The client's controls, as the man page spells them: (name, kind, default).
@@ -236,7 +238,9 @@ CLIENT_CONTROLS = (
     ('URLUsername', 'text', None),
     ('UnlinkExecutable', 'yn', False),
     ('UnlinkOutput', 'yn', False),
+    ('UploadMode', 'upload', 'put'),
     ('UploadOnGetFailure', 'yn', False),
+    ('UploadSegmentSize', 'segment', 8 << 20),
 )
 
 #: Controls that must be present, and those a Y/N switch makes required.
@@ -252,6 +256,8 @@ MAX_UINT = (1 << 63) - 1
 HASH_TYPES = ('MD5', 'SHA1', 'SHA256')
 RUN_TYPES = ('snapshot', 'linktest')
 AUTH_TYPES = ('basic', 'none')
+UPLOAD_MODES = ('put', 'resumable', 'streamed')
+SEGMENT_RANGE = (4096, 8 << 20)         # UploadSegmentSize bounds
 DIGITS = '0123456789'
 NAME_CHARS = frozenset('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
                        '0123456789_-.')
@@ -363,6 +369,15 @@ def check_value(kind, value):
         if value.lower() not in AUTH_TYPES:
             raise ValueError('expected basic or none')
         return value.lower()
+    if kind == 'upload':
+        if value.lower() not in UPLOAD_MODES:
+            raise ValueError('expected put, resumable or streamed')
+        return value.lower()
+    if kind == 'segment':
+        number = check_value('uint', value)
+        if not SEGMENT_RANGE[0] <= number <= SEGMENT_RANGE[1]:
+            raise ValueError('expected %d to %d bytes' % SEGMENT_RANGE)
+        return number
     if kind == 'signal':
         number = check_value('uint', value)
         if number not in valid_signals():
@@ -692,8 +707,9 @@ def build_authorization(target):
 
 
 def build_request(method, target, query, content_length, job_id=None,
-                  auth=False):
-    """The request head exactly as the original sends it (protocol.md 1.2)."""
+                  auth=False, extra=()):
+    """The request head exactly as the original sends it (protocol.md 1.2);
+    extra (name, value) fields only for the upload extension."""
     lines = ['%s %s%s%s HTTP/1.1' % (method, target.path,
                                      '&' if '?' in target.path else '?', query),
              'Host: %s' % target.host_header(),
@@ -703,6 +719,7 @@ def build_request(method, target, query, content_length, job_id=None,
         lines.append(build_authorization(target))
     if job_id:
         lines.append('Job-Id: %s' % job_id)
+    lines.extend('%s: %s' % pair for pair in extra)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
 
@@ -723,15 +740,17 @@ def send_all(sock, data, deadline):
         raise TransportError('send: %s' % (exc.strerror or exc))
 
 
-def send_file(sock, path, size, deadline):
-    """Stream exactly size bytes of a file, in 1 MiB blocks, no copy held."""
+def send_file(sock, path, size, deadline, offset=0):
+    """Stream exactly size bytes of a file from offset, in 1 MiB blocks, no
+    copy held."""
     import socket  # late import: start-up time
     sent = 0
     with open(path, 'rb') as handle:
         try:
             while sent < size:
                 sock.settimeout(deadline.remaining())
-                count = sock.sendfile(handle, sent, min(BLOCK_SIZE, size - sent))
+                count = sock.sendfile(handle, offset + sent,
+                                      min(BLOCK_SIZE, size - sent))
                 if not count:
                     raise TransportError('%s: file shrank during upload' % path)
                 sent += count
@@ -802,6 +821,12 @@ def parse_status_line(line):
     return int(code), one_line(reason)
 
 
+#: The fields kept from a response: the original's three, then the upload
+#: extension's (only its requests are answered with them).
+RESPONSE_FIELDS = ('content-length', 'job-id', 'webjob-payload-signature',
+                   'upload-offset', 'upload-complete')
+
+
 def parse_fields(lines):
     """Collect the three fields the original recognises; ignore the rest."""
     fields = {}
@@ -814,11 +839,11 @@ def parse_fields(lines):
                                  % one_line(line)[:80])
         key = name.strip().lower()
         value = value.strip()
-        if key not in ('content-length', 'job-id', 'webjob-payload-signature'):
+        if key not in RESPONSE_FIELDS:
             continue
         if key in fields:
             raise TransportError('%s: field already defined' % name.strip())
-        if key == 'content-length':
+        if key in ('content-length', 'upload-offset'):
             if not is_digits(value):
                 raise TransportError('Content-Length = [%s]: value must '
                                      'contain all digits' % one_line(value)[:40])
@@ -2253,6 +2278,395 @@ def pad_make_script(src_path, out, name=None):
 
 
 ###############################################################################
+# Uploads: resumable and streamed #############################################
+###############################################################################
+
+# INFO: an extension, off until UploadMode is set, for nph_webjob.py with
+# PartialUploadEnable=Y; README "Resumable and streamed uploads" has the
+# exchange.  A HEAD asks for the offset the server holds, each PATCH
+# appends at an offset that must match (409 names the right one), and the
+# PATCH that brings the last byte with 'Upload-Complete: ?1' stores the
+# group; the upload is named by a random Upload-Key.  A server that does not
+# answer the HEAD with an Upload-Offset is an original one: the plain
+# single PUT follows.
+
+UPLOAD_KEY_BYTES = 16           # Upload-Key: 32 lower-case hex digits
+RESUMABLE_SEGMENT = 64 << 20    # bytes per PATCH of a staged upload
+MAX_STAGING = 64 << 20          # streamed: segment files on disk at most
+MAX_RESUMES = 16                # reconnects per segment or upload
+RESUME_PAUSE = 0.1              # seconds before the first reconnect
+RESUME_PAUSE_MAX = 4.0          # ... doubling up to this
+
+
+class Upload(object):
+    """One extended upload to URLPutURL: its key and its requests."""
+
+    def __init__(self, job, target, segment):
+        self.job = job
+        self.target = target
+        self.segment = segment
+        self.key = os.urandom(UPLOAD_KEY_BYTES).hex()
+        self.auth = job.values['URLAuthType'] == 'basic'
+
+    def request(self, method, query, deadline, fields, pieces=()):
+        """One HEAD or PATCH; the body is (path, file offset, count)
+        pieces.  Returns the Response, its socket closed."""
+        size = sum(count for path, start, count in pieces)
+        sock = open_connection(self.target, deadline,
+                               self.job.tls_for(self.target))
+        try:
+            send_all(sock, build_request(
+                method, self.target, query, size, self.job.job_id, self.auth,
+                [('Upload-Key', self.key)] + fields), deadline)
+            for path, start, count in pieces:
+                if count:
+                    send_file(sock, path, count, deadline, start)
+            return read_response_head(sock, deadline)
+        finally:
+            sock.close()
+
+    def ask_offset(self, query, deadline, stream=None):
+        """HEAD: (offset held, stored, answer), or None when the server does
+        not speak the extension (an original one answers 405 or the like)."""
+        fields = [('Upload-Stream', stream)] if stream else []
+        response = self.request('HEAD', query, deadline, fields)
+        if not response.ok or 'upload-offset' not in response.fields:
+            return None
+        return (response.fields['upload-offset'],
+                response.fields.get('upload-complete') == '?1', response)
+
+
+def slice_pieces(source, offset, count):
+    """The (path, file offset, count) pieces of count upload bytes from
+    offset, where source is (path, upload offset, length) in order."""
+    pieces = []
+    for path, start, length in source:
+        if count <= 0:
+            break
+        if offset < start + length:
+            take = min(count, start + length - offset)
+            pieces.append((path, offset - start, take))
+            offset += take
+            count -= take
+    return pieces
+
+
+def pause_before_resume(resumes, deadline):
+    """Wait a little longer after each failure, within the stage's time."""
+    import time  # late import: start-up time
+    seconds = min(RESUME_PAUSE * 2 ** (resumes - 1), RESUME_PAUSE_MAX)
+    left = deadline.remaining()
+    time.sleep(seconds if left is None else min(seconds, left))
+
+
+def push_upload(upload, query, source, offset, end, deadline, stream=None,
+                complete=False):
+    """PATCH bytes offset..end of source, reconnecting after a cut from the
+    offset the server then reports; returns the last answer.
+
+    A 409 names the offset held; an answer with 'Upload-Complete: ?1' means
+    stored (also when the completing PATCH's own answer was lost); 5xx and
+    cut connections are resumed up to MAX_RESUMES times; any other refusal
+    ends the upload.
+
+    :raises TransportError: when the upload cannot be finished.
+    """
+    resumes = 0
+    first = source[0][1] if source else 0
+    response = None
+    while True:
+        try:
+            if offset is None:
+                held = upload.ask_offset(query, deadline, stream)
+                if held is None:
+                    raise TransportError('the server no longer answers the '
+                                         'upload offset')
+                offset, stored, answer = held
+                if stored:
+                    return answer
+                if offset < first:
+                    raise TransportError('the server holds %d bytes, fewer '
+                                         'than were confirmed (%d)'
+                                         % (offset, first))
+            while True:
+                if offset >= end and not complete:
+                    return response
+                count = max(0, min(end - offset, upload.segment))
+                fields = [('Upload-Offset', str(offset))]
+                if stream:
+                    fields.append(('Upload-Stream', stream))
+                last = offset + count >= end
+                if complete and last:
+                    fields.append(('Upload-Complete', '?1'))
+                response = upload.request('PATCH', query, deadline, fields,
+                                          slice_pieces(source, offset, count))
+                if response.fields.get('upload-complete') == '?1' and \
+                        response.status in (200, 409):
+                    return response
+                if response.status == 409 and \
+                        'upload-offset' in response.fields:
+                    raise TransportError('offset %d refused (409), the server '
+                                         'holds %d' % (offset, response.fields[
+                                             'upload-offset']))
+                if 500 <= response.status <= 599:
+                    raise TransportError('Status = [%d], Reason = [%s]'
+                                         % (response.status, response.reason))
+                if not response.ok:
+                    raise PutStageError('%s: Status = [%d], Reason = [%s]' % (
+                        upload.target.display, response.status,
+                        response.reason))
+                offset += count
+                if last:
+                    return response
+        except TransportError:
+            resumes += 1
+            if resumes > MAX_RESUMES:
+                raise
+            pause_before_resume(resumes, deadline)
+            offset = None
+
+
+def put_resumable(job, target, query, files, deadline):
+    """The staged PUT body (out, err, env) as a resumable upload; None when
+    the server is an original one (the caller sends the plain PUT)."""
+    upload = Upload(job, target, RESUMABLE_SEGMENT)
+    try:
+        held = upload.ask_offset(query, deadline)
+    except TransportError:
+        return None
+    if held is None:
+        return None
+    source, start = [], 0
+    for path, length in files:
+        source.append((path, start, length))
+        start += length
+    return push_upload(upload, query, source, held[0], start, deadline,
+                       complete=True)
+
+
+class StreamSpool(object):
+    """One output stream of a streamed job: hashed as it is read, written
+    to segment files <out>.<offset> of at most segment bytes each."""
+
+    def __init__(self, job, ext, segment):
+        import hashlib  # late import: start-up time
+        self.job = job
+        self.ext = ext
+        self.segment = segment
+        self.digest = hashlib.new(job.hash_name)
+        self.size = 0
+        self.start = 0
+        self.fd = None
+        self.path = None
+
+    def room(self):
+        """Bytes the current segment still takes (a new one: all)."""
+        if self.fd is None:
+            return self.segment
+        return self.segment - (self.size - self.start)
+
+    def feed(self, data):
+        """Hash and spool data (at most room() bytes); return a finished
+        segment (ext, path, offset, length) or None."""
+        if self.fd is None:
+            self.start = self.size
+            self.path = '%s.%d' % (self.job.output_path(self.ext), self.start)
+            self.fd = create_exclusive(self.path)
+            self.job.outputs.append(self.path)
+        write_all(self.fd, data)
+        self.digest.update(data)
+        self.size += len(data)
+        return self.close() if self.room() <= 0 else None
+
+    def close(self):
+        """Finish the current segment; return it, or None when empty."""
+        if self.fd is None:
+            return None
+        os.close(self.fd)
+        self.fd = None
+        return (self.ext, self.path, self.start, self.size - self.start)
+
+
+class StreamSender(object):
+    """The thread that PATCHes spooled segments in order and removes each
+    once the server holds it.  After a failure it sends nothing more: the
+    segments left are kept in TempDirectory."""
+
+    def __init__(self, upload, query, segments):
+        import queue  # late import: streamed uploads only
+        import threading  # late import: streamed uploads only
+        self.upload = upload
+        self.query = query
+        self.queue = queue.Queue(max(1, segments))
+        self.error = None
+        self.kept = []
+        self.thread = threading.Thread(target=self.run)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self):
+        job = self.upload.job
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            ext, path, start, length = item
+            if self.error is None:
+                try:
+                    push_upload(self.upload, self.query, [(path, start,
+                                                           length)],
+                                start, start + length, Deadline(
+                                    job.values['PutTimeLimit'],
+                                    'PutTimeLimit'), stream=ext)
+                    remove_quietly(path)
+                    job.outputs.remove(path)
+                    continue
+                except (WebJobError, OSError) as exc:
+                    self.error = '%s offset %d: %s' % (ext, start, exc)
+            self.kept.append(path)
+
+    def finish(self):
+        self.queue.put(None)
+        self.thread.join()
+
+
+def start_streamed(job):
+    """Ask the server whether it takes streamed uploads; the Upload, or
+    None (with one line on stderr) when the output must be staged."""
+    values = job.values
+    target = Target(values['URLPutURL'], values['URLUsername'],
+                    values['URLPassword'])
+    upload = Upload(job, target, job.values['UploadSegmentSize'])
+    deadline = Deadline(job.values['PutTimeLimit'], 'PutTimeLimit')
+    try:
+        held = upload.ask_offset(build_query(job.base_query(job.program)),
+                                 deadline, 'out')
+        why = 'the server does not take them' if held is None else None
+    except TransportError as exc:
+        why = str(exc)
+    if why is None:
+        return upload
+    write_stderr('RunStage: UploadMode=streamed: %s; staging the output in '
+                 'TempDirectory' % why)
+    return None
+
+
+def run_streamed(job, argv, upload):
+    """Run the program with its stdout and stderr on pipes, spooled in
+    segments that a sender thread uploads while it runs; at most
+    MAX_STAGING bytes of segments exist at once (the pipes wait).
+
+    Returns (timed out, returncode); job.stream holds what the PUT stage
+    needs to complete the upload.
+    """
+    import select  # late import: streamed uploads only
+    import signal  # late import: start-up time
+    import subprocess  # late import: start-up time
+    import time  # late import: start-up time
+    values = job.values
+    segment = upload.segment
+    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job.kid_pid = proc.pid
+    spools = [StreamSpool(job, ext, segment) for ext in ('out', 'err')]
+    sender = StreamSender(upload, build_query(job.base_query(job.program)),
+                          MAX_STAGING // segment - 3)
+    job.stream = (upload, spools, sender)
+    pipes = {proc.stdout.fileno(): spools[0], proc.stderr.fileno(): spools[1]}
+    for fd in pipes:
+        widen_pipe(fd)
+    limit = values['RunTimeLimit']
+    end = time.monotonic() + limit if limit else None
+    timed_out = killed = False
+    try:
+        while pipes:
+            wait = None if end is None else max(0.0, end - time.monotonic())
+            ready = select.select(list(pipes), [], [], wait)[0]
+            if not ready and end is not None and time.monotonic() >= end:
+                if timed_out:
+                    kill_group(proc.pid, signal.SIGKILL)
+                    killed, end = True, None
+                else:
+                    kill_group(proc.pid, values['TimeoutSignal'])
+                    timed_out, end = True, time.monotonic() + KILL_GRACE
+                continue
+            for fd in ready:
+                spool = pipes[fd]
+                data = os.read(fd, min(BLOCK_SIZE, spool.room()))
+                if not data:
+                    del pipes[fd]
+                    data = None
+                done = spool.feed(data) if data else spool.close()
+                if done is not None:
+                    queue_segment(sender, done)
+    finally:
+        for spool in spools:
+            done = spool.close()
+            if done is not None:
+                queue_segment(sender, done)
+        proc.stdout.close()
+        proc.stderr.close()
+        sender.finish()
+    if timed_out and not killed:
+        kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (job.out_hash, job.err_hash) = [s.digest.hexdigest() for s in spools]
+    return timed_out, proc.returncode
+
+
+def widen_pipe(fd):
+    """Linux: a 1 MiB pipe instead of 64 KiB, 16 times fewer reads (and
+    wake-ups of the program); elsewhere, or when refused, nothing."""
+    if not sys.platform.startswith('linux'):
+        return
+    import fcntl  # late import: streamed uploads only
+    try:
+        fcntl.fcntl(fd, getattr(fcntl, 'F_SETPIPE_SZ', 1031), BLOCK_SIZE)
+    except OSError:
+        pass
+
+
+def queue_segment(sender, segment):
+    """Hand a finished segment to the sender; wait while the staging is
+    full, unless the sender has failed (then the segment is kept)."""
+    import queue  # late import: streamed uploads only
+    while True:
+        if sender.error is not None:
+            sender.kept.append(segment[1])
+            return
+        try:
+            sender.queue.put(segment, timeout=0.5)
+            return
+        except queue.Full:      # the sender still works: wait on
+            continue
+
+
+def put_streamed(job, env_path, deadline):
+    """Complete a streamed upload: the .env with the three lengths and
+    'Upload-Complete: ?1', after every segment is held by the server.
+
+    :raises PutStageError: naming what is kept in TempDirectory.
+    """
+    upload, spools, sender = job.stream
+    if sender.error is not None:
+        raise PutStageError('streamed upload failed at %s; kept in '
+                            'TempDirectory: %s' % (sender.error, ', '.join(
+                                os.path.basename(p) for p in sender.kept)))
+    out_size, err_size = spools[0].size, spools[1].size
+    env_size = os.stat(env_path).st_size
+    query = build_query(job.base_query(job.program) + [
+        ('STDOUT_LENGTH', out_size), ('STDERR_LENGTH', err_size),
+        ('STDENV_LENGTH', env_size)])
+    start = out_size + err_size
+    try:
+        push_upload(upload, query, [(env_path, start, env_size)], start,
+                    start + env_size, deadline, complete=True)
+    except TransportError as exc:
+        raise PutStageError('streamed upload: the output is on the server '
+                            'but not stored as a group: %s; kept: %s'
+                            % (exc, os.path.basename(env_path)))
+
+
+###############################################################################
 # Stages ######################################################################
 ###############################################################################
 
@@ -2362,6 +2776,8 @@ class Job(object):
         self.tls = {}
         self.dsv_keys = None
         self.pins = {}          # a queued job's CommandSha256 etc.
+        self.stream = None       # streamed: (Upload, spools, sender); False
+        #                          when the server refused the extension
 
     def path(self, name):
         return os.path.join(self.temp_dir, name)
@@ -2600,6 +3016,11 @@ def run_run_stage(job, capture):
     values = job.values
     job.run_epoch = job.clock()
     argv = [job.path(job.program)] + substitute_payload(job)
+    if capture and values['UploadMode'] == 'streamed':
+        upload = start_streamed(job)
+        if upload is not None:
+            return run_streamed_stage(job, argv, upload)
+        job.stream = False      # refused: neither streamed nor resumable
     out_fd = err_fd = None
     hashers = []
     try:
@@ -2630,6 +3051,25 @@ def run_run_stage(job, capture):
     finally:
         if hashers:
             (_, job.out_hash), (_, job.err_hash) = [h.finish() for h in hashers]
+
+
+def run_streamed_stage(job, argv, upload):
+    """The RUN stage of UploadMode=streamed: the output goes to the server
+    while the program runs (see run_streamed)."""
+    values = job.values
+    try:
+        timed_out, returncode = run_streamed(job, argv, upload)
+    except OSError as exc:
+        job.kid_reason = KID_NOT_STARTED
+        job.kid_status = -1
+        job.kid_signal = 0
+        raise RunStageError('%s: cannot execute: %s'
+                            % (job.program, exc.strerror or exc))
+    record_kid_status(job, returncode, timed_out)
+    if timed_out:
+        raise RunStageError('%s: RunTimeLimit (%d s) expired; its process '
+                            'group was killed' % (job.program,
+                                                  values['RunTimeLimit']))
 
 
 def open_outputs(job):
@@ -2703,6 +3143,12 @@ def run_put_stage(job):
     values = job.values
     job.put_epoch = job.clock()
     deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
+    if job.stream:
+        try:
+            env_path = write_env_file(job)
+        except OSError as exc:
+            raise PutStageError('%s: %s' % (exc.filename, exc.strerror or exc))
+        return put_streamed(job, env_path, deadline)
     try:
         ensure_outputs(job)
         write_env_file(job)
@@ -2715,10 +3161,14 @@ def run_put_stage(job):
         ('STDOUT_LENGTH', files[0][1]), ('STDERR_LENGTH', files[1][1]),
         ('STDENV_LENGTH', files[2][1])])
     try:
-        response = http_exchange('PUT', target, query, deadline,
-                                 job.tls_for(target),
-                                 auth=values['URLAuthType'] == 'basic',
-                                 job_id=job.job_id, body_files=files)
+        response = None
+        if values['UploadMode'] != 'put' and job.stream is not False:
+            response = put_resumable(job, target, query, files, deadline)
+        if response is None:
+            response = http_exchange('PUT', target, query, deadline,
+                                     job.tls_for(target),
+                                     auth=values['URLAuthType'] == 'basic',
+                                     job_id=job.job_id, body_files=files)
         response.close()
     except TransportError as exc:
         raise PutStageError(str(exc))

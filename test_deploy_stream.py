@@ -1,0 +1,180 @@
+"""Resumable and streamed uploads through the real front ends: nph-webjob.cgi
+under Apache (mod_cgi streams the request body to the CGI, so a cut PATCH
+leaves the bytes that arrived) and webjob.cgi under nginx + fcgiwrap (nginx
+buffers the whole request body first, so a cut PATCH never reaches the CGI
+and the upload resumes from the last whole PATCH).
+
+Each site is the session's own (conftest); PartialUploadEnable is switched
+on for these tests only and the partial folder removed afterwards.
+"""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import NPH_WEBJOB, WEBJOB, write_file
+from test_client_stream import ERR, OUT, PROGRAM, SEGMENT, Relay
+from test_webjob import deployed_cfg
+
+SEED = 2016
+CUTS = 6                        # cut points per front end and kind
+
+
+def reset(site):
+    """Empty incoming/ (partials too), the log and the manifest, so verify
+    sees this test's work only."""
+    shutil.rmtree(os.path.join(site.root, 'incoming', '.partial'),
+                  ignore_errors=True)
+    site.clean()
+    manifest = os.path.join(site.root, 'logfiles',
+                            'nph-webjob-manifest.sha256')
+    if os.path.exists(manifest):
+        os.unlink(manifest)
+
+
+def enable_partial(site):
+    """Switch the extension on in the site's config; returns the undo."""
+    with open(site.properties, 'rb') as handle:
+        original = handle.read()
+    write_file(site.properties, original + b'PartialUploadEnable = Y\n')
+    write_file(os.path.join(site.root, 'profiles', 'client_1', 'commands',
+                            'seq.sh'), PROGRAM, 0o755)
+
+    reset(site)
+
+    def undo():
+        write_file(site.properties, original)
+        reset(site)
+    return undo
+
+
+@pytest.fixture
+def apache(apache_server):
+    site = apache_server()
+    undo = enable_partial(site)
+    yield site
+    undo()
+
+
+@pytest.fixture
+def nginx(nginx_server):
+    undo = enable_partial(nginx_server)
+    yield nginx_server
+    undo()
+
+
+def apache_cfg(tmp_path, site, put_url, mode):
+    folder = tmp_path / 'job'
+    folder.mkdir()
+    path = tmp_path / 'job.cfg'
+    write_file(str(path), (
+        'ClientId=client_1\nURLGetURL=%s\nURLPutURL=%s\nTempDirectory=%s\n'
+        'URLAuthType=basic\nURLUsername=client_1\nURLPassword=secret-1\n'
+        'UploadMode=%s\nUploadSegmentSize=%d\nPutTimeLimit=120\n'
+        % (site.cgi_url, put_url, folder, mode, SEGMENT)).encode())
+    return str(path), str(folder)
+
+
+def nginx_cfg(tmp_path, site, put_url, mode, pki):
+    folder = tmp_path / 'job'
+    folder.mkdir()
+    path = deployed_cfg(tmp_path, site.cgi_url, folder, pki,
+                        URLPutURL=put_url, UploadMode=mode,
+                        UploadSegmentSize=SEGMENT, PutTimeLimit=120,
+                        HashType='MD5')
+    return path, str(folder)
+
+
+def run(cfg):
+    return subprocess.run([sys.executable, WEBJOB, '-e', '-f', cfg, 'seq.sh'],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=300)
+
+
+def assert_one_group(site, result):
+    """One group in incoming/ (plus the partial folder), byte for byte the
+    program's output; verify clean."""
+    assert result.returncode == 0, result.stderr.decode()
+    rdy = [n for n in site.incoming() if n.endswith('.rdy')]
+    assert len(rdy) == 1, site.incoming()
+    stem = os.path.join(site.root, 'incoming', rdy[0][:-4])
+    for ext, data in (('out', OUT), ('err', ERR)):
+        with open(stem + '.' + ext, 'rb') as handle:
+            assert handle.read() == data, ext
+    report = subprocess.run([sys.executable, NPH_WEBJOB, 'verify', '--root',
+                             site.root], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=60)
+    assert report.returncode == 0, report.stdout.decode()
+
+
+def methods(site, count):
+    return [line.split()[5] for line in site.log_lines(count)]
+
+
+
+
+@pytest.mark.parametrize('mode', ['resumable', 'streamed'])
+def test_apache_stores_a_job_uploaded_this_way(tmp_path, apache, mode):
+    cfg, folder = apache_cfg(tmp_path, apache, apache.cgi_url, mode)
+    assert_one_group(apache, run(cfg))
+    assert 'PATCH' in methods(apache, 3)
+
+
+@pytest.mark.parametrize('mode', ['resumable', 'streamed'])
+def test_apache_resumes_after_cuts_at_random_offsets(tmp_path, apache, mode):
+    """mod_cgi hands the CGI the body as it arrives: after a cut the server
+    holds what came, and the PATCH that completes sends only the rest."""
+    relay = Relay(apache.port)
+    rand = random.Random('%s-%s' % (SEED, mode))
+    lengths = set()
+    try:
+        for trial in range(CUTS):
+            reset(apache)
+            relay.arm(cut=rand.randrange(1, len(OUT)))
+            work = tmp_path / str(trial)
+            work.mkdir()
+            cfg, folder = apache_cfg(work, apache, relay.url, mode)
+            assert_one_group(apache, run(cfg))
+            assert relay.cut is None, 'the cut point was never reached'
+            lengths.update(int(line.split()[8]) for line in
+                           apache.log_lines() if line.split()[5] == 'PATCH')
+    finally:
+        relay.close()
+    if mode == 'resumable':     # mod_cgi streams: some PATCH sent only a rest
+        assert min(lengths) < max(lengths), lengths
+
+
+@pytest.mark.parametrize('mode', ['resumable', 'streamed'])
+def test_nginx_stores_a_job_uploaded_this_way(tmp_path, nginx, pki, mode):
+    cfg, folder = nginx_cfg(tmp_path, nginx, nginx.cgi_url, mode, pki)
+    assert_one_group(nginx, run(cfg))
+    assert 'PATCH' in methods(nginx, 3)
+
+
+def test_nginx_never_hands_a_cut_patch_to_the_cgi(tmp_path, nginx, pki):
+    """nginx buffers the request body: a PATCH cut half way is dropped by
+    nginx, the CGI logs no short body (456), and the streamed upload resumes
+    from the last whole segment; so the loss is at most UploadSegmentSize."""
+    relay = Relay(nginx.port)
+    rand = random.Random(SEED)
+    try:
+        for trial in range(CUTS):
+            reset(nginx)
+            relay.arm(cut=rand.randrange(SEGMENT, len(OUT)))
+            work = tmp_path / str(trial)
+            work.mkdir()
+            cfg, folder = nginx_cfg(work, nginx,
+                                    nginx.cgi_url.replace(
+                                        ':%d/' % nginx.port,
+                                        ':%s/' % relay.url.split(':')[2]
+                                        .split('/')[0]), 'streamed', pki)
+            assert_one_group(nginx, run(cfg))
+            assert relay.cut is None, 'the cut point was never reached'
+            lines = nginx.log_lines()
+            assert not [line for line in lines if ' 456 ' in line], lines
+    finally:
+        relay.close()
