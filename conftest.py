@@ -66,7 +66,7 @@ def free_port(host=LOOPBACK):
         sock.close()
 
 
-def wait_for_port(host, port, timeout=15.0, proc=None):
+def wait_for_port(host, port, timeout=60.0, proc=None):
     """Return once something accepts on host:port; raise on timeout or when
     proc (if given) exits first."""
     deadline = time.monotonic() + timeout
@@ -130,7 +130,7 @@ def make_server_root(root):
     return root
 
 
-def wait_for_lines(path, count, timeout=15.0):
+def wait_for_lines(path, count, timeout=60.0):
     """The lines of a file once it has at least count (deadline loop: the
     server writes its logs after it has answered)."""
     deadline = time.monotonic() + timeout
@@ -145,7 +145,7 @@ def wait_for_lines(path, count, timeout=15.0):
         time.sleep(0.01)     # poll interval while waiting on the file
 
 
-def read_log_lines(root, count=0, timeout=10.0):
+def read_log_lines(root, count=0, timeout=60.0):
     """The lines of logfiles/nph-webjob.log under a BaseDirectory, once it
     has at least count."""
     return wait_for_lines(os.path.join(str(root), 'logfiles',
@@ -183,7 +183,7 @@ class StandaloneServer(object):
         with open(self.stderr_path, 'rb') as handle:
             return handle.read().decode('utf-8', 'replace')
 
-    def stop(self, signum=signal.SIGTERM, timeout=10.0):
+    def stop(self, signum=signal.SIGTERM, timeout=60.0):
         """Send signum to the server alone; return its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
@@ -393,6 +393,31 @@ ScriptAlias /cgi-client/ {top}/cgi-client/
 """
 
 
+CONFIG_VARIABLE = 'WEBJOB_PROPERTIES_FILE'   # the CGI's config, in its env
+
+
+def wait_for_no_process_with(variable, timeout=60.0):
+    """Return once no process has variable (b'NAME=value') in its
+    environment; raise after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = []
+        for pid in os.listdir('/proc'):
+            try:
+                with open('/proc/%s/environ' % pid, 'rb') as handle:
+                    if variable in handle.read().split(b'\0'):
+                        holders.append(pid)
+            except OSError:     # not a process, or gone meanwhile
+                continue
+        if not holders:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError('processes %s still run with %s after %.0f s'
+                               % (', '.join(holders), variable.decode(),
+                                  timeout))
+        time.sleep(0.02)     # poll interval while the CGIs finish
+
+
 def _reachable_by_others(path):
     """True when a user other than root can reach and read path."""
     path = os.path.realpath(path)
@@ -535,7 +560,14 @@ class CgiSite(object):
         return '\n'.join(text)
 
     def clean(self):
-        """Empty incoming/ and the log, so a test sees only its own work."""
+        """Empty incoming/ and the log, so a test sees only its own work.
+
+        A CGI writes its log line after its answer, so the previous test's
+        last request may still be logging: wait until no CGI of this site
+        runs first.
+        """
+        wait_for_no_process_with(b'%s=%s' % (
+            CONFIG_VARIABLE.encode(), self.properties.encode()))
         incoming = os.path.join(self.root, 'incoming')
         for name in os.listdir(incoming):
             os.unlink(os.path.join(incoming, name))
@@ -775,7 +807,7 @@ http {{
 """
 
 
-def wait_for_unix_socket(path, timeout=15.0, proc=None):
+def wait_for_unix_socket(path, timeout=60.0, proc=None):
     """Return once something accepts on the unix socket path; raise on
     timeout or when proc (if given) exits first."""
     deadline = time.monotonic() + timeout

@@ -173,7 +173,7 @@ SAMPLE_CLIENT = 'client_1'
 SAMPLE_PROGRAM = ('hostname.sh', b'#!/bin/sh\nhostname\ndate\n')
 
 USAGE = """\
-Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
+Usage: nph_webjob.py serve [--root DIR] [--init] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
                            [--admin USER[,USER...]]
@@ -194,7 +194,7 @@ Usage: nph_webjob.py serve [--root DIR] [--bind ADDR] [--port N]
        nph_webjob.py report [--client ID] [--since WHEN] [--json]
                             [--html FILE]
                       (job, hunt, report: [--root DIR | --config FILE])
-       nph_webjob.py install-cgi PATH [--config FILE]
+       nph_webjob.py install-cgi PATH [--config FILE] [--force]
        nph_webjob.py dsvtool ARGS...      (webjob-dsvtool: sign, check, keys)
        nph_webjob.py {-h|--help}
        nph-webjob.cgi                     (as a CGI: GATEWAY_INTERFACE is set)
@@ -2285,9 +2285,54 @@ def compile_modules(folder):
                                      % (name, webjob.one_line(exc)))
 
 
-def install_cgi(path, config=None):
+def find_unreachable(path, mode):
+    """The first of path's folders that other users cannot enter, or path
+    itself when they lack mode (os.R_OK, os.X_OK) on it; None when a web
+    server's user (www-data), which is neither owner nor root, could use
+    it.  Only the 'other' permission bits count."""
+    import stat  # late import: install-cgi only
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
+    folders = []
+    while folder != os.path.dirname(folder):
+        folders.append(folder)
+        folder = os.path.dirname(folder)
+    for folder in reversed(folders):
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            return folder
+    want = {os.R_OK: stat.S_IROTH, os.X_OK: stat.S_IXOTH}[mode]
+    if os.path.exists(path) and not os.stat(path).st_mode & want:
+        return path
+    return None
+
+
+def check_cgi_reachable(path):
+    """Refuse a stub the web server could not run: its interpreter, the two
+    modules it imports and the stub's folder must be usable by others.
+
+    :raises webjob.WebJobError: naming the first path that is not.
+    """
+    checks = [(sys.executable, os.X_OK, 'the interpreter')]
+    checks += [(os.path.join(_HERE, name), os.R_OK, name)
+               for name in ('nph_webjob.py', 'webjob.py')]
+    checks.append((os.path.abspath(path), os.R_OK, 'the CGI script'))
+    for target, mode, what in checks:
+        blocked = find_unreachable(target, mode)
+        if blocked is not None:
+            raise webjob.WebJobError(
+                'install-cgi: %s (%s): other users cannot %s %s, so the web '
+                'server could not run the CGI; use an interpreter and folders '
+                'they can reach (e.g. /usr/bin/python3 and /opt/webjob), or '
+                '--force' % (what, target, 'enter' if blocked != os.path.
+                             realpath(target) else 'use', blocked))
+
+
+def install_cgi(path, config=None, force=False):
     """Write the CGI stub at path (temporary name, fsync, rename) for this
-    interpreter and compile the modules it imports; 0 when done."""
+    interpreter and compile the modules it imports; 0 when done.  Unless
+    forced, refuse when the web server's user could not run it."""
+    if not force:
+        check_cgi_reachable(path)
     compile_modules(_HERE)
     if config is not None:
         config = 'import os\nos.environ.setdefault(%r, %r)\n' % (
@@ -2777,13 +2822,33 @@ def is_loopback(address):
         for info in infos)
 
 
+def check_locker(base, init):
+    """Refuse a BaseDirectory named by --root or a config that is not a
+    locker yet, unless init: a mistyped path must not become a new, empty
+    locker that clients then fill.  The default ./webjob-server is made
+    without asking (the quick start).
+
+    :raises webjob.WebJobError: naming the folder and the way out.
+    """
+    if init or base == os.path.abspath(DEFAULT_ROOT):
+        return
+    missing = [name for name in LAYOUT
+               if not os.path.isdir(os.path.join(base, name))]
+    if missing:
+        raise webjob.WebJobError(
+            'BaseDirectory %s: not a locker (no %s); check the path, or add '
+            '--init to create one there' % (base, ', '.join(
+                name + '/' for name in missing)))
+
+
 def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
           tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
-          force=False, admins=()):
+          force=False, admins=(), init=False):
     """Run the standalone server until SIGTERM or SIGINT; return 0.
 
     BaseDirectory is --root, else the config's, else ./webjob-server; the
-    layout is created if missing.  RequireUser defaults to N without
+    layout is created if missing, for any other folder than the default
+    only with init.  RequireUser defaults to N without
     authentication and to Y with it.  A non-loopback address needs TLS and
     authentication, unless forced: evidence and credentials would otherwise
     cross the network in the clear or be open to anyone.
@@ -2817,6 +2882,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
                          next_serial=lambda: next(counter))
     except HTTPStatusError as exc:
         raise webjob.WebJobError(exc.message)
+    check_locker(site.base, init)
     os.umask(0o022)
     try:
         make_layout(site.base)
@@ -2842,9 +2908,15 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
             write_stderr('%s: connection error: %s: %s' % (
                 client_address[0], type(exc).__name__, exc))
 
+    # INFO: SIGTERM and SIGINT are held from before the port listens until
+    # the try around serve_forever, so that one sent the moment a client can
+    # connect still stops the server cleanly.
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         server = Server((bind, port), _handler_class())
     except OSError as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         raise webjob.WebJobError('cannot listen on %s port %d: %s'
                                  % (bind, port, exc.strerror or exc))
     server.site = site
@@ -2852,7 +2924,9 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
     server.admins = frozenset(admins)
 
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # INFO: one is enough;
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second mid-shutdown
+        raise KeyboardInterrupt                         # would be a traceback
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)   # INFO: even when started ignoring it
@@ -2861,6 +2935,7 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
         'https' if tls else 'http', '[%s]' % host if ':' in host else host,
         port, site.base))
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
         pass
@@ -4698,6 +4773,9 @@ def dsvtool_main(argv, stdin=None, stdout=None, stderr=None):
     stdin = sys.stdin.buffer if stdin is None else stdin
     stdout = sys.stdout if stdout is None else stdout
     stderr = sys.stderr if stderr is None else stderr
+    if argv[:1] in (['-h'], ['--help']):    # INFO: no dsvtool mode uses -h
+        stdout.write(DSVTOOL_USAGE)
+        return 0
     try:
         function, options = dsvtool_parse_args(argv)
         return function(options, stdin, stdout, stderr)
@@ -4723,16 +4801,74 @@ def dsvtool_main(argv, stdin=None, stdout=None, stderr=None):
 # Command line ################################################################
 ###############################################################################
 
-def parse_serve_args(argv):
-    """The serve options (argparse: standalone only, never on the CGI path)."""
+class HelpRequested(Exception):
+    """-h or --help after a subcommand: main prints its usage, exit 0."""
+
+
+def command_usage(command=None):
+    """USAGE, or the entries of one subcommand in it ('serve', 'job add':
+    each entry's line and the lines that continue it), so that every
+    subcommand listed there has --help and a usage message of its own
+    without a text of its own.  '{a|b}' in USAGE matches a or b."""
+    entries = []
+    for line in USAGE.splitlines():
+        if line[7:8] not in ('', ' '):          # INFO: 'Usage: ' or 7 spaces
+            entries.append([line[7:]])
+        elif entries:
+            entries[-1].append(line[7:])
+
+    def matches(entry, words):
+        found = entry[0].split()[1:1 + len(words)]
+        return len(found) == len(words) and all(
+            word in usage.strip('{}').split('|')
+            for word, usage in zip(words, found))
+    words = command.split() if command else []
+    for count in range(len(words), 0, -1):
+        found = [line for entry in entries if matches(entry, words[:count])
+                 for line in entry]
+        if found:
+            return 'Usage: %s\n' % '\n       '.join(found)
+    return USAGE
+
+
+def help_request(argv):
+    """The subcommand words ('job add') when -h or --help follows them
+    directly and USAGE knows them; else None."""
+    words = []
+    for arg in argv:
+        if arg in ('-h', '--help'):
+            command = ' '.join(words)
+            return command if words and command_usage(command) != USAGE \
+                else None
+        if arg.startswith('-'):
+            return None
+        words.append(arg)
+    return None
+
+
+def make_parser(command):
+    """An argparse parser for one subcommand: errors are UsageError, and -h
+    or --help anywhere is HelpRequested (argparse: never on the CGI path)."""
     import argparse  # late import: start-up time
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             raise webjob.UsageError(message)
 
-    parser = Parser(prog='nph_webjob.py serve', add_help=False)
+        def parse_args(self, args=None, namespace=None):
+            if '-h' in args or '--help' in args:
+                raise HelpRequested(command)
+            return argparse.ArgumentParser.parse_args(self, args, namespace)
+
+    return Parser(prog='nph_webjob.py ' + command, add_help=False,
+                  allow_abbrev=False)
+
+
+def parse_serve_args(argv):
+    """The serve options."""
+    parser = make_parser('serve')
     parser.add_argument('--root')
+    parser.add_argument('--init', action='store_true')
     parser.add_argument('--bind', default=DEFAULT_BIND)
     parser.add_argument('--port', type=int, default=DEFAULT_PORT)
     parser.add_argument('--config')
@@ -4751,13 +4887,7 @@ def parse_serve_args(argv):
 
 def parse_locker_args(command, argv):
     """The verify and list options."""
-    import argparse  # late import: start-up time
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise webjob.UsageError(message)
-
-    parser = Parser(prog='nph_webjob.py ' + command, add_help=False)
+    parser = make_parser(command)
     parser.add_argument('--root')
     parser.add_argument('--config')
     if command == 'list':
@@ -4770,6 +4900,15 @@ def parse_locker_args(command, argv):
             raise webjob.UsageError('--client: not a valid client id')
         options.since = parse_since(options.since) if options.since else None
     return options
+
+
+def parse_install_args(argv):
+    """The install-cgi options: PATH is a file name, never an option."""
+    parser = make_parser('install-cgi')
+    parser.add_argument('path', metavar='PATH')
+    parser.add_argument('--config')
+    parser.add_argument('--force', action='store_true')
+    return parser.parse_args(argv)
 
 
 def run_locker_tool(command, argv):
@@ -4912,10 +5051,14 @@ def main(argv=None):
         return dsvtool_main(argv)
     if argv[:1] == ['dsvtool']:
         return dsvtool_main(argv[1:])
+    command = None
     try:
         if argv[:1] in (['-h'], ['--help']):
             sys.stdout.write(USAGE)
             return 0
+        command = argv[0] if argv else None
+        if help_request(argv):
+            raise HelpRequested(help_request(argv))
         if argv[:1] in (['verify'], ['list']):
             return run_locker_tool(argv[0], argv[1:])
         if argv[:1] in (['job'], ['hunt'], ['report']):
@@ -4923,11 +5066,10 @@ def main(argv=None):
         if argv == [SUPERVISE_COMMAND]:
             return run_trigger_supervisor(sys.stdin.buffer)
         if argv[:1] == ['install-cgi']:
-            if len(argv) == 2 or (len(argv) == 4 and argv[2] == '--config'):
-                return install_cgi(argv[1], (argv[3:] or [None])[0])
-            raise webjob.UsageError('install-cgi: expected PATH '
-                                    '[--config FILE]')
+            options = parse_install_args(argv[1:])
+            return install_cgi(options.path, options.config, options.force)
         if argv[:1] != ['serve']:
+            command = None
             raise webjob.UsageError('expected "serve", "verify", "list", '
                                     '"job", "hunt", "report", '
                                     '"install-cgi", "dsvtool" or -h'
@@ -4937,10 +5079,14 @@ def main(argv=None):
         options = parse_serve_args(argv[1:])
         return serve(options.root, options.bind, options.port, options.config,
                      options.tls_cert, options.tls_key, options.client_ca,
-                     options.htpasswd, options.force, options.admins)
+                     options.htpasswd, options.force, options.admins,
+                     options.init)
+    except HelpRequested as exc:
+        sys.stdout.write(command_usage(exc.args[0]))
+        return 0
     except webjob.UsageError as exc:
         write_stderr(exc)
-        sys.stderr.write(USAGE)
+        sys.stderr.write(command_usage(command))
         return 2
     except webjob.WebJobError as exc:
         write_stderr(exc)

@@ -106,7 +106,7 @@ def parse_raw(data):
 
 def send(port, data):
     """One request on a new connection; the reply."""
-    with socket.create_connection((LOOPBACK, port), timeout=15) as sock:
+    with socket.create_connection((LOOPBACK, port), timeout=60) as sock:
         sock.sendall(data)
         return read_reply(sock.makefile('rb'))
 
@@ -1030,7 +1030,7 @@ def test_serve_without_root_uses_webjob_server_in_the_cwd(tmp_path):
                 'hostname.sh').is_file()
     finally:
         proc.terminate()
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=60) == 0
 
 
 def test_serve_leaves_an_existing_tree_alone(standalone_server, server_root):
@@ -1112,7 +1112,7 @@ def test_install_cgi_writes_a_stub_over_compiled_modules(tmp_path, server_root,
     stub = tmp_path / 'nph-webjob.cgi'
     cfg = cgi_config(tmp_path, server_root, RequireUser='N')
     subprocess.run([python, str(lib / 'nph_webjob.py'), 'install-cgi',
-                    str(stub), '--config', cfg], check=True)
+                    str(stub), '--config', cfg, '--force'], check=True)
     tag = subprocess.run([python, '-c', 'import sys; print(sys.implementation'
                           '.cache_tag)'], stdout=subprocess.PIPE,
                          check=True).stdout.decode().strip()
@@ -1140,7 +1140,8 @@ def test_install_cgi_needs_a_path(capsys, argv):
 def test_install_cgi_into_a_missing_folder_is_one_line(tmp_path):
     lib = copy_server(tmp_path)
     result = subprocess.run([sys.executable, str(lib / 'nph_webjob.py'),
-                             'install-cgi', str(tmp_path / 'no' / 'x.cgi')],
+                             'install-cgi', str(tmp_path / 'no' / 'x.cgi'),
+                             '--force'],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == [
@@ -1554,13 +1555,14 @@ def test_hanging_trigger_is_killed_at_the_limit(front):
 
 
 def test_answer_does_not_wait_for_the_trigger(front):
-    server = front(PutTriggerEnable='Y', TriggerTimeLimit='5',
-                   PutTriggerCommandLine='sleep 60')
-    started = time.monotonic()
+    """The trigger runs for 600 s: an answer that waited for it would time
+    out; the answer comes while the trigger is still running."""
+    server = front(PutTriggerEnable='Y', TriggerTimeLimit='0',
+                   PutTriggerCommandLine='sleep 600')
     reply = server.put()
-    elapsed = time.monotonic() - started
-    assert reply.status == 200 and elapsed < 4, elapsed
+    assert reply.status == 200
     pid = int(TRIGGER_LINE.match(server.trigger_lines(1)[0]).group('pid'))
+    assert live_group_members(pid) != []
     os.killpg(pid, signal.SIGKILL)
     assert TRIGGER_LINE.match(server.trigger_lines(2)[1]).group(
         'state') == 'killed'

@@ -117,7 +117,7 @@ class ScriptedServer(object):
                 return
             try:
                 if self.tls is not None:
-                    conn.settimeout(10)
+                    conn.settimeout(60)
                     try:
                         conn = self.tls.wrap_socket(conn, server_side=True)
                     except (OSError, ValueError) as exc:
@@ -140,12 +140,13 @@ class ScriptedServer(object):
         head, body = data.split(b'\r\n\r\n', 1)
         request = Request(head, b'')
         length = int(request.header('Content-Length') or 0)
+        body = bytearray(body)      # INFO: += on bytes is quadratic in size
         while len(body) < length:
-            chunk = conn.recv(65536)
+            chunk = conn.recv(1 << 20)
             if not chunk:
                 break
             body += chunk
-        request.body = body
+        request.body = bytes(body)
         self.requests.append(request)
         reply = self.respond(request)
         if reply is not None:
@@ -694,19 +695,20 @@ def test_refused_connection_fails_the_get_stage(tmp_path, job_dir):
 
 
 def test_get_time_limit_bounds_a_stalled_server(tmp_path, scripted, job_dir):
+    """The server never answers on its own: only the limit can end the GET
+    (else run_webjob's own deadline fails the test)."""
     release = threading.Event()
 
     def stall(request):
-        release.wait(30)
+        release.wait(300)
         return None
     scripted.respond = stall
     cfg = basic_cfg(tmp_path, scripted, job_dir, GetTimeLimit='1')
-    started = time.monotonic()
-    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
-    elapsed = time.monotonic() - started
-    release.set()
+    try:
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    finally:
+        release.set()
     assert_get_failed_and_nothing_ran(result, job_dir, 'GetTimeLimit')
-    assert elapsed < 10
 
 
 def test_existing_program_is_kept_without_overwrite(tmp_path, scripted, job_dir):
@@ -744,7 +746,7 @@ def test_script_without_interpreter_line_runs_under_sh(tmp_path, scripted, job_d
 
 
 GRANDCHILD = b'''#!/bin/sh
-sh -c 'trap "" TERM; echo $$ > "$WJ_PIDFILE.tmp"; mv "$WJ_PIDFILE.tmp" "$WJ_PIDFILE"; exec sleep 300' &
+sh -c 'trap "" TERM; echo $$ > "$WJ_MARK.tmp"; mv "$WJ_MARK.tmp" "$WJ_MARK"; exec sleep 300' &
 wait
 '''
 
@@ -758,35 +760,71 @@ def process_gone(pid):
         return True
 
 
-def wait_until(predicate, timeout=10.0):
+def wait_until(predicate, timeout=60.0):
+    """True once predicate() is; False after timeout (a deadline for a
+    failure, generous because the machine may be loaded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.02)
+        time.sleep(0.02)     # poll interval while waiting on the event
     return predicate()
 
 
-def test_run_time_limit_kills_the_whole_process_group(tmp_path, scripted, job_dir):
+#: Time limits, in seconds, for a test whose child must reach a point (a
+#: trap set, a pid written) before the limit fires: tried in turn until it
+#: does, so a loaded machine costs time, not a false failure.
+GROWING_LIMITS = (1, 2, 4, 8, 16, 32)
+
+
+def until_reached(tmp_path, attempt):
+    """attempt(limit, folder) -> (result, reached) with each of
+    GROWING_LIMITS and a fresh folder, until reached; (result, limit, folder).
+    """
+    for limit in GROWING_LIMITS:
+        folder = tmp_path / ('limit-%d' % limit)
+        folder.mkdir()
+        result, reached = attempt(limit, folder)
+        if reached:
+            return result, limit, folder
+    pytest.fail('the child never reached its point before a %d s limit'
+                % limit)
+
+
+def run_until_marked(tmp_path, scripted, **controls):
+    """Run job.sh under each RunTimeLimit of GROWING_LIMITS until it has
+    created the file $WJ_MARK before the limit; (result, limit, mark)."""
+    def attempt(limit, folder):
+        cfg = basic_cfg(folder, scripted, folder, RunTimeLimit=str(limit),
+                        **controls)
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'],
+                            env={'WJ_MARK': str(folder / 'mark')})
+        return result, (folder / 'mark').exists()
+    result, limit, folder = until_reached(tmp_path, attempt)
+    return result, limit, folder / 'mark'
+
+
+def test_run_time_limit_kills_the_whole_process_group(tmp_path, scripted):
+    """The grandchild ignores TERM and writes its pid once it does; only a
+    run in which it got that far before the limit says anything."""
     scripted.program = GRANDCHILD
-    pidfile = tmp_path / 'grandchild.pid'
-    cfg = basic_cfg(tmp_path, scripted, job_dir, RunTimeLimit='1',
-                    TimeoutSignal='15')
-    result = run_webjob(['-e', '-f', cfg, 'job.sh'],
-                        env={'WJ_PIDFILE': str(pidfile)})
+    result, limit, mark = run_until_marked(tmp_path, scripted,
+                                           TimeoutSignal='15')
     assert_clean_error(result, 9, 'RunTimeLimit')
-    pid = int(pidfile.read_text())
+    pid = int(mark.read_text())
     assert wait_until(lambda: process_gone(pid))
     env = scripted.requests[-1].body.decode()
-    assert 'RunError=RunTimeLimit (1 s) expired' in env
+    assert 'RunError=RunTimeLimit (%d s) expired' % limit in env
     assert 'KidReason=The kid was killed' in env
 
 
-def test_timeout_signal_is_the_one_sent(tmp_path, scripted, job_dir):
-    scripted.program = b'#!/bin/sh\ntrap "echo got INT; exit 3" INT\nsleep 30 & wait\n'
-    cfg = basic_cfg(tmp_path, scripted, job_dir, RunTimeLimit='1',
-                    TimeoutSignal='2')
-    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+def test_timeout_signal_is_the_one_sent(tmp_path, scripted):
+    """The program marks that its trap is set; a run where the signal came
+    first is tried again with a longer limit."""
+    scripted.program = (b'#!/bin/sh\ntrap "echo got INT; exit 3" INT\n'
+                        b'touch "$WJ_MARK"\nsleep 30 & wait\n')
+    result, limit, mark = run_until_marked(tmp_path, scripted,
+                                           TimeoutSignal='2')
     assert result.returncode == 9
     put = scripted.requests[-1]
     assert put.body.startswith(b'got INT\n')
@@ -979,15 +1017,15 @@ def test_put_time_limit_bounds_a_stalled_upload(tmp_path, scripted, job_dir):
     def stall_put(request):
         if request.method == 'GET':
             return scripted.default_response(request)
-        release.wait(30)
+        release.wait(300)
         return None
     scripted.respond = stall_put
     cfg = basic_cfg(tmp_path, scripted, job_dir, PutTimeLimit='1')
-    started = time.monotonic()
-    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
-    release.set()
+    try:
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+    finally:
+        release.set()
     assert_clean_error(result, 10, 'PutTimeLimit')
-    assert time.monotonic() - started < 10
 
 
 # GetHook (man page examples 6-8) ############################################
@@ -1117,16 +1155,22 @@ def test_hook_status_other_than_zero_can_bless(tmp_path, scripted, job_dir):
     assert result.returncode == 0 and result.stdout == b'hello \n'
 
 
-def test_hanging_hook_is_killed_at_get_time_limit(tmp_path, scripted, job_dir):
+def test_hanging_hook_is_killed_at_get_time_limit(tmp_path, scripted):
+    """The hook sleeps 300 s, past run_webjob's own deadline: only the limit
+    can end it in time.  It writes its pid first; a run in which the limit
+    came before that is tried again with a longer one."""
     serve_files(scripted, {'job.sh': PROGRAM_BODY})
-    pidfile = tmp_path / 'hook.pid'
-    command = 'sh -c "echo \\$\\$ > %s; exec sleep 300"; true' % pidfile
-    cfg = hook_cfg(tmp_path, scripted, job_dir, command, GetTimeLimit='1')
-    started = time.monotonic()
-    result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+
+    def attempt(limit, folder):
+        command = 'sh -c "echo \\$\\$ > %s; exec sleep 300"; true' % (
+            folder / 'hook.pid')
+        cfg = hook_cfg(folder, scripted, folder, command,
+                       GetTimeLimit=str(limit))
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+        return result, (folder / 'hook.pid').exists()
+    result, limit, folder = until_reached(tmp_path, attempt)
     assert_clean_error(result, 8, 'GetTimeLimit')
-    assert time.monotonic() - started < 10
-    pid = int(pidfile.read_text())
+    pid = int((folder / 'hook.pid').read_text())
     assert wait_until(lambda: process_gone(pid))
     assert result.stdout == b''
 
@@ -1333,12 +1377,10 @@ def test_get_time_limit_bounds_the_tls_handshake(tmp_path, pki, job_dir):
         cfg = write_cfg(tmp_path, ClientId='c', TempDirectory=str(job_dir),
                         GetTimeLimit='1', URLGetURL='https://127.0.0.1:%d/x'
                         % silent.getsockname()[1])
-        started = time.monotonic()
-        result = run_webjob(['-e', '-f', cfg, 'job.sh'])
+        result = run_webjob(['-e', '-f', cfg, 'job.sh'])   # silent forever
     finally:
         silent.close()
     assert_clean_error(result, 8, 'GetTimeLimit')
-    assert time.monotonic() - started < 10
 
 
 # PaD (Payload and Delivery) #################################################
@@ -1860,30 +1902,6 @@ def test_apache_refuses_another_clients_identity(tmp_path, job_dir, apache_serve
                      URLUsername='client_2', URLPassword='secret-2')
     assert_clean_error(run_webjob(['-e', '-f', cfg, 'hostname.sh']), 8,
                        'Status = [453]')
-
-
-def test_readme_quick_start(tmp_path):
-    """python3 nph_webjob.py serve & then webjob.py -e -f sample.cfg."""
-    from conftest import NPH_WEBJOB, wait_for_port, stop_process
-    probe = socket.socket()
-    try:
-        assert probe.connect_ex(('127.0.0.1', 8080)) != 0, \
-            'port 8080 is taken: the quick start needs it'
-    finally:
-        probe.close()
-    shutil.copy(os.path.join(HERE, 'sample.cfg'), str(tmp_path / 'sample.cfg'))
-    server = subprocess.Popen([sys.executable, NPH_WEBJOB, 'serve'],
-                              cwd=str(tmp_path), stderr=subprocess.PIPE,
-                              start_new_session=True)
-    try:
-        wait_for_port('127.0.0.1', 8080, proc=server)
-        result = run_webjob(['-e', '-f', 'sample.cfg', 'hostname.sh'],
-                            cwd=str(tmp_path))
-        assert result.returncode == 0, result.stderr
-        group = read_group(tmp_path / 'webjob-server' / 'incoming')
-        assert_evidence(group, socket.gethostname().encode())
-    finally:
-        stop_process(server)
 
 
 # DSV, GetHook and PaD end to end against nph_webjob.py #######################

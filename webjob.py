@@ -98,6 +98,7 @@ Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
        webjob {-h|--hashsum} {-t|--type} {md5|sha1|sha256} {file|-}
        webjob {-v|--version}
        webjob --pad-make-script file [-o file.pad]
+       webjob --help
 """
 
 
@@ -3490,15 +3491,29 @@ def take(argv, index, what):
     return argv[index]
 
 
+def mode_usage(mode):
+    """The USAGE line of one mode ('-e' or '--execute', ...), else USAGE."""
+    for line in USAGE.splitlines():
+        words = line[7:].split()
+        if len(words) > 1 and mode in words[1].strip('{}').split('|'):
+            return 'Usage: %s\n' % line[7:]
+    return USAGE
+
+
 def parse_args(argv):
     """Position-dependent parsing, as the original: no bundled flags.
 
     Returns (mode, arguments).  Everything after the program is passed
-    through untouched.
+    through untouched.  '--help', alone or right after a mode, asks for the
+    usage (-h is the man page's hashsum).
     """
     if not argv:
         raise UsageError('no mode given')
     mode = argv[0]
+    if mode == '--help':
+        return 'help', (USAGE,)
+    if argv[1:2] == ['--help'] and mode_usage(mode) != USAGE:
+        return 'help', (mode_usage(mode),)
     if mode in ('-e', '--execute'):
         if take(argv, 1, '-f|--file') not in ('-f', '--file'):
             raise UsageError('expected -f|--file after %s' % mode)
@@ -3582,6 +3597,9 @@ def dispatch(mode, arguments):
         return pad_make_mode(*arguments)
     if mode == 'dsvtool':
         raise DependencyError(DSVTOOL_MOVED)
+    if mode == 'help':
+        sys.stdout.write(arguments[0])
+        return XER_OK
     raise DependencyError('%s is not available in this build' % mode)
 
 
