@@ -1844,7 +1844,14 @@ class Partial(object):
         try:
             size = os.fstat(fd).st_size
             digests = take_running(self.folder, ext, size)
-            done, why = copy_stream(ArrivingBody(stdin), fd, count, digests)
+            if digests is not None:
+                digests.begin(count)
+            try:
+                done, why = copy_stream(ArrivingBody(stdin), fd, count,
+                                        digests)
+            finally:
+                if digests is not None:
+                    digests.end()
             os.fsync(fd)
             if digests is not None:
                 keep_running(self.folder, ext, size + done, digests)
@@ -1862,20 +1869,55 @@ class Partial(object):
 class RunningDigests(object):
     """SHA-256 and the aside digests of one partial stream, fed as it is
     appended, so the completing PATCH need not read it back.  Kept only by
-    a long-lived process (the standalone server): a CGI reads it back."""
+    a long-lived process (the standalone server): a CGI reads it back.
+    During a large append the aside digests run in a helper thread, as
+    StreamDigests does for a PUT."""
 
     def __init__(self):
         import hashlib  # late import: partial uploads only
-        self.digests = [('SHA256', hashlib.sha256())] + [
-            (name, hashlib.new(name.lower())) for name in ASIDE_HASHES]
+        self.sha256 = hashlib.sha256()
+        self.others = [(name, hashlib.new(name.lower()))
+                       for name in ASIDE_HASHES]
+        self.queue = self.thread = None
+
+    def begin(self, count):
+        """Before an append of count bytes: a helper thread when large."""
+        if self.others and count > THREAD_HASH_MIN:
+            import queue  # late import: large uploads only
+            import threading  # late import: large uploads only
+            self.queue = queue.Queue(8)
+            self.thread = threading.Thread(target=self.hash_aside)
+            self.thread.daemon = True
+            self.thread.start()
+
+    def hash_aside(self):
+        while True:
+            chunk = self.queue.get()
+            if chunk is None:
+                return
+            for name, digest in self.others:
+                digest.update(chunk)
 
     def update(self, chunk):
-        for name, digest in self.digests:
-            digest.update(chunk)
+        self.sha256.update(chunk)
+        if self.queue is not None:
+            self.queue.put(chunk)
+        else:
+            for name, digest in self.others:
+                digest.update(chunk)
+
+    def end(self):
+        """After the append: every block is in the aside digests too."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.queue = self.thread = None
 
     def sums(self):
-        return dict((name, digest.hexdigest()) for name, digest
-                    in self.digests)
+        found = dict((name, digest.hexdigest()) for name, digest
+                     in self.others)
+        found['SHA256'] = self.sha256.hexdigest()
+        return found
 
 
 #: (partial folder, stream) -> (bytes hashed, RunningDigests), this process.
@@ -1934,6 +1976,9 @@ def serve_partial(site, exchange, query, stdin):
     """
     environ = exchange.environ
     key, stream, offset, complete = read_upload_fields(environ)
+    if query['RUNTYPE'] == 'linktest':
+        raise HTTPStatusError(450, 'Partial upload: RUNTYPE=linktest is a '
+                              'plain PUT (nothing is kept)')
     whole = 'STDOUT_LENGTH' in query
     if whole == (stream is not None):
         raise HTTPStatusError(450, 'Partial upload: Upload-Stream goes with '

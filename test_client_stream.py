@@ -5,6 +5,7 @@ restarted.  Every trial ends with the job stored exactly once, byte for
 byte, and `verify` clean, or with exit code 10 and the output kept.
 """
 
+import hashlib
 import os
 import random
 import shutil
@@ -16,9 +17,9 @@ import threading
 
 import pytest
 
-from conftest import (LOOPBACK, NPH_WEBJOB, WEBJOB, free_port,
-                      make_server_root, read_log_lines, stop_process,
-                      wait_for_port, write_file)
+from conftest import (LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY, WEBJOB,
+                      free_port, make_server_root, read_log_lines,
+                      stop_process, wait_for_port, write_file)
 
 SEED = 1016                     # fixed: the same cut points on every run
 TRIALS = 100                    # cut points per kind
@@ -374,3 +375,92 @@ def test_streamed_upload_refused_mid_way_keeps_the_rest(server, tmp_path):
     assert report.returncode == 1
     assert b'partial upload, not a group' in report.stdout
     shutil.rmtree(server.partial_folder())      # as its expiry would
+
+
+@pytest.mark.parametrize('python', [OLDEST_PY, NEWEST_PY],
+                         ids=lambda p: p.split('/')[-3])
+@pytest.mark.parametrize('mode', ['resumable', 'streamed'])
+def test_job_on_the_oldest_and_newest_python(server, tmp_path, mode, python):
+    folder = str(tmp_path / 'job')
+    argv = job_command(server, folder, server.url, mode)
+    result = subprocess.run([python] + argv[1:], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=300)
+    assert_stored_once(server, result, folder)
+
+
+def test_streamed_run_time_limit_kills_the_group_and_uploads_its_output(
+        server, tmp_path):
+    """RunTimeLimit holds for a streamed job: the program's group is killed
+    (exit 9, RunStage) and what it wrote before is stored whole."""
+    write_file(os.path.join(server.root, 'profiles', 'client_1', 'commands',
+                            'hang.sh'),
+               b'#!/bin/sh\nseq 1 50000\nseq 1 3000 >&2\nexec sleep 300\n',
+               0o755)
+    folder = str(tmp_path / 'job')
+    argv = job_command(server, folder, server.url, 'streamed',
+                       RunTimeLimit=3)
+    result = subprocess.run(argv[:-1] + ['hang.sh'], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=300)
+    assert result.returncode == 9, result.stderr.decode()
+    assert b'RunTimeLimit (3 s) expired' in result.stderr
+    env = local_env(folder)
+    assert b'KidSignal=9' in env
+    job_id = [line[4:] for line in env.decode().splitlines()
+              if line.startswith('Jid=')][0]
+    found = [group for group in server.groups()
+             if server.read(group, 'rdy') == ('Jid=%s\n' % job_id).encode()]
+    assert len(found) == 1
+    assert (server.read(found[0], 'out'), server.read(found[0], 'err')) == \
+        (OUT, ERR)
+
+
+@pytest.mark.parametrize('mode', ['resumable', 'streamed'])
+def test_a_linktest_is_the_plain_put(server, tmp_path, mode):
+    """RunType=linktest keeps nothing on the server: no HEAD, no PATCH, the
+    original's PUT answered 251."""
+    before = len(read_log_lines(server.root))
+    result = run_job(server, str(tmp_path / 'job'), server.url, mode,
+                     RunType='linktest')
+    assert result.returncode == 0, result.stderr.decode()
+    lines = read_log_lines(server.root, before + 2)[before:]
+    assert [(line.split()[5], line.split()[11]) for line in lines] == \
+        [('GET', '200'), ('PUT', '251')]
+
+
+def test_streamed_output_larger_than_the_free_disk_arrives_whole(server,
+                                                                 tmp_path):
+    """TempDirectory on an 80 MiB tmpfs, a program writing 200 MiB: the
+    staged modes could not hold it; streamed, at most 64 MiB of segments
+    exist at once and the server stores all 200 MiB, hashes matching."""
+    size = 200 << 20
+    write_file(os.path.join(server.root, 'profiles', 'client_1', 'commands',
+                            'image.sh'),
+               b'#!/bin/sh\nexec head -c %d /dev/zero\n' % size, 0o755)
+    disk = str(tmp_path / 'small-disk')
+    os.makedirs(disk)
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=80m', 'tmpfs', disk],
+                   check=True)
+    try:
+        folder = os.path.join(disk, 'job')
+        argv = job_command(server, folder, server.url, 'streamed',
+                           UploadSegmentSize=8 << 20)
+        result = subprocess.run(argv[:-1] + ['image.sh'],
+                                stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, timeout=600)
+        assert result.returncode == 0, result.stderr.decode()
+        env = local_env(folder)
+    finally:
+        subprocess.run(['umount', disk], check=True)
+    job_id = [line[4:] for line in env.decode().splitlines()
+              if line.startswith('Jid=')][0]
+    found = [group for group in server.groups()
+             if server.read(group, 'rdy') == ('Jid=%s\n' % job_id).encode()]
+    assert len(found) == 1
+    stem = os.path.join(server.root, 'incoming', found[0])
+    assert os.path.getsize(stem + '.out') == size
+    assert not os.path.exists(stem + '.bad')      # the hashes matched
+    assert b'StdOutHash=%s' % hashlib.md5(b'\0' * size).hexdigest().encode() \
+        in env

@@ -301,6 +301,16 @@ def test_job_add_refuses_a_bad_hash_and_writes_nothing(root):
     assert not os.path.exists(str(root / 'jobqueues'))
 
 
+def test_a_write_cut_short_by_a_crash_leaves_the_entry_as_it_was(root):
+    name, = queue(root, '--client', 'client_1')
+    folder = root / 'jobqueues/client_1'
+    write_file(folder / '.000001.job.4242.tmp', b'State=done\nJobIds=x\n')
+    assert ask(make_site(root))[0] == 200         # the temporary is no entry
+    assert entry(root, name)['State'] == 'handed-out'
+    status, out, err = admin(root, 'job', 'list')
+    assert out.splitlines() == ['client_1/000001 handed-out collect.sh - 1 - -']
+
+
 def test_queue_state_files_are_written_whole(root):
     queue(root, '--client', 'client_1')
     ask(make_site(root))

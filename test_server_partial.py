@@ -165,6 +165,13 @@ def test_bad_upload_fields_are_450_and_write_nothing(site, field, value):
     assert os.listdir(site.incoming) == []
 
 
+def test_a_linktest_is_refused_it_is_a_plain_put(site):
+    env = dict(QUERY_STRING=query(lengths=lengths_of(), runtype='linktest'))
+    status, fields = request(site, 'PATCH', OUT + ERR + ENV, lengths_of(),
+                             offset=0, complete=True, **env)
+    assert status == 450 and os.listdir(site.incoming) == []
+
+
 def test_mismatching_hashes_are_stored_and_flagged(site):
     env = env_record(out=b'something else')
     body = OUT + ERR + env

@@ -2404,11 +2404,12 @@ def push_upload(upload, query, source, offset, end, deadline, stream=None,
                 if response.fields.get('upload-complete') == '?1' and \
                         response.status in (200, 409):
                     return response
-                if response.status == 409 and \
-                        'upload-offset' in response.fields:
-                    raise TransportError('offset %d refused (409), the server '
-                                         'holds %d' % (offset, response.fields[
-                                             'upload-offset']))
+                if response.status == 409:     # another offset, or busy
+                    raise TransportError('offset %d refused (409): %s, the '
+                                         'server holds %s' % (
+                                             offset, response.reason,
+                                             response.fields.get(
+                                                 'upload-offset', '?')))
                 if 500 <= response.status <= 599:
                     raise TransportError('Status = [%d], Reason = [%s]'
                                          % (response.status, response.reason))
@@ -2430,6 +2431,8 @@ def push_upload(upload, query, source, offset, end, deadline, stream=None,
 def put_resumable(job, target, query, files, deadline):
     """The staged PUT body (out, err, env) as a resumable upload; None when
     the server is an original one (the caller sends the plain PUT)."""
+    if job.values['RunType'] == 'linktest':
+        return None             # nothing is kept: the plain PUT (251)
     upload = Upload(job, target, RESUMABLE_SEGMENT)
     try:
         held = upload.ask_offset(query, deadline)
@@ -2535,6 +2538,8 @@ def start_streamed(job):
     """Ask the server whether it takes streamed uploads; the Upload, or
     None (with one line on stderr) when the output must be staged."""
     values = job.values
+    if values['RunType'] == 'linktest':
+        return None             # nothing is kept: staged, the plain PUT
     target = Target(values['URLPutURL'], values['URLUsername'],
                     values['URLPassword'])
     upload = Upload(job, target, job.values['UploadSegmentSize'])
@@ -2578,6 +2583,7 @@ def run_streamed(job, argv, upload):
     limit = values['RunTimeLimit']
     end = time.monotonic() + limit if limit else None
     timed_out = killed = False
+    interrupted = True
     try:
         while pipes:
             wait = None if end is None else max(0.0, end - time.monotonic())
@@ -2599,14 +2605,19 @@ def run_streamed(job, argv, upload):
                 done = spool.feed(data) if data else spool.close()
                 if done is not None:
                     queue_segment(sender, done)
+        interrupted = False
     finally:
+        if interrupted:         # SIGINT or an error: wait for nobody
+            kill_group(proc.pid, signal.SIGKILL)
+            sender.error = sender.error or 'interrupted'
         for spool in spools:
             done = spool.close()
             if done is not None:
                 queue_segment(sender, done)
         proc.stdout.close()
         proc.stderr.close()
-        sender.finish()
+        if not interrupted:
+            sender.finish()
     if timed_out and not killed:
         kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
