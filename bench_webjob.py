@@ -393,9 +393,7 @@ def start_servers(bench):
     bench.configs = {'job': write_client_config(bench, 'job.cfg'),
                      'noput': write_client_config(bench, 'noput.cfg', False),
                      'stream': write_client_config(bench, 'stream.cfg', extra=[
-                         'UploadMode=streamed']),
-                     'resume': write_client_config(bench, 'resume.cfg', extra=[
-                         'UploadMode=resumable'])}
+                         'UploadMode=streamed'])}
 
 
 def start_baseline(bench, path):
@@ -696,7 +694,7 @@ def measure_resume(bench, key):
     big = ensure_big_payload(bench)
     proxy = conftest.FaultProxy(bench.server.port)
     bench.cleanups.append(proxy.close)
-    config = write_client_config(bench, 'cut.cfg', extra=[
+    config = write_client_config(bench, 'cut.cfg', put=False, extra=[
         'UploadMode=resumable', 'URLPutURL=%s' % proxy.url(
             '/cgi-client/nph-webjob.cgi')])
     job = python_argv(bench, bench.python) + [WEBJOB, '-e', '-f', config,

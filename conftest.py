@@ -269,7 +269,8 @@ class PKI(object):
     inter (server-via-inter), from rogue-ca (server-rogue), expired
     (server-expired), and CN other.test (server-wrong-cn); client
     certificates for CN client_1 from ca (client, with client.key and
-    client-encrypted.key, passphrase flimflam) and rogue-ca (client-rogue).
+    client-encrypted.key, passphrase flimflam) and rogue-ca (client-rogue),
+    and for CN client_2 from ca (client-2).
     Each NAME has NAME.crt, NAME.key and NAME-chain.pem (leaf first).
     """
 
@@ -291,6 +292,7 @@ class PKI(object):
                    dates=('20000101000000Z', '20010101000000Z'))
         self.issue('server-rogue', 'webjob.test', 'rogue-ca')
         self.issue('client', 'client_1', 'ca')
+        self.issue('client-2', 'client_2', 'ca')
         self.issue('client-rogue', 'client_1', 'rogue-ca')
         self.openssl('pkey', '-in', 'client.key', '-aes256', '-passout',
                      'pass:flimflam', '-out', 'client-encrypted.key')
@@ -373,6 +375,7 @@ MinSpareServers 2
 MaxSpareServers 8
 KeepAlive On
 Timeout 30
+TraceEnable off
 DocumentRoot {top}/htdocs
 <Directory />
   AllowOverride None
@@ -766,6 +769,14 @@ http {{
     proxy_temp_path {top}/nginx/proxy;
     uwsgi_temp_path {top}/nginx/uwsgi;
     scgi_temp_path {top}/nginx/scgi;
+    map $ssl_client_s_dn $webjob_cert_cn {{
+        default "";
+        "~(^|,)CN=(?<cn>[^,]+)" $cn;
+    }}
+    map $remote_user $webjob_claimed_cn {{
+        "" $webjob_cert_cn;
+        default $remote_user;
+    }}
     server {{
         listen 127.0.0.1:{port} ssl;
         server_name webjob.test;
@@ -776,6 +787,9 @@ http {{
         ssl_verify_client on;
         client_max_body_size 0;     # the CGI enforces PutLimit (455)
         location /cgi-client/ {{
+            if ($webjob_claimed_cn != $webjob_cert_cn) {{
+                return 403;
+            }}
             auth_basic "WebJob";
             auth_basic_user_file {top}/htpasswd;
             root {top};
@@ -798,6 +812,8 @@ http {{
             fastcgi_param REMOTE_PORT $remote_port;
             fastcgi_param REMOTE_USER $remote_user;
             fastcgi_param SSL_CLIENT_S_DN $ssl_client_s_dn;
+            fastcgi_param SSL_CLIENT_S_DN_CN $webjob_cert_cn;
+            fastcgi_param SSL_CLIENT_VERIFY $ssl_client_verify;
             fastcgi_param WEBJOB_PROPERTIES_FILE {top}/nph-webjob.cfg;
             fastcgi_param PATH {top}/bin:/usr/bin:/bin;
             fastcgi_param LD_LIBRARY_PATH {libdir};

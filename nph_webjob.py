@@ -28,7 +28,8 @@ __license__ = 'BSD-3-Clause'
 __all__ = ['STATUS_REASONS', 'SERVER_CONTROLS', 'HTTPStatusError', 'Site',
            'Exchange', 'load_site', 'parse_query', 'process_request',
            'send_response', 'log_exchange', 'handle_request', 'run_cgi',
-           'make_layout', 'serve', 'dsvtool_main', 'main']
+           'make_layout', 'StandaloneHandler', 'StandaloneServer', 'serve',
+           'dsvtool_main', 'main']
 
 # INFO: the config reader and the CLIENTID/FILENAME validators are shared
 # with the client.  The CGI runs through a link (nph-webjob.cgi), so look
@@ -68,6 +69,16 @@ STATUS_REASONS = {
     457: 'File Not Available',
     500: 'Internal Server Error',
     550: 'Internal Server Initialization Error',
+}
+
+#: Statuses the standalone front end sends for a request it refuses before
+#: the handler sees it (RFC 9110 reasons): they never reach a CGI.
+HTTP_REASONS = {
+    400: 'Bad Request',
+    408: 'Request Timeout',
+    414: 'URI Too Long',
+    431: 'Request Header Fields Too Large',
+    505: 'HTTP Version Not Supported',
 }
 
 #: nph-webjob.cfg controls: (name, kind, default), kinds as in webjob.py.
@@ -144,11 +155,14 @@ COMMON_PROFILE = 'common'
 BLOCK_SIZE = 1 << 20            # 1 MiB: body reads, writes and copies
 SMALL_BODY = 1 << 16            # GET bodies up to this go out with the head
 _O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)   # never write through a link
+_O_NONBLOCK = getattr(os, 'O_NONBLOCK', 0)   # never hang opening a FIFO
 SERIAL_MODULUS = 100000         # the 5-digit NNNNN of job ids and groups
 NAME_MAX = 255                  # longest file name in incoming/
 MAX_QUERY = 4096                # longest QUERY_STRING looked at
 MAX_SIGNATURE = 255             # WebJob-Payload-Signature (client limit)
 MAX_MESSAGE = 1024              # longest ErrorMessage in a log line
+MAX_STDERR_LINE = 512           # bytes of a command's stderr looked at
+STDERR_WAIT = 5                 # seconds a trigger's stderr may stay open
 IDLE_TIMEOUT = 120              # standalone: seconds a socket may stay silent
 
 #: Query parameters, in the client's order (protocol.md 1.1 and 2).
@@ -177,9 +191,9 @@ Usage: nph_webjob.py serve [--root DIR] [--init] [--bind ADDR] [--port N]
                            [--config FILE] [--tls-cert FILE --tls-key FILE
                            [--client-ca FILE]] [--htpasswd FILE] [--force]
                            [--admin USER[,USER...]]
-       nph_webjob.py verify [--root DIR | --config FILE]
+       nph_webjob.py verify [--root DIR | --config FILE] [--json]
        nph_webjob.py list [--root DIR | --config FILE] [--client ID]
-                          [--since YYYY-MM-DD[ HH:MM[:SS]]]
+                          [--since YYYY-MM-DD[ HH:MM[:SS]]] [--json]
        nph_webjob.py job add --client ID[,ID...] --command NAME
                              [--alias NAME] [--args TEXT] [--comment TEXT]
                              [--priority N] [--expires WHEN]
@@ -268,6 +282,15 @@ def command_environment():
     return env
 
 
+def first_line(data):
+    """The first non-blank line of a command's stderr, as one log line."""
+    for line in data.splitlines():
+        text = webjob.one_line(line.decode('utf-8', 'replace'))
+        if text:
+            return text
+    return ''
+
+
 ###############################################################################
 # Config ######################################################################
 ###############################################################################
@@ -284,6 +307,7 @@ class Site(object):
         import time  # late import: start-up time
         self.values = values
         self.base = values['BaseDirectory']
+        self.real_base = os.path.realpath(self.base)   # links resolved
         self.incoming, self.logfiles, self.profiles = (
             os.path.join(self.base, name) for name in LAYOUT)
         self.log_path = os.path.join(self.logfiles, LOG_NAME)
@@ -487,11 +511,25 @@ def is_job_id(value):
     return 0 < len(value) <= 255 and set(value) <= JOB_ID_CHARS
 
 
+def is_client_id(value):
+    """CLIENTID: the client's rule (webjob.is_client_id), less what would
+    make a name in incoming/ lie: a leading '-' (an option to any tool
+    handed the name) or '_<14 digits>_<5 digits>' followed by '_' or the
+    end, which 'list' would read as another group's date and serial."""
+    if not webjob.is_client_id(value) or value[0] == '-':
+        return False
+    parts = (value + '_').split('_')
+    return not any(len(parts[i]) == 14 and len(parts[i + 1]) == 5 and
+                   webjob.is_digits(parts[i]) and
+                   webjob.is_digits(parts[i + 1])
+                   for i in range(1, len(parts) - 2))
+
+
 #: Every query parameter and its anchored check (whole value, no escapes).
 QUERY_CHECKS = {
     'VERSION': is_version,
     'SYSTEM': is_system,
-    'CLIENTID': webjob.is_client_id,
+    'CLIENTID': is_client_id,
     'FILENAME': webjob.is_program_name,
     'RUNTYPE': lambda value: value in ('snapshot', 'linktest'),
     'STDOUT_LENGTH': _is_ascii_digits,
@@ -535,7 +573,8 @@ def parse_query(query, names):
                 raise ValueError('no "="')
             if name not in names or name in found:
                 raise ValueError('duplicate' if name in found else 'unknown')
-            value = decode_query_value(raw)
+            value = decode_query_value(raw) if '%' in raw or '+' in raw \
+                else raw        # INFO: every check takes ASCII only anyway
             if not QUERY_CHECKS[name](value):
                 raise ValueError('value not allowed')
         except (ValueError, UnicodeError) as exc:
@@ -827,10 +866,38 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
 # Logging #####################################################################
 ###############################################################################
 
+#: Characters a log field shows as themselves: printable ASCII less the
+#: space (the separator) and the backslash (the escape).
+LOG_FIELD_CHARS = frozenset(webjob.PRINTABLE_ASCII) - frozenset(' \\')
+MAX_LOG_FIELD = 128             # characters of a value a log field shows
+
+
+def escape_log_field(text):
+    """Each character outside LOG_FIELD_CHARS as \\xHH or \\uHHHH, and a
+    leading '-' as \\x2d, so '-' alone means empty and '--' only ever
+    separates the message."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in LOG_FIELD_CHARS:
+            out.append(ch)
+        else:
+            out.append('\\x%02x' % code if code < 256 else '\\u%04x' % code
+                       if code < 0x10000 else '\\U%08x' % code)
+    if out and out[0] == '-':
+        out[0] = '\\x2d'
+    return ''.join(out)
+
+
 def log_field(value):
-    """One whitespace-free log field: '-' when empty, else escaped text."""
-    text = webjob.one_line('' if value is None else value)
-    return text.replace(' ', '\\x20') if text else '-'
+    """One log field: '-' when empty, else at most MAX_LOG_FIELD characters
+    of the value, escaped (escape_log_field) unless already plain."""
+    text = '' if value is None else str(value)[:MAX_LOG_FIELD]
+    if not text:
+        return '-'
+    if LOG_FIELD_CHARS.issuperset(text) and text[0] != '-':
+        return text                 # the usual case, done in C
+    return escape_log_field(text)
 
 
 def format_log_line(exchange, use_gmt):
@@ -851,10 +918,12 @@ def format_log_line(exchange, use_gmt):
 
 def append_log(path, line):
     """Append one line with a single write under flock(LOCK_EX); False if
-    the log cannot be opened or written."""
+    the log cannot be opened or written.  A log that is a symbolic link is
+    not written through (it could point anywhere outside logfiles/)."""
     import fcntl  # late import: start-up time
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     _O_NOFOLLOW | _O_NONBLOCK, 0o644)
     except OSError:
         return False
     try:
@@ -1028,17 +1097,101 @@ def supervise_trigger(site, fields, command, signal, time):
                    signal.SIGALRM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     limit = site.values['TriggerTimeLimit']
-    proc = webjob.spawn(['/bin/sh', '-c', command], cwd=site.incoming,
-                        env=command_environment())
-    log_trigger(site, fields, proc.pid, 'started', 'Command (%s)' % command)
-    if webjob.wait_with_deadline(proc, limit, signal.SIGKILL):
+    errors, stderr_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(stderr_end, 2)
+            os.close(errors)
+            os.close(stderr_end)
+            os.setpgid(0, 0)
+            os.chdir(site.incoming)
+            os.execve('/bin/sh', ['/bin/sh', '-c', command],
+                      command_environment())
+        finally:
+            os._exit(127)
+    os.close(stderr_end)
+    try:
+        os.setpgid(pid, pid)    # INFO: both sides, whichever runs first
+    except OSError:
+        pass
+    log_trigger(site, fields, pid, 'started', 'Command (%s)' % command)
+    stderr = collect_stderr(errors)
+    expired = []
+
+    def expire(signum, frame):
+        expired.append(signum)
+        kill_group(pid)
+
+    if limit:
+        signal.signal(signal.SIGALRM, expire)
+        signal.alarm(limit)
+    status = os.waitpid(pid, 0)[1]    # retried after expire (PEP 475)
+    signal.alarm(0)
+    if expired:
         state, message = 'timeout', 'Signal (%d) to the process group when ' \
             'TriggerTimeLimit (%d s) expired' % (signal.SIGKILL, limit)
-    elif proc.returncode < 0:
-        state, message = 'killed', 'Signal (%d)' % -proc.returncode
+    elif os.WIFSIGNALED(status):
+        state, message = 'killed', 'Signal (%d)' % os.WTERMSIG(status)
     else:
-        state, message = 'finished', 'Exit status (%d)' % proc.returncode
-    log_trigger(site, fields, proc.pid, state, message)
+        state, message = 'finished', 'Exit status (%d)' % os.WEXITSTATUS(
+            status)
+    if expired:
+        wait_for_group_end(pid, STDERR_WAIT, time)
+    stderr.join(STDERR_WAIT)    # EOF at once, unless a child kept it open
+    why = first_line(b''.join(stderr.kept))
+    log_trigger(site, fields, pid, state, message + ('; stderr: ' + why
+                                                     if why else ''))
+
+
+def wait_for_group_end(pgid, limit, time):
+    """Until no process of the killed group is left (SIGKILL is delivered
+    at once but a process takes a moment to die), at most limit seconds,
+    so the trigger log's timeout line is only written once it is true."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return
+        time.sleep(0.01)        # INFO: bounded by limit; the kill is sent
+
+
+def collect_stderr(fd):
+    """A thread that reads a command's stderr pipe to its end, keeping the
+    first MAX_STDERR_LINE bytes (.kept) and dropping the rest, so a chatty
+    command neither blocks on a full pipe nor fills a disk."""
+    import threading  # late import: triggers only
+
+    def drain():
+        size = 0
+        try:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                if size < MAX_STDERR_LINE:
+                    reader.kept.append(data[:MAX_STDERR_LINE - size])
+                    size += len(data)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    import signal  # late import: triggers only
+    reader = threading.Thread(target=drain)
+    reader.daemon = True
+    reader.kept = []
+    # INFO: the thread is born with these blocked, so SIGALRM (the time
+    # limit) always interrupts the main thread's waitpid, never its read.
+    wanted = [signal.SIGALRM, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+              signal.SIGPIPE, signal.SIGHUP]
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        reader.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    return reader
 
 
 def format_trigger_line(site, fields, pid, state, message):
@@ -1439,11 +1592,18 @@ def process_request(environ, stdin, site=None):
 
 def check_user(site, exchange):
     """RequireUser (452) and RequireMatch (453, exact compare); RequireUser=N
-    disables both, as in the original."""
+    disables both, as in the original.  A verified client certificate's CN
+    must also be the user (453), whichever front end passed both."""
     if not site.values['RequireUser']:
         return
     if not exchange.remote_user:
         raise HTTPStatusError(452, 'Remote user is undefined or null')
+    cert_user = certificate_user(exchange.environ)
+    if cert_user and cert_user != exchange.remote_user:
+        raise HTTPStatusError(453, 'Remote user (%s) is not the client '
+                              'certificate\'s CN (%s)' % (
+                                  webjob.one_line(exchange.remote_user[:64]),
+                                  webjob.one_line(cert_user[:64])))
     if site.values['RequireMatch'] and \
             exchange.remote_user != exchange.client_id:
         raise HTTPStatusError(453, 'Remote user (%s) does not match client ID '
@@ -1455,6 +1615,33 @@ def make_job_id(site):
     """<ServerId>_<epoch>_<NNNNN>, e.g. server_1_1085355126_00723."""
     return '%s_%d_%05d' % (site.values['ServerId'], int(site.clock()),
                            site.next_serial() % SERIAL_MODULUS)
+
+
+def open_inside(site, path):
+    """Open path for reading as (fd, fstat), or (fd, None) when it resolves
+    to a file outside BaseDirectory (a link an administrator left in
+    profiles/).  O_NONBLOCK: opening a FIFO must not wait for a writer.
+    The file's real name is the kernel's for the open descriptor (one
+    readlink of /proc/self/fd), else realpath and the same inode.
+
+    :raises OSError: when path cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        try:
+            real = os.readlink('/proc/self/fd/%d' % fd)
+            there = info
+        except OSError:         # no /proc: resolve the name, then compare
+            real = os.path.realpath(path)
+            there = os.stat(real)
+    except OSError:
+        os.close(fd)
+        raise
+    if not real.startswith(site.real_base + os.sep) or \
+            (there.st_dev, there.st_ino) != (info.st_dev, info.st_ino):
+        return fd, None
+    return fd, info
 
 
 def serve_get(site, exchange):
@@ -1476,24 +1663,24 @@ def serve_get(site, exchange):
                             stored or exchange.filename)
         tried.append(shown)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd, info = open_inside(site, path)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 continue
             raise HTTPStatusError(457, 'Requested file (%s) could not be '
                                   'opened (%s)' % (shown, exc.strerror))
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if info is None or not stat.S_ISREG(info.st_mode):
             os.close(fd)
-            raise HTTPStatusError(457, 'Requested file (%s) is not a regular '
-                                  'file' % shown)
+            raise HTTPStatusError(457, 'Requested file (%s) is %s' % (
+                shown, 'not a regular file' if info else 'a link to outside '
+                'BaseDirectory'))
         if stored is not None:
             os.close(fd)
             run_get_hook(site, exchange, path, shown)
             return
         exchange.body = os.fdopen(fd, 'rb', 0)
         exchange.body_length = info.st_size
-        signature = read_signature(path + '.sig')
+        signature = read_signature(site, path + '.sig')
         if signature:
             exchange.headers.append(('WebJob-Payload-Signature', signature))
         exchange.status, exchange.message = 200, 'Success'
@@ -1546,7 +1733,7 @@ def run_get_hook(site, exchange, path, shown):
         status = proc.returncode
         if status != 0:
             errors.seek(0)
-            why = webjob.one_line(errors.read(256).decode('utf-8', 'replace'))
+            why = first_line(errors.read(MAX_STDERR_LINE))
             raise HTTPStatusError(457, 'GetHook for %s failed: %s%s' % (
                 shown, 'exit status (%d)' % status if status > 0 else
                 'signal (%d)' % -status, ': ' + why if why else ''))
@@ -1562,14 +1749,32 @@ def run_get_hook(site, exchange, path, shown):
     exchange.message = 'Success: served GetHook output of %s' % shown
 
 
-def read_signature(path):
-    """The .sig beside a payload: one line of base64, at most 255 characters
-    once stripped; None when absent or not in that form (DSV, 1.9)."""
+def kill_group(pid):
+    """SIGKILL a process group; it may be gone already."""
+    import signal  # late import: triggers and hooks only
     try:
-        with open(path, 'rb') as handle:
-            data = handle.read(MAX_SIGNATURE + 64).strip()
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def read_signature(site, path):
+    """The .sig beside a payload: one line of base64, at most 255 characters
+    once stripped; None when absent, not a regular file inside
+    BaseDirectory, or not in that form (DSV, 1.9)."""
+    import stat  # late import: start-up time
+    try:
+        fd, info = open_inside(site, path)
     except OSError:
         return None
+    try:
+        if info is None or not stat.S_ISREG(info.st_mode):
+            return None
+        data = os.read(fd, MAX_SIGNATURE + 64).strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     text = data.decode('ascii', 'replace')
     if 0 < len(text) <= MAX_SIGNATURE and set(text) <= BASE64_CHARS:
         return text
@@ -1654,7 +1859,7 @@ def send_response(exchange, out, nph=True, extra_headers=()):
     """
     status = exchange.status
     lines = [('HTTP/1.1 %d %s' if nph else 'Status: %d %s')
-             % (status, STATUS_REASONS[status])]
+             % (status, STATUS_REASONS.get(status) or HTTP_REASONS[status])]
     software = exchange.environ.get('SERVER_SOFTWARE')
     if nph and software:
         lines.append('Server: %s' % webjob.one_line(software))
@@ -2291,12 +2496,33 @@ def partial_findings(incoming, now=None):
 # CGI front end ###############################################################
 ###############################################################################
 
+#: Gateways that parse a CGI's output whatever its name: a FastCGI wrapper
+#: (fcgiwrap and libfcgi set FCGI_ROLE), or a server without NPH support.
+#: An NPH status line sent to them is read as a header, and nginx then
+#: answers 200 with an empty body: every error would look like a success.
+REPARSING_VARIABLES = ('FCGI_ROLE',)
+REPARSING_SERVERS = ('nginx', 'openresty', 'angie', 'lighttpd', 'caddy',
+                     'h2o')
+
+
+def wants_nph(environ, script):
+    """NPH when the script's name starts with 'nph-' and the gateway passes
+    the output through unparsed; a parsed-header answer otherwise, which
+    an NPH gateway could only garble, never turn into a success."""
+    if not os.path.basename(script).startswith('nph-'):
+        return False
+    if any(environ.get(name) for name in REPARSING_VARIABLES):
+        return False
+    software = environ.get('SERVER_SOFTWARE', '').lower()
+    return not software.startswith(REPARSING_SERVERS)
+
+
 def run_cgi(environ=None, stdin=None, stdout=None):
     """Answer the one request of a CGI process; NPH when the script's name
-    starts with 'nph-' (SCRIPT_FILENAME, else argv[0])."""
+    (SCRIPT_FILENAME, else argv[0]) and the gateway allow it (wants_nph)."""
     environ = os.environ if environ is None else environ
     script = environ.get('SCRIPT_FILENAME') or sys.argv[0]
-    nph = os.path.basename(script).startswith('nph-')
+    nph = wants_nph(environ, script)
     os.umask(0o022)
     stdout = stdout or sys.stdout.buffer
     handle_request(environ, stdin or sys.stdin.buffer, stdout, nph=nph,
@@ -2414,6 +2640,11 @@ _SHA512_ORDER = ((0, 21, 42), (22, 43, 1), (44, 2, 23), (3, 24, 45),
                  (62, 20, 41), (None, None, 63))
 _MD5_ORDER = ((0, 6, 12), (1, 7, 13), (2, 8, 14), (3, 9, 15), (4, 10, 5),
               (None, None, 11))
+
+
+#: What an unknown user's password is checked against when the file is
+#: empty (htpasswd -m of a random word), so refusing costs the same.
+DUMMY_HASH = '$apr1$Qw3rTy12$2mV0b5mYvCk0bF2pQ5gk1/'
 
 
 class UnsupportedHashError(Exception):
@@ -2595,15 +2826,242 @@ def check_htpasswd_password(stored_hash, password):
 # Standalone front end ########################################################
 ###############################################################################
 
+#: The standalone server's bounds on what it reads before authenticating:
+#: a request is refused (and logged) as soon as it passes one, so twenty
+#: hostile connections hold at most 20 x MAX_HEAD bytes.
+MAX_REQUEST_LINE = 8192         # bytes of the request line (414 beyond)
+MAX_HEAD = 32768                # bytes of the whole head (431 beyond)
+MAX_HEADER_FIELDS = 64          # header lines (431 beyond)
+HEAD_TIME_LIMIT = 30            # seconds a begun head may take (408 beyond)
+TOKEN_CHARS = frozenset(_ALNUM + "!#$%&'*+-.^_`|~")
+TARGET_CHARS = frozenset(chr(code) for code in range(0x21, 0x7f))
+FIELD_VALUE_BAD = frozenset(chr(code) for code in range(0x20)
+                            if code != 9) | frozenset('\x7f')
+HTTP_VERSIONS = ('HTTP/1.1', 'HTTP/1.0')
+
+
+class HeadError(Exception):
+    """A request head the standalone server refuses before the handler:
+    status (an HTTP_REASONS key), the log message, and the method when the
+    request line got that far."""
+
+    def __init__(self, status, message, method=''):
+        Exception.__init__(self, message)
+        self.status = status
+        self.message = message
+        self.method = method
+
+
+class RequestHead(object):
+    """One parsed request head: method, target, version and the header
+    fields as (lower-case name, value) pairs in their order."""
+
+    def __init__(self, method, target, version, fields):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.fields = fields
+
+    def get_all(self, name):
+        return [value for key, value in self.fields if key == name]
+
+    def get(self, name, default=None):
+        values = self.get_all(name)
+        return values[0] if values else default
+
+    def connection_tokens(self):
+        return set(token.strip().lower() for value in
+                   self.get_all('connection') for token in value.split(','))
+
+
+def parse_request_line(line):
+    """(method, target, version) from 'METHOD SP /target SP HTTP/1.x'.
+
+    :raises HeadError: 400 for anything else, 505 for another version.
+    """
+    parts = line.split(' ')
+    method = parts[0] if parts and set(parts[0]) <= TOKEN_CHARS else ''
+    if len(parts) != 3 or not method:
+        raise HeadError(400, 'Request line is not "METHOD /target '
+                        'HTTP/1.x" (%d words)' % len(parts), method)
+    target, version = parts[1], parts[2]
+    if not target.startswith('/') or not set(target) <= TARGET_CHARS:
+        raise HeadError(400, 'Request target is not an origin path of '
+                        'visible ASCII', method)
+    if version not in HTTP_VERSIONS:
+        number = version[5:].split('.')
+        if version.startswith('HTTP/') and len(number) == 2 and \
+                all(webjob.is_digits(n) and len(n) < 3 for n in number):
+            raise HeadError(505, 'HTTP version (%s) not supported'
+                            % version, method)
+        raise HeadError(400, 'Request line names no HTTP version', method)
+    return method, target, version
+
+
+def parse_header_field(line, method):
+    """(lower-case name, value) of one header line; RFC 9112 5: no space
+    before the colon, no folded lines, no control characters.
+
+    :raises HeadError: 400.
+    """
+    name, colon, value = line.partition(':')
+    if not colon or not name or not set(name) <= TOKEN_CHARS:
+        raise HeadError(400, 'Header line is not "Name: value" (%s)' % (
+            'continuation line' if line[:1] in ' \t' else
+            'space or bad character in the name' if colon and name else
+            'no name'), method)
+    value = value.strip(' \t')
+    if not FIELD_VALUE_BAD.isdisjoint(value):
+        raise HeadError(400, 'Header field (%s) holds a control character'
+                        % name[:32], method)
+    return name.lower(), value
+
+
+def parse_head(data):
+    """A RequestHead from the bytes of one head (through its empty line).
+
+    Lines end in CRLF or LF; a CR anywhere else, a non-ASCII request line
+    or more than MAX_HEADER_FIELDS fields are refused.
+
+    :raises HeadError: 400, 431 or 505.
+    """
+    lines = data.split(b'\n')
+    if lines[-1:] == [b'']:
+        lines.pop()
+    lines = [line[:-1] if line.endswith(b'\r') else line for line in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise HeadError(400, 'Empty request head')
+    try:
+        request_line = lines[0].decode('ascii')
+    except UnicodeError:
+        raise HeadError(400, 'Request line is not ASCII')
+    if '\r' in request_line:
+        raise HeadError(400, 'Request line holds a bare CR')
+    method, target, version = parse_request_line(request_line)
+    if len(lines) - 1 > MAX_HEADER_FIELDS:
+        raise HeadError(431, 'More than %d header fields' % MAX_HEADER_FIELDS,
+                        method)
+    fields = [parse_header_field(line.decode('latin-1'), method)
+              for line in lines[1:]]
+    return RequestHead(method, target, version, fields)
+
+
+class RequestReader(object):
+    """Reads request heads and bodies off one connection, never more than
+    the bounds above before a head is parsed, and never waiting past
+    HEAD_TIME_LIMIT for a head once its first byte has come."""
+
+    def __init__(self, sock, idle_timeout=IDLE_TIMEOUT):
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.buffer = b''
+        self.seen = 0           # bytes of the current head received
+
+    def receive(self, timeout):
+        """More bytes into the buffer; False at the end of the stream."""
+        self.sock.settimeout(max(timeout, 0.001))
+        data = self.sock.recv(65536)
+        self.buffer += data
+        self.seen += len(data)
+        return bool(data)
+
+    def read_head(self):
+        """The next head's bytes, or b'' when the peer closes or stays idle
+        before sending one.  Empty lines before a request line are skipped.
+
+        :raises HeadError: 400 for a head cut off, 408 for one too slow,
+            414 and 431 for one too long.
+        """
+        import socket  # late import: standalone only
+        import time  # late import: start-up time
+        deadline = None
+        self.seen, scanned, skipped = len(self.buffer), 0, 0
+        while True:
+            if self.buffer[:1] in (b'\r', b'\n'):
+                size = len(self.buffer)
+                self.buffer = self.buffer.lstrip(b'\r\n')
+                skipped += size - len(self.buffer)
+                scanned = 0
+            end = self.find_end(scanned)
+            self.check_size(len(self.buffer) if end is None else end)
+            if end is not None:
+                head, self.buffer = self.buffer[:end], self.buffer[end:]
+                return head
+            scanned = max(len(self.buffer) - 2, 0)
+            if deadline is None and self.buffer:
+                deadline = time.monotonic() + HEAD_TIME_LIMIT
+            why = 'the connection was closed'
+            try:
+                more = self.receive(self.idle_timeout if deadline is None
+                                    else deadline - time.monotonic())
+            except socket.timeout:
+                if self.seen == skipped:
+                    return b''
+                raise HeadError(408, 'Request head not complete within %d s '
+                                '(%d bytes)' % (HEAD_TIME_LIMIT, self.seen),
+                                self.method_so_far())
+            except OSError as exc:
+                more, why = False, exc.strerror or str(exc)
+            if not more:
+                if self.seen > skipped:
+                    raise HeadError(400, 'Request head cut off after %d '
+                                    'bytes: %s' % (self.seen, why),
+                                    self.method_so_far())
+                return b''
+
+    def find_end(self, start):
+        """The index just past the empty line that ends the head, or None."""
+        index = self.buffer.find(b'\n', start)
+        while index >= 0:
+            if self.buffer[index + 1:index + 2] == b'\n':
+                return index + 2
+            if self.buffer[index + 1:index + 3] == b'\r\n':
+                return index + 3
+            index = self.buffer.find(b'\n', index + 1)
+        return None
+
+    def check_size(self, size):
+        """414 or 431 as soon as the head so far (the buffer's first size
+        bytes, and the empty lines skipped before it) passes a bound."""
+        first = self.buffer.find(b'\n', 0, size)
+        if (first if first >= 0 else size) > MAX_REQUEST_LINE:
+            raise HeadError(414, 'Request line longer than %d bytes'
+                            % MAX_REQUEST_LINE, self.method_so_far())
+        if self.seen - len(self.buffer) + size > MAX_HEAD:
+            raise HeadError(431, 'Request head longer than %d bytes'
+                            % MAX_HEAD, self.method_so_far())
+
+    def method_so_far(self):
+        """The method of a head refused before parsing, when it is a token."""
+        word = self.buffer[:64].split(b' ', 1)[0]
+        try:
+            word = word.decode('ascii')
+        except UnicodeError:
+            return ''
+        return word if word and set(word) <= TOKEN_CHARS else ''
+
+    def read(self, size):
+        """Up to size body bytes: what the buffer holds, else one recv."""
+        if not self.buffer:
+            self.sock.settimeout(self.idle_timeout)
+            return self.sock.recv(min(size, BLOCK_SIZE))
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+
 class _Body(object):
     """The request body: at most Content-Length bytes of the connection."""
 
-    def __init__(self, rfile, length):
-        self.rfile = rfile
+    def __init__(self, reader, length):
+        self.reader = reader
         self.remaining = length
 
     def read(self, size):
-        data = self.rfile.read(min(size, self.remaining))
+        if not self.remaining:
+            return b''
+        data = self.reader.read(min(size, self.remaining))
         self.remaining -= len(data)
         return data
 
@@ -2616,163 +3074,70 @@ class _SocketOut(object):
         self.sendfile = sock.sendfile
 
 
-def _handler_class():
-    """Build the request handler (late: http.server costs start-up time)."""
-    import http.server  # late import: only the standalone server needs it
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        """HTTP/1.1 keep-alive; every method goes through process_request."""
-
-        protocol_version = 'HTTP/1.1'
-        disable_nagle_algorithm = True   # INFO: else ~40 ms per response
-        timeout = IDLE_TIMEOUT
-        server_version = 'nph_webjob.py/%s' % __version__
-
-        def __getattr__(self, name):
-            if name.startswith('do_'):   # any method; 405 comes from the app
-                return self.serve_webjob
-            raise AttributeError(name)
-
-        def authenticate(self, environ):
-            """Set REMOTE_USER for an authenticated peer; return None, or
-            why the request must be refused with 401.
-
-            A client certificate (--client-ca) names the user by its subject
-            CN; with --htpasswd too, the Basic user must be that same name.
-            """
-            auth = self.server.auth
-            cert_user = None
-            if auth.client_ca:
-                cert_user = certificate_common_name(self.connection)
-                if not cert_user:
-                    return 'client certificate has no subject CN'
-                environ['REMOTE_USER'] = cert_user
-            if auth.passwords is None:
-                return None
-            user, password = parse_basic_auth(self.headers.get('Authorization'))
-            if user is None:
-                return 'Basic credentials missing or malformed'
-            stored = auth.passwords.get(user)
-            try:
-                ok = stored is not None and check_htpasswd_password(stored,
-                                                                    password)
-            except UnsupportedHashError as exc:
-                return 'user (%s): htpasswd entry in a format that cannot be '\
-                    'checked (%s): refused' % (webjob.one_line(user)[:64], exc)
-            if not ok:
-                return 'user (%s): wrong or unknown credentials' % (
-                    webjob.one_line(user)[:64])
-            if cert_user is not None and cert_user != user:
-                return 'Basic user (%s) differs from certificate CN (%s)' % (
-                    webjob.one_line(user)[:64], webjob.one_line(cert_user)[:64])
-            environ['REMOTE_USER'] = user
-            return None
-
-        def build_environ(self):
-            """The CGI variables process_request reads; (environ, length)
-            with length None when the body's end is unknown."""
-            path, _, query = self.path.partition('?')
-            environ = {'REQUEST_METHOD': self.command, 'QUERY_STRING': query,
-                       'SCRIPT_NAME': path,
-                       'REMOTE_ADDR': self.client_address[0],
-                       'SERVER_SOFTWARE': self.version_string(),
-                       'SERVER_PROTOCOL': self.request_version}
-            lengths = self.headers.get_all('Content-Length') or []
-            for name in ('Job-Id',) + UPLOAD_FIELDS:
-                value = self.headers.get(name)
-                if value is not None:
-                    environ['HTTP_' + name.upper().replace('-', '_')] = value
-            length = 0
-            if self.headers.get('Transfer-Encoding') or len(lengths) > 1:
-                length = None           # unsupported framing: 454, then close
-            elif lengths:
-                environ['CONTENT_LENGTH'] = lengths[0].strip()
-                length = int(lengths[0]) if _is_ascii_digits(
-                    lengths[0].strip()) else None
-            return environ, length
-
-        def serve_webjob(self):
-            if self.server.admins and self.path.startswith(ADMIN_PATH):
-                return self.serve_admin_pages()
-            environ, length = self.build_environ()
-            refused = self.authenticate(environ)
-            body = _Body(self.rfile, length or 0)
-            if refused is None:
-                exchange = process_request(environ, body, self.server.site)
-            else:
-                exchange = refuse_unauthorized(environ, self.server.site,
-                                               refused)
-            if length is None or body.remaining:
-                self.close_connection = True     # the body's end is unknown
-            extra = [('Date', self.date_time_string())]
-            if self.close_connection:
-                extra.append(('Connection', 'close'))
-            elif self.request_version == 'HTTP/1.0':
-                extra.append(('Connection', 'keep-alive'))  # 1.0 asked for it
-            out = _SocketOut(self.connection) if not hasattr(
-                self.connection, 'getpeercert') else self.wfile
-            send_response(exchange, out, True, extra)
-            log_exchange(exchange, self.server.site)
-            run_triggers(exchange)
-
-        def serve_admin_pages(self):
-            """Read-only report pages for an --admin user (serve_admin, in
-            Reports below); any other user gets 401."""
-            environ, length = self.build_environ()
-            refused = self.authenticate(environ)
-            user = environ.get('REMOTE_USER')
-            if refused is None and user not in self.server.admins:
-                refused = 'user (%s) is not an administrator (--admin)' % (
-                    webjob.one_line(user or '-')[:64])
-            exchange = Exchange(environ)
-            exchange.site, exchange.filename = self.server.site, 'admin'
-            if refused is None:
-                status, headers, body, size = serve_admin(self,
-                                                          self.server.site)
-                exchange.message = 'Administrator page (%s) for %s' % (
-                    webjob.one_line(self.path[:128]), user)
-            else:
-                status, body, size = 401, None, 0
-                headers = [('WWW-Authenticate', 'Basic realm="WebJob"')]
-                exchange.message = refused
-            if length is None or length:
-                self.close_connection = True
-            head = ['HTTP/1.1 %d %s' % (status, STATUS_REASONS[status]),
-                    'Date: %s' % self.date_time_string()] + [
-                '%s: %s' % pair for pair in headers] + [
-                'Content-Length: %d' % size]
-            if self.close_connection:
-                head.append('Connection: close')
-            self.wfile.write(('\r\n'.join(head) + '\r\n\r\n').encode(
-                'latin-1'))
-            if body is not None:
-                with body:
-                    if self.command != 'HEAD':
-                        exchange.server_length = copy_body(body, size,
-                                                           self.wfile)
-            self.wfile.flush()
-            exchange.status = status
-            log_exchange(exchange, self.server.site)
-
-        def log_message(self, format, *args):
-            write_stderr('%s: %s' % (self.address_string(), format % args))
-
-        def log_request(self, code='-', size='-'):
-            pass                    # INFO: nph-webjob.log is the access log
-
-    return Handler
-
-
 class Authentication(object):
-    """The standalone server's schemes: client certificates and htpasswd."""
+    """The standalone server's schemes: client certificates and htpasswd.
+
+    The htpasswd file is read again whenever its size, time or inode
+    changes (one stat per request), so revoking a client needs no restart;
+    a file that cannot be read then refuses everyone until it can.
+    """
 
     def __init__(self, client_ca=None, htpasswd=None):
         self.client_ca = client_ca
-        self.passwords = read_htpasswd(htpasswd) if htpasswd else None
+        self.htpasswd = htpasswd
+        self.stamp = None
+        self.users = {}
+        if htpasswd:
+            self.stamp = self.stamp_of(htpasswd)
+            self.users = read_htpasswd(htpasswd)    # at start: fail loudly
 
     @property
     def enabled(self):
-        return bool(self.client_ca) or self.passwords is not None
+        return bool(self.client_ca) or self.htpasswd is not None
+
+    @property
+    def passwords(self):
+        """{user: hash} as the file is now; None without --htpasswd."""
+        if not self.htpasswd:
+            return None
+        stamp = self.stamp_of(self.htpasswd)
+        if stamp != self.stamp:
+            try:
+                users = read_htpasswd(self.htpasswd)
+                write_stderr('htpasswd: %s: read again (%d users)' % (
+                    self.htpasswd, len(users)))
+            except webjob.WebJobError as exc:
+                users = {}
+                write_stderr('%s: refusing every user until it can be read'
+                             % exc)
+            self.users, self.stamp = users, stamp
+        return self.users
+
+    @staticmethod
+    def stamp_of(path):
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def check_password(self, user, password):
+        """True when user's entry matches password.  An unknown user costs
+        the same work as a known one (a known entry is checked and the
+        answer discarded), so timing does not tell which users exist.
+
+        :raises UnsupportedHashError: for an entry that cannot be checked.
+        """
+        users = self.passwords
+        stored = users.get(user)
+        if stored is not None:
+            return check_htpasswd_password(stored, password)
+        stand_in = next(iter(users.values())) if users else DUMMY_HASH
+        try:
+            check_htpasswd_password(stand_in, password)
+        except UnsupportedHashError:
+            pass
+        return False
 
 
 def refuse_unauthorized(environ, site, message):
@@ -2808,6 +3173,284 @@ def certificate_common_name(connection):
     names = [value for rdn in (getpeercert() or {}).get('subject', ())
              for key, value in rdn if key == 'commonName']
     return names[0] if len(names) == 1 else None
+
+
+class StandaloneHandler(object):
+    """One connection of the standalone server: HTTP/1.1 keep-alive, each
+    request read by a RequestReader, authenticated, and answered through
+    process_request; every request it saw anything of gets a log line."""
+
+    def __init__(self, server, connection, address):
+        self.server = server
+        self.site = server.site
+        self.auth = server.auth
+        self.connection = connection
+        self.address = address
+        self.path = self.command = None     # the request's (serve_admin)
+        self.reader = RequestReader(connection, server.idle_timeout)
+        self.out = _SocketOut(connection)
+
+    def handle(self):
+        """Answer requests until the connection is to be closed."""
+        while self.handle_one():
+            pass
+
+    def handle_one(self):
+        """Read, answer and log one request; True to keep the connection."""
+        try:
+            data = self.reader.read_head()
+            if not data:
+                return False
+            head = parse_head(data)
+        except HeadError as exc:
+            self.refuse(exc)
+            return False
+        self.path, self.command = head.target, head.method
+        environ, length = self.build_environ(head)
+        close = length is None or 'close' in head.connection_tokens() or (
+            head.version == 'HTTP/1.0' and
+            'keep-alive' not in head.connection_tokens())
+        if self.server.admins and head.target.startswith(ADMIN_PATH):
+            return self.serve_admin_pages(head, environ, length, close)
+        refused = self.authenticate(head, environ)
+        body = _Body(self.reader, length or 0)
+        if refused is None:
+            if length and head.version == 'HTTP/1.1' and \
+                    head.get('expect', '').lower() == '100-continue':
+                self.out.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+            exchange = process_request(environ, body, self.site)
+        else:
+            exchange = refuse_unauthorized(environ, self.site, refused)
+        close = close or body.remaining > 0   # the body's end is unknown
+        extra = [('Date', http_date())]
+        if close:
+            extra.append(('Connection', 'close'))
+        elif head.version == 'HTTP/1.0':
+            extra.append(('Connection', 'keep-alive'))  # 1.0 asked for it
+        self.connection.settimeout(self.server.idle_timeout)
+        send_response(exchange, self.out, True, extra)
+        log_exchange(exchange, self.site)
+        run_triggers(exchange)
+        return not close
+
+    def serve_admin_pages(self, head, environ, length, close):
+        """Read-only report pages for an --admin user (serve_admin, in
+        Reports below); any other user gets 401.  True to keep going."""
+        refused = self.authenticate(head, environ)
+        user = environ.get('REMOTE_USER')
+        if refused is None and user not in self.server.admins:
+            refused = 'user (%s) is not an administrator (--admin)' % (
+                webjob.one_line(user or '-')[:64])
+        exchange = Exchange(environ)
+        exchange.site, exchange.filename = self.site, 'admin'
+        if refused is None:
+            status, headers, body, size = serve_admin(self, self.site)
+            exchange.message = 'Administrator page (%s) for %s' % (
+                webjob.one_line(head.target[:128]), user)
+        else:
+            status, body, size = 401, None, 0
+            headers = [('WWW-Authenticate', 'Basic realm="WebJob"')]
+            exchange.message = refused
+        close = close or length is None or length > 0
+        lines = ['HTTP/1.1 %d %s' % (status, STATUS_REASONS[status]),
+                 'Date: %s' % http_date()] + [
+            '%s: %s' % pair for pair in headers] + [
+            'Content-Length: %d' % size]
+        if close:
+            lines.append('Connection: close')
+        self.connection.settimeout(self.server.idle_timeout)
+        try:
+            self.out.write(('\r\n'.join(lines) + '\r\n\r\n').encode(
+                'latin-1'))
+            if body is not None and head.method != 'HEAD':
+                exchange.server_length = copy_body(body, size, self.out)
+        except OSError as exc:
+            exchange.message += '; response not delivered: %s' % (
+                exc.strerror or exc)
+            close = True
+        finally:
+            if body is not None:
+                body.close()
+        exchange.status = status
+        log_exchange(exchange, self.site)
+        return not close
+
+    def refuse(self, error):
+        """Answer and log a head refused before the handler (HeadError)."""
+        environ = {'REQUEST_METHOD': error.method,
+                   'REMOTE_ADDR': self.address[0],
+                   'SERVER_SOFTWARE': self.server.software}
+        exchange = Exchange(environ)
+        exchange.site = self.site
+        exchange.status, exchange.message = error.status, error.message
+        try:
+            self.connection.settimeout(self.server.idle_timeout)
+        except OSError:
+            pass
+        send_response(exchange, self.out, True, [('Date', http_date()),
+                                                 ('Connection', 'close')])
+        log_exchange(exchange, self.site)
+
+    def build_environ(self, head):
+        """The CGI variables process_request reads; (environ, length)
+        with length None when the body's end is unknown."""
+        path, _, query = head.target.partition('?')
+        environ = {'REQUEST_METHOD': head.method, 'QUERY_STRING': query,
+                   'SCRIPT_NAME': path, 'REMOTE_ADDR': self.address[0],
+                   'SERVER_SOFTWARE': self.server.software,
+                   'SERVER_PROTOCOL': head.version}
+        lengths = head.get_all('content-length')
+        for name in ('Job-Id',) + UPLOAD_FIELDS:
+            value = head.get(name.lower())
+            if value is not None:
+                environ['HTTP_' + name.upper().replace('-', '_')] = value
+        length = 0
+        if head.get('transfer-encoding') is not None or len(lengths) > 1:
+            length = None               # unsupported framing: 454, then close
+        elif lengths:
+            environ['CONTENT_LENGTH'] = lengths[0]
+            length = int(lengths[0]) if _is_ascii_digits(lengths[0]) else None
+        return environ, length
+
+    def authenticate(self, head, environ):
+        """Set REMOTE_USER for an authenticated peer; return None, or why
+        the request must be refused with 401.
+
+        A client certificate (--client-ca) names the user by its subject
+        CN; with --htpasswd too, the Basic user must be that same name.
+        """
+        auth = self.auth
+        cert_user = None
+        if auth.client_ca:
+            cert_user = certificate_common_name(self.connection)
+            if not cert_user:
+                return 'client certificate has no single subject CN'
+            environ['REMOTE_USER'] = cert_user
+        if not auth.htpasswd:
+            return None
+        user, password = parse_basic_auth(head.get('authorization'))
+        if user is None:
+            return 'Basic credentials missing or malformed'
+        try:
+            ok = auth.check_password(user, password)
+        except UnsupportedHashError as exc:
+            return 'user (%s): htpasswd entry in a format that cannot be '\
+                'checked (%s): refused' % (webjob.one_line(user)[:64], exc)
+        if not ok:
+            return 'user (%s): wrong or unknown credentials' % (
+                webjob.one_line(user)[:64])
+        if cert_user is not None and cert_user != user:
+            return 'Basic user (%s) differs from certificate CN (%s)' % (
+                webjob.one_line(user)[:64], webjob.one_line(cert_user)[:64])
+        environ['REMOTE_USER'] = user
+        return None
+
+
+def http_date():
+    """The Date field's value, now (RFC 9110 IMF-fixdate, C locale names)."""
+    import time  # late import: start-up time
+    now = time.gmtime()
+    return '%s, %02d %s %d %02d:%02d:%02d GMT' % (
+        ('Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat', 'Sun')[now.tm_wday],
+        now.tm_mday, ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug',
+                      'Sep', 'Oct', 'Nov', 'Dec')[now.tm_mon - 1],
+        now.tm_year, now.tm_hour, now.tm_min, now.tm_sec)
+
+
+class StandaloneServer(object):
+    """The standalone server: a listening socket, an accept loop, and a
+    thread per connection running handler_class; TLS handshakes happen in
+    that thread, time-limited, so a silent client never holds up accept.
+
+    Built without a socket it still answers connections handed to
+    handle_connection, which is how the tests drive it in process.
+    """
+
+    request_queue_size = 5      # listen backlog
+    handler_class = StandaloneHandler
+    idle_timeout = IDLE_TIMEOUT
+
+    def __init__(self, site, auth=None, tls=None, admins=()):
+        self.site = site
+        self.auth = auth or Authentication()
+        self.tls = tls
+        self.admins = frozenset(admins)     # users of the ADMIN_PATH pages
+        self.socket = None
+        self.server_address = None
+        self.stopping = False
+        self.software = 'nph_webjob.py/%s Python/%s' % (
+            __version__, sys.version.split()[0])
+
+    def listen(self, bind, port):
+        """Bind and listen on (bind, port).
+
+        :raises OSError: when the port cannot be had.
+        """
+        import socket  # late import: standalone only
+        sock = socket.socket(socket.AF_INET6 if ':' in bind else
+                             socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind, port))
+            sock.listen(self.request_queue_size)
+        except OSError:
+            sock.close()
+            raise
+        self.socket = sock
+        self.server_address = sock.getsockname()
+
+    def serve_forever(self, poll_interval=0.5):
+        """Accept connections until shutdown() (or a signal's exception)."""
+        import select  # late import: standalone only
+        while not self.stopping:
+            if not select.select([self.socket], [], [], poll_interval)[0]:
+                continue
+            try:
+                connection, address = self.socket.accept()
+            except OSError:
+                continue            # the peer went away before accept
+            self.start_connection(connection, address)
+
+    def start_connection(self, connection, address):
+        """Answer one connection in a thread of its own."""
+        import threading  # late import: standalone only
+        thread = threading.Thread(target=self.handle_connection,
+                                  args=(connection, address))
+        thread.daemon = True
+        thread.start()
+        return thread
+
+    def handle_connection(self, connection, address):
+        """TLS handshake when configured, the handler, then close; errors
+        are one line on stderr, never a traceback."""
+        import socket  # late import: standalone only
+        try:
+            try:
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                      1)    # INFO: else ~40 ms per response
+            except OSError:
+                pass                        # not TCP (a test's socketpair)
+            if self.tls is not None:
+                connection.settimeout(self.idle_timeout)
+                connection = self.tls.wrap_socket(connection,
+                                                  server_side=True)
+            self.handler_class(self, connection, address).handle()
+        except Exception as exc:
+            write_stderr('%s: connection error: %s: %s' % (
+                address[0], type(exc).__name__, exc))
+        finally:
+            try:
+                connection.close()
+            except OSError:
+                pass
+
+    def shutdown(self):
+        """Make serve_forever return within its poll interval."""
+        self.stopping = True
+
+    def server_close(self):
+        if self.socket is not None:
+            self.socket.close()
 
 
 def build_tls_context(cert, key, client_ca=None):
@@ -2886,29 +3529,17 @@ def check_locker(base, init):
                 name + '/' for name in missing)))
 
 
-def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
-          tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
-          force=False, admins=(), init=False):
-    """Run the standalone server until SIGTERM or SIGINT; return 0.
+def check_exposure(bind, force, tls_cert, tls_key, client_ca, auth,
+                   admins=()):
+    """Refuse option sets that do not go together, and a non-loopback
+    address without TLS and authentication unless forced: evidence and
+    credentials would cross the network in the clear or be open to anyone.
 
-    BaseDirectory is --root, else the config's, else ./webjob-server; the
-    layout is created if missing, for any other folder than the default
-    only with init.  RequireUser defaults to N without
-    authentication and to Y with it.  A non-loopback address needs TLS and
-    authentication, unless forced: evidence and credentials would otherwise
-    cross the network in the clear or be open to anyone.
-
-    :raises webjob.WebJobError: for a refused bind, a bad config or a port
-        that cannot be opened.
+    :raises webjob.UsageError, webjob.WebJobError:
     """
-    import itertools  # late import: standalone only
-    import signal  # late import: standalone only
-    import socket  # late import: standalone only
-    import socketserver  # late import: standalone only
     if bool(tls_cert) != bool(tls_key) or (client_ca and not tls_cert):
         raise webjob.UsageError('--tls-cert and --tls-key go together, and '
                                 '--client-ca needs them')
-    auth = Authentication(client_ca, htpasswd)
     if admins and not auth.enabled:
         raise webjob.UsageError('--admin needs --htpasswd or --client-ca: '
                                 'the report pages are for named users only')
@@ -2917,7 +3548,14 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
                                  'authentication (--tls-cert/--tls-key and '
                                  '--htpasswd or --client-ca); --force '
                                  'overrides' % bind)
-    tls = build_tls_context(tls_cert, tls_key, client_ca) if tls_cert else None
+
+
+def load_standalone_site(root, config, auth, init=False):
+    """The Site: BaseDirectory is --root, else the config's, else
+    ./webjob-server, its layout created if missing (for another folder than
+    the default only with init: check_locker); RequireUser defaults to N
+    without authentication and to Y with it."""
+    import itertools  # late import: standalone only
     defaults = {'RequireUser': auth.enabled,
                 'BaseDirectory': os.path.abspath(DEFAULT_ROOT)}
     overrides = {'BaseDirectory': os.path.abspath(root)} if root else {}
@@ -2933,61 +3571,65 @@ def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
         make_layout(site.base)
     except OSError as exc:
         raise webjob.WebJobError('%s: %s' % (exc.filename, exc.strerror))
+    return site
 
-    class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-        allow_reuse_address = True
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ':' in bind else socket.AF_INET
 
-        def finish_request(self, request, client_address):
-            """Shake hands in the connection's own thread, time-limited, so a
-            silent or hostile client never holds up the accept loop."""
-            if tls is not None:
-                request.settimeout(IDLE_TIMEOUT)
-                request = tls.wrap_socket(request, server_side=True)
-            socketserver.TCPServer.finish_request(self, request, client_address)
-
-        def handle_error(self, request, client_address):
-            """A dropped connection is one line on stderr, not a traceback."""
-            exc = sys.exc_info()[1]
-            write_stderr('%s: connection error: %s: %s' % (
-                client_address[0], type(exc).__name__, exc))
-
-    # INFO: SIGTERM and SIGINT are held from before the port listens until
-    # the try around serve_forever, so that one sent the moment a client can
-    # connect still stops the server cleanly.
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    try:
-        server = Server((bind, port), _handler_class())
-    except OSError as exc:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-        raise webjob.WebJobError('cannot listen on %s port %d: %s'
-                                 % (bind, port, exc.strerror or exc))
-    server.site = site
-    server.auth = auth
-    server.admins = frozenset(admins)
+def stop_on_signals(server):
+    """SIGTERM and SIGINT ask serve_forever to return (within its poll
+    interval), even before it runs; nothing is interrupted mid-step."""
+    import signal  # late import: standalone only
 
     def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # INFO: one is enough;
-        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second mid-shutdown
-        raise KeyboardInterrupt                         # would be a traceback
+        server.shutdown()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)   # INFO: even when started ignoring it
+
+
+def listen_on(server, bind, port):
+    """Bind the server's socket, or say why not."""
+    try:
+        server.listen(bind, port)
+    except OSError as exc:
+        raise webjob.WebJobError('cannot listen on %s port %d: %s'
+                                 % (bind, port, exc.strerror or exc))
+
+
+def run_server(server):
+    """Serve until stopped; one line when listening, one when stopped;
+    return 0."""
     host, port = server.server_address[:2]
     write_stderr('listening on %s://%s:%d/ (BaseDirectory %s)' % (
-        'https' if tls else 'http', '[%s]' % host if ':' in host else host,
-        port, site.base))
+        'https' if server.tls else 'http',
+        '[%s]' % host if ':' in host else host, port, server.site.base))
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
     write_stderr('stopped')
     return 0
+
+
+def serve(root=None, bind=DEFAULT_BIND, port=DEFAULT_PORT, config=None,
+          tls_cert=None, tls_key=None, client_ca=None, htpasswd=None,
+          force=False, admins=(), init=False):
+    """Run the standalone server until SIGTERM or SIGINT; return 0.
+
+    The steps: authentication, what may be exposed, TLS, the site and its
+    locker, the server, its stop signals (before it listens, so a signal
+    the moment a client can connect still stops it cleanly), listening.
+
+    :raises webjob.WebJobError: for a refused bind, a bad config or a port
+        that cannot be opened.
+    """
+    auth = Authentication(client_ca, htpasswd)
+    check_exposure(bind, force, tls_cert, tls_key, client_ca, auth, admins)
+    tls = build_tls_context(tls_cert, tls_key, client_ca) if tls_cert else None
+    site = load_standalone_site(root, config, auth, init)
+    server = StandaloneServer(site, auth, tls, admins)
+    stop_on_signals(server)
+    listen_on(server, bind, port)
+    return run_server(server)
 
 
 ###############################################################################
@@ -3061,9 +3703,9 @@ def verify_group(incoming, group, exts, recorded):
     return problems
 
 
-def verify_locker(base, out):
-    """Check every group in base/incoming; print one line per problem and a
-    summary.  Returns the number of problems."""
+def verify_locker(base, out, as_json=False):
+    """Check every group in base/incoming; print one line (or JSON object)
+    per problem and a summary.  Returns the number of problems."""
     incoming = os.path.join(base, 'incoming')
     try:
         groups = read_groups(incoming)
@@ -3082,6 +3724,13 @@ def verify_locker(base, out):
     for name in sorted(set(recorded) - seen):
         problems.append((name, 'missing since upload (in the manifest)'))
     problems.extend(partial_findings(incoming))
+    if as_json:
+        write_json_lines(out, [{'kind': 'problem', 'name': name,
+                                'problem': problem}
+                               for name, problem in problems] + [{
+            'kind': 'summary', 'groups': len(groups),
+            'manifest_files': len(recorded), 'problems': len(problems)}])
+        return len(problems)
     for name, problem in problems:
         out.write('%s: %s\n' % (webjob.one_line(name), problem))
     out.write('verify: %d groups, %d files in the manifest, %d problems\n' % (
@@ -3089,13 +3738,25 @@ def verify_locker(base, out):
     return len(problems)
 
 
+def write_json_lines(out, records):
+    """--json: one object per line, keys sorted, for a SIEM or a notebook."""
+    import json  # late import: tools only
+    for record in records:
+        out.write(json.dumps(record, sort_keys=True) + '\n')
+
+
 GROUP_NAME = (r'(?P<client>.+?)_(?P<stamp>\d{14})_(?P<serial>\d{5})_'
               r'(?P<program>.+)\Z')
 
 
-def list_jobs(base, out, client=None, since=None):
-    """One line per group, oldest first: Date Time ClientId Program JobId
-    KidStatus OutSize ErrSize EnvSize ('-' when unknown)."""
+LIST_KEYS = ('kind', 'date', 'group', 'client', 'program', 'jid',
+             'kid_status', 'out_size', 'err_size', 'env_size')
+
+
+def list_jobs(base, out, client=None, since=None, as_json=False):
+    """One line (or JSON object) per group, oldest first: Date Time
+    ClientId Program JobId KidStatus OutSize ErrSize EnvSize ('-' when
+    unknown; KidStatus NA when the program never ran)."""
     import re  # late import: tools only
     incoming = os.path.join(base, 'incoming')
     try:
@@ -3118,11 +3779,15 @@ def list_jobs(base, out, client=None, since=None):
         sizes = [os.path.getsize(path + ext) if ext in exts else None
                  for ext in STREAM_EXTENSIONS]
         fields = [match.group('client'), match.group('program'),
-                  rdy.get('Jid') or env.get('Jid'),
-                  '' if status == 'NA' else status] + sizes
-        out.write('%s-%s-%s %s:%s:%s %s\n' % (
-            stamp[:4], stamp[4:6], stamp[6:8], stamp[8:10], stamp[10:12],
-            stamp[12:], ' '.join(log_field(f) for f in fields)))
+                  rdy.get('Jid') or env.get('Jid'), status] + sizes
+        when = '%s-%s-%s %s:%s:%s' % (stamp[:4], stamp[4:6], stamp[6:8],
+                                      stamp[8:10], stamp[10:12], stamp[12:])
+        if as_json:
+            write_json_lines(out, [dict(zip(LIST_KEYS, [
+                'group', when, group] + [f or None for f in fields[:4]] +
+                sizes))])
+            continue
+        out.write('%s %s\n' % (when, ' '.join(log_field(f) for f in fields)))
     return len(rows)
 
 
@@ -3443,15 +4108,14 @@ def hunt_progress(base, name, now, hand_out_limit):
 def show_hunt(base, name, out, as_json, now, hand_out_limit):
     """hunt status: a line (or JSON object) per client, then the totals;
     0 when every client is done, 1 otherwise."""
-    import json  # late import: tools only
     record, rows, totals = hunt_progress(base, name, now, hand_out_limit)
     for client, progress, view in rows:
         if as_json:
-            out.write(json.dumps({
+            write_json_lines(out, [{
                 'kind': 'hunt-client', 'hunt': name, 'client': client,
                 'progress': progress, 'entry': entry_name(view),
                 'result': view.get('Result') or None,
-                'why': view.get('Why') or None}, sort_keys=True) + '\n')
+                'why': view.get('Why') or None}])
         else:
             why = view.get('Why', '') if progress in (
                 'failed', 'expired', 'cancelled') else ''
@@ -3460,10 +4124,9 @@ def show_hunt(base, name, out, as_json, now, hand_out_limit):
                 log_field(view.get('Result')),
                 ' -- ' + webjob.one_line(why) if why else ''))
     if as_json:
-        out.write(json.dumps(dict(totals, kind='hunt', hunt=name,
-                                  clients=len(rows),
-                                  command=record.get('CommandLine')),
-                             sort_keys=True) + '\n')
+        write_json_lines(out, [dict(totals, kind='hunt', hunt=name,
+                                    clients=len(rows),
+                                    command=record.get('CommandLine'))])
     else:
         out.write('hunt %s: %d clients: %s\n' % (name, len(rows), ', '.join(
             '%d %s' % (totals[key], key) for key in PROGRESS)))
@@ -3472,7 +4135,6 @@ def show_hunt(base, name, out, as_json, now, hand_out_limit):
 
 def list_queue(base, out, client, as_json, now, hand_out_limit):
     """job list: one line (or JSON object) per queue entry."""
-    import json  # late import: tools only
     clients = [client] if client else sorted(
         name for name in os.listdir(os.path.join(base, QUEUE_FOLDER))
         if webjob.is_client_id(name)) if os.path.isdir(
@@ -3487,7 +4149,7 @@ def list_queue(base, out, client, as_json, now, hand_out_limit):
                 record = dict((key, view[key]) for key in ENTRY_KEYS
                               if key in view)
                 record.update(kind='job', name=entry_name(view))
-                out.write(json.dumps(record, sort_keys=True) + '\n')
+                write_json_lines(out, [record])
                 continue
             out.write('%s %s\n' % (entry_name(view), ' '.join(log_field(
                 view.get(key)) for key in ('State', 'CommandLine', 'Hunt',
@@ -3720,14 +4382,11 @@ def build_report(base, client=None, since=None):
 
 def write_report(report, out, as_json):
     """The report as text lines, or JSON lines (one object each)."""
-    import json  # late import: tools only
     items = report['failures'] + report['clients'] + report['jobs']
     if as_json:
-        for item in items + [dict(hunt, rows=None) for hunt in
-                             report['hunts']]:
-            out.write(json.dumps(dict((k, v) for k, v in item.items()
-                                      if v is not None),
-                                 sort_keys=True) + '\n')
+        write_json_lines(out, [dict((k, v) for k, v in item.items()
+                                    if v is not None) for item in items + [
+            dict(hunt, rows=None) for hunt in report['hunts']]])
     else:
         for item in report['failures']:
             out.write('failure %s %s %s %s %s -- %s\n' % (
@@ -3753,9 +4412,11 @@ def write_report(report, out, as_json):
                'failures': len(report['failures']),
                'clients': len(report['clients']),
                'hunts': len(report['hunts'])}
-    out.write(json.dumps(summary, sort_keys=True) + '\n' if as_json else
-              'report: %(jobs)d jobs, %(failures)d failures, %(clients)d '
-              'clients, %(hunts)d hunts\n' % summary)
+    if as_json:
+        write_json_lines(out, [summary])
+    else:
+        out.write('report: %(jobs)d jobs, %(failures)d failures, %(clients)d '
+                  'clients, %(hunts)d hunts\n' % summary)
     return len(report['failures'])
 
 
@@ -4938,6 +5599,7 @@ def parse_locker_args(command, argv):
     if command == 'list':
         parser.add_argument('--client')
         parser.add_argument('--since')
+    parser.add_argument('--json', action='store_true')
     options = parser.parse_args(argv)
     if command == 'list':
         if options.client is not None and \
@@ -4962,8 +5624,8 @@ def run_locker_tool(command, argv):
     options = parse_locker_args(command, argv)
     base = resolve_base(options)
     if command == 'verify':
-        return 1 if verify_locker(base, sys.stdout) else 0
-    list_jobs(base, sys.stdout, options.client, options.since)
+        return 1 if verify_locker(base, sys.stdout, options.json) else 0
+    list_jobs(base, sys.stdout, options.client, options.since, options.json)
     return 0
 
 
@@ -5088,16 +5750,17 @@ def main(argv=None):
     Under CGI the arguments are ignored: a web server turns a query without
     '=' into arguments, and a hostile one must still get an HTTP answer.
     """
-    if os.environ.get('GATEWAY_INTERFACE') and argv is None:
-        return run_cgi()
+    cgi = bool(os.environ.get('GATEWAY_INTERFACE')) and argv is None
     invoked = os.path.basename(sys.argv[0] if sys.argv else '')
     argv = sys.argv[1:] if argv is None else argv
-    if invoked.startswith('webjob-dsvtool'):
-        return dsvtool_main(argv)
-    if argv[:1] == ['dsvtool']:
-        return dsvtool_main(argv[1:])
     command = None
     try:
+        if cgi:
+            return run_cgi()
+        if invoked.startswith('webjob-dsvtool'):
+            return dsvtool_main(argv)
+        if argv[:1] == ['dsvtool']:
+            return dsvtool_main(argv[1:])
         if argv[:1] in (['-h'], ['--help']):
             sys.stdout.write(USAGE)
             return 0
@@ -5139,6 +5802,13 @@ def main(argv=None):
     except BrokenPipeError:     # 'list | head': the reader went away
         write_stderr('stdout: the reader went away (broken pipe)')
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        write_stderr('interrupted')
+        return 130
+    except Exception as exc:    # last resort: one line, never a traceback
+        write_stderr('internal error: %s: %s (please report it, with the '
+                     'command line)' % (type(exc).__name__, exc))
         return 1
 
 

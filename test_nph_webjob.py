@@ -698,8 +698,8 @@ def test_client_controlled_log_fields_cannot_forge_lines(server_root):
     lines = read_log_lines(server_root)
     assert len(lines) == 1
     entry = LOG_LINE.match(lines[0])
-    assert entry and entry.group('method') == 'G\\x20E\\x20T'
-    assert entry.group('user') == 'evil\\x20user\\x202004\\x20x'
+    assert entry and entry.group('method') == 'G\\x20E\\x0aT'
+    assert entry.group('user') == 'evil\\x20user\\x0a2004\\x20x'
 
 
 def test_enable_logging_off_writes_no_log(server_root):

@@ -481,3 +481,31 @@ def test_report_json_lines_carry_each_clients_last_contact(root):
     assert client['last_request'] == 'GET collect.sh 200'
     assert records[-1] == {'kind': 'summary', 'jobs': 0, 'failures': 1,
                            'clients': 1, 'hunts': 0}
+
+
+def test_list_shows_na_not_a_dash_for_a_job_that_never_ran(root):
+    site = make_site(root, JobQueueEnable=False)
+    upload(site, 'jid_get', status='NA', get_error='collect.sh: Status = '
+           '[404], Reason = [Not Found]')
+    status, out, err = admin(root, 'list')
+    assert out.split()[4:6] == ['jid_get', 'NA']
+
+
+def test_list_and_verify_print_json_lines(root):
+    site = make_site(root, JobQueueEnable=False)
+    upload(site, 'jid_one', status=2)
+    status, out, err = admin(root, 'list', '--json')
+    record, = [json.loads(line) for line in out.splitlines()]
+    assert (record['kind'], record['client'], record['jid'],
+            record['kid_status'], record['err_size']) == (
+        'group', 'client_1', 'jid_one', '2', 0)
+    assert record['group'].startswith('client_1_')
+    status, out, err = admin(root, 'verify', '--json')
+    assert status == 0
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {'kind': 'summary', 'groups': 1, 'manifest_files': 4, 'problems': 0}]
+    os.unlink(str(root / 'incoming' / (record['group'] + '.rdy')))
+    status, out, err = admin(root, 'verify', '--json')
+    records = [json.loads(line) for line in out.splitlines()]
+    assert status == 1 and {'kind': 'problem', 'name': record['group'],
+                            'problem': 'incomplete: no .rdy'} in records

@@ -81,6 +81,7 @@ PROGRAM = 'webjob'
 BLOCK_SIZE = 1 << 20            # 1 MiB: below this, PUT and hashing slow down
 MAX_HEADER_SIZE = 16383         # the original's response header limit
 MAX_FIELD_SIZE = 255            # Job-Id and WebJob-Payload-Signature values
+MAX_LENGTH_DIGITS = 19          # a Content-Length past 2**63 is a lie
 MAX_IMPORT_DEPTH = 3            # "recursion is permitted up to three levels"
 MAX_CONFIG_SIZE = 1 << 20       # a config file is small; refuse a huge one
 MAX_ENV_PATH = 4095             # longest TMPDIR/TMP value accepted
@@ -158,10 +159,70 @@ class TransportError(WebJobError):
     """An HTTP exchange failed; the stage that called it re-raises."""
 
 
+class Interrupted(WebJobError):
+    """A signal asked the job to stop (XER_Abort); .signal_number says
+    which."""
+    exit_code = XER_ABORT
+
+    def __init__(self, signal_number):
+        WebJobError.__init__(self, 'interrupted by %s'
+                             % signal_name(signal_number))
+        self.signal_number = signal_number
+
+
+def signal_name(number):
+    """'SIGTERM' for 15; 'signal 99' for a number the host does not name."""
+    import signal  # late import: start-up time
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return 'signal %d' % number
+
+
+#: Secrets of this run (passwords, pass phrases), hidden from every line
+#: and record the program writes.  Filled by remember_secret() as a config
+#: is read; empty at import.
+SECRETS = []
+MIN_SCRUBBED_SECRET = 4         # shorter ones would mask ordinary words
+MASK = '********'
+
+
+def remember_secret(value):
+    """Add a secret that scrub() must hide wherever it would appear."""
+    if value and len(value) >= MIN_SCRUBBED_SECRET and value not in SECRETS:
+        SECRETS.append(value)
+        SECRETS.sort(key=len, reverse=True)
+
+
+def scrub(text):
+    """Replace every remembered secret in text with ********.
+
+    A second line of defence: messages are built from redacted values in
+    the first place, but no message path can then leak one by mistake.
+    """
+    text = str(text)
+    for secret in SECRETS:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+MAX_LINE = 1000                 # a message line; longer ones lose their middle
+
+
+def stderr_line(message):
+    """A message as write_stderr() prints it: no secret, one printable line,
+    at most MAX_LINE characters (its start and its end kept)."""
+    text = one_line(scrub(message))
+    if len(text) > MAX_LINE:
+        text = '%s...%s' % (text[:MAX_LINE * 2 // 3], text[-MAX_LINE // 3:])
+    return text
+
+
 def write_stderr(message, program=PROGRAM):
     """Print one line on stderr, never failing (the host may be damaged)."""
     try:
-        sys.stderr.write('%s: %s\n' % (program, one_line(message)))
+        sys.stderr.write('%s: %s\n' % (program, stderr_line(message)))
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass
@@ -274,6 +335,22 @@ def is_digits(text):
     return bool(text) and all(c in DIGITS for c in text)
 
 
+def split_url(url):
+    """Split a URL into (scheme, userinfo, hostport, path); None without '://'.
+
+    The one splitter behind parse_url() and redact_url(), so that what is
+    parsed as the password is exactly what is hidden.  The authority ends at
+    the first '/'; the userinfo is what precedes its last '@' (None when it
+    has no '@'); path keeps its leading '/' ('' when there is none).
+    """
+    scheme, sep, rest = url.partition('://')
+    if not sep:
+        return None
+    authority, slash, path = rest.partition('/')
+    userinfo, at, hostport = authority.rpartition('@')
+    return scheme, (userinfo if at else None), hostport, slash + path
+
+
 def parse_url(url):
     """Split a URL by the man page's grammar; None when it does not match.
 
@@ -282,15 +359,16 @@ def parse_url(url):
     where user/password are None when absent and port is an int.  Parsed by
     hand: importing re would cost every job about 4 ms of start-up.
     """
-    scheme, _, rest = url.partition('://')
-    if scheme not in ('http', 'https') or not _:
+    parts = split_url(url)
+    if parts is None:
         return None
-    authority, slash, path = rest.partition('/')
-    if not slash or any(c in URL_PATH_STOPS or c.isspace() for c in path):
+    scheme, userinfo, hostport, path = parts
+    if scheme not in ('http', 'https'):
+        return None
+    if not path or any(c in URL_PATH_STOPS or c.isspace() for c in path):
         return None
     user = password = None
-    userinfo, at, hostport = authority.rpartition('@')
-    if at:
+    if userinfo is not None:
         if any(c in URL_USERINFO_STOPS or c.isspace() for c in userinfo):
             return None
         user, colon, password = userinfo.partition(':')
@@ -302,7 +380,7 @@ def parse_url(url):
         port = 443 if scheme == 'https' else 80
     elif not 0 < port < 65536:
         return None
-    return scheme, user, password, host, port, '/' + path
+    return scheme, user, password, host, port, path
 
 
 def split_host_port(hostport):
@@ -437,6 +515,8 @@ def read_config(spec, controls, stdin=None):
             raise PropertiesError('config list %r: empty file name' % spec)
         read_config_file(path, table, values, where, stdin, ())
     values['_where'] = where
+    # What is left of standard input is the config: no child may read it.
+    values['_stdin_is_config'] = '-' in spec.split(',')
     return values
 
 
@@ -448,28 +528,34 @@ def read_config_file(path, table, values, where, stdin, chain):
     if path == '-':
         label = '-'
         stream = stdin if stdin is not None else sys.stdin.buffer
-        data = stream.read(MAX_CONFIG_SIZE + 1)
-        base = os.getcwd()
+        try:
+            data = stream.read(MAX_CONFIG_SIZE + 1)
+            base = os.getcwd()
+        except (OSError, ValueError) as exc:
+            raise PropertiesError('-: cannot read config from standard input:'
+                                  ' %s' % (getattr(exc, 'strerror', None)
+                                           or exc))
     else:
-        label = path
+        label = redact_url(path)    # a name is shown, never a secret
         real = os.path.realpath(path)
         if real in chain:
             raise PropertiesError('%s: Import: loop back to %s'
-                                  % (chain[-1], path))
+                                  % (chain[-1], label))
         try:
-            with open(path, 'rb') as handle:
-                data = handle.read(MAX_CONFIG_SIZE + 1)
+            data = read_regular_file(path, MAX_CONFIG_SIZE + 1)
         except OSError as exc:
             raise PropertiesError('%s: cannot read config file: %s'
-                                  % (path, exc.strerror or exc))
+                                  % (label, exc.strerror or exc))
         base = os.path.dirname(os.path.abspath(path))
         chain = chain + (real,)
     if len(data) > MAX_CONFIG_SIZE:
         raise PropertiesError('%s: config file larger than %d bytes'
                               % (label, MAX_CONFIG_SIZE))
-    text = data.decode('utf-8', 'surrogateescape')
+    # The file system's encoding, so that a name in any byte encoding goes
+    # back to the OS as the same bytes (3.6 under LANG=C decodes as ASCII).
+    text = data.decode(sys.getfilesystemencoding(), 'surrogateescape')
     for number, line in enumerate(text.splitlines(), 1):
-        control, value = parse_config_line(line, label, number)
+        control, value = parse_config_line(line, label, number, table)
         if control is None:
             continue
         here = '%s:%d' % (label, number)
@@ -482,14 +568,14 @@ def read_config_file(path, table, values, where, stdin, chain):
             continue
         entry = table.get(control.lower())
         if entry is None:
-            raise PropertiesError('%s: %s: unknown control' % (here, control))
+            raise PropertiesError('%s: %s: unknown control'
+                                  % (here, redact_url(control[:64])))
         name, kind, default = entry
         try:
             values[name] = check_value(kind, value)
         except ValueError as exc:
-            shown = value if 'pass' not in name.lower() else '********'
-            raise PropertiesError('%s: %s = [%s]: %s'
-                                  % (here, name, shown, exc))
+            raise PropertiesError('%s: %s = [%s]: %s' % (
+                here, name, shown_value(name, kind, value), exc))
         where[name] = here
 
 
@@ -507,14 +593,72 @@ def read_override_file(path, controls):
     return found, where
 
 
-def parse_config_line(line, label, number):
+SECRET_CONTROLS = ('URLPassword', 'SSLPassPhrase')
+
+
+def shown_value(name, kind, value):
+    """A control's value as an error message may show it: never a secret."""
+    if name in SECRET_CONTROLS:
+        return MASK
+    return redact_url(value)    # a URL pasted into the wrong control too
+
+
+def remember_config_secrets(values, controls):
+    """Remember URLPassword, SSLPassPhrase and the passwords inside URLs, so
+    that scrub() hides them for the rest of this run (main() forgets)."""
+    for name, kind, default in controls:
+        value = values.get(name)
+        if not value:
+            continue
+        if name in SECRET_CONTROLS:
+            remember_secret(value)
+        elif kind == 'url':
+            remember_secret(parse_url(value)[2])
+
+
+class NotRegularFileError(OSError):
+    """A FIFO, device or folder where a file was expected."""
+
+
+def read_regular_file(path, limit):
+    """Up to limit bytes of a regular file; anything else is refused.
+
+    Opened non-blocking, so that a FIFO planted where a config, Import,
+    key or certificate should be cannot hang the job; a device never ends,
+    so it is refused too.
+    """
+    import stat  # already loaded by os: free
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(0, 'not a regular file')
+        chunks, size = [], 0
+        while size < limit:
+            chunk = os.read(fd, min(BLOCK_SIZE, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b''.join(chunks)
+    finally:
+        os.close(fd)
+
+
+def parse_config_line(line, label, number, known_names=()):
     """Split 'control = value # comment'; (None, None) for a blank line."""
     line = line.split('#', 1)[0].strip()
     if not line:
         return None, None
+    if '\0' in line:
+        raise PropertiesError('%s:%d: NUL byte in the line' % (label, number))
     if '=' not in line:
-        raise PropertiesError('%s:%d: expected "control = value", got [%s]'
-                              % (label, number, line))
+        # Never echoed: the line may be a secret ("URLPassword x", a stray
+        # pasted password); a known control name is named.
+        first = line.split(None, 1)[0]
+        known = ' for %s' % first if first.lower() in known_names else ''
+        raise PropertiesError('%s:%d: expected "control = value"%s; the line '
+                              'is not shown, it may hold a secret'
+                              % (label, number, known))
     control, value = line.split('=', 1)
     control = control.strip()
     if not control:
@@ -606,25 +750,25 @@ def substitute_tokens(text, username, password):
 
 
 def redact_url(url):
-    """Remove any password from a URL before it is printed or logged.
+    """A URL fit to print: the password split_url() finds becomes ********.
 
-    The userinfo is what parse_url takes as one (up to the last '@' before
-    the path), so http://u:p@host/a@b is masked too; a URL that parse_url
-    refuses is masked up to its last '@', so that a password with a stray
-    '/' in it is not shown either.
+    A string that is not a URL by the grammar may still hold a password in
+    a place the splitter cannot know (before a stray '/', say, or in a
+    second URL inside the path): everything from the scheme to its last '@'
+    is then hidden, which shows too little rather than too much.
     """
     url = str(url)
-    scheme, sep, rest = url.partition('://')
-    if not sep:
+    parts = split_url(url)
+    if parse_url(url) is not None and '://' not in parts[3]:
+        scheme, userinfo, hostport, path = parts
+        if userinfo is None or ':' not in userinfo:
+            return url
+        return '%s://%s:********@%s%s' % (scheme, userinfo.split(':', 1)[0],
+                                          hostport, path)
+    if '@' not in url:
         return url
-    if parse_url(url) is not None:
-        cut = rest.partition('/')[0].rfind('@')
-    else:
-        cut = rest.rfind('@')
-    if cut < 0 or ':' not in rest[:cut]:
-        return url
-    return '%s://%s:********%s' % (scheme, rest[:cut].split(':', 1)[0],
-                                    rest[cut:])
+    start = url.find('://') + 3 if parts is not None else 0
+    return '%s********@%s' % (url[:start], url.rpartition('@')[2])
 
 
 class Deadline(object):
@@ -698,15 +842,6 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     return sock
 
 
-def build_authorization(target):
-    """The Basic Authorization field; sent only when URLAuthType is basic,
-    by -e and -g alike."""
-    import base64  # late import: start-up time
-    pair = '%s:%s' % (target.username or '', target.password or '')
-    return 'Authorization: Basic %s' % base64.b64encode(
-        pair.encode('utf-8')).decode('ascii')
-
-
 def build_request(method, target, query, content_length, job_id=None,
                   auth=False, extra=()):
     """The request head exactly as the original sends it (protocol.md 1.2);
@@ -717,12 +852,21 @@ def build_request(method, target, query, content_length, job_id=None,
              'Content-Type: application/octet-stream',
              'Content-Length: %d' % content_length]
     if auth:
-        lines.append(build_authorization(target))
+        lines.append(authorization_field(target))
     if job_id:
         lines.append('Job-Id: %s' % job_id)
     lines.extend('%s: %s' % pair for pair in extra)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+def authorization_field(target):
+    """The Basic Authorization field; credentials go as the config's bytes
+    (a non-UTF-8 password is sent as written, not refused or mangled)."""
+    import base64  # late import: start-up time
+    pair = '%s:%s' % (target.username or '', target.password or '')
+    return 'Authorization: Basic %s' % base64.b64encode(
+        pair.encode('utf-8', 'surrogateescape')).decode('ascii')
 
 
 def send_all(sock, data, deadline):
@@ -787,10 +931,15 @@ def read_response_head(sock, deadline):
         except OSError as exc:
             raise TransportError('receive: %s' % (exc.strerror or exc))
         if not chunk:
+            if not data:
+                raise TransportError(
+                    'the server closed the connection without answering (a '
+                    'CGI that failed to start or died? see the web server\'s '
+                    'error log)')
             raise TransportError('connection closed before a complete '
                                  'response header')
         data += chunk
-    if end > MAX_HEADER_SIZE:
+    if end + skip > MAX_HEADER_SIZE:     # the blank line counts too
         raise TransportError('response header larger than %d bytes'
                              % MAX_HEADER_SIZE)
     head = data[:end].decode('latin-1')
@@ -840,6 +989,11 @@ def parse_fields(lines):
                                  % one_line(line)[:80])
         key = name.strip().lower()
         value = value.strip()
+        if key == 'transfer-encoding':
+            # The original ignored it and read chunk framing as the body.
+            raise TransportError('Transfer-Encoding = [%s]: not supported; a '
+                                 'WebJob response carries a Content-Length'
+                                 % one_line(value)[:40])
         if key not in RESPONSE_FIELDS:
             continue
         if key in fields:
@@ -848,13 +1002,28 @@ def parse_fields(lines):
             if not is_digits(value):
                 raise TransportError('Content-Length = [%s]: value must '
                                      'contain all digits' % one_line(value)[:40])
+            if len(value) > MAX_LENGTH_DIGITS or int(value) > MAX_UINT:
+                raise TransportError('Content-Length = [%s...]: value too '
+                                     'large' % value[:20])
             fields[key] = int(value)
         else:
             if not 0 < len(value) <= MAX_FIELD_SIZE:
                 raise TransportError('%s: value has invalid length (%d)'
                                      % (name.strip(), len(value)))
+            if key == 'job-id' and not is_job_id(value):
+                raise TransportError('Job-Id = [%s]: only letters, digits and '
+                                     '"_", ".", "-" are allowed'
+                                     % one_line(value)[:80])
             fields[key] = value
     return fields
+
+
+JOB_ID_CHARS = NAME_CHARS           # what nph_webjob.py accepts back
+
+
+def is_job_id(value):
+    """True for a Job-Id that may go into a PUT header and a .env record."""
+    return 0 < len(value) <= MAX_FIELD_SIZE and set(value) <= JOB_ID_CHARS
 
 
 def read_body_to_file(response, fd, limit, deadline):
@@ -896,6 +1065,54 @@ def read_body_to_file(response, fd, limit, deadline):
         raise TransportError('Actual-Length (%d) vs Content-Length (%d) '
                              'mismatch' % (got, length))
     return got
+
+
+def describe_status(response, name, auth_sent, deadline):
+    """A non-2xx answer: its status, what its body says, the next step."""
+    text = '%s: Status = [%d], Reason = [%s]' % (name, response.status,
+                                                 response.reason)
+    said = read_error_text(response, deadline)
+    if said:
+        text += '; the server says: %s' % said
+    if response.status == 401:
+        text += ('; credentials were sent and refused: check URLUsername and '
+                 'URLPassword' if auth_sent else '; no credentials were sent '
+                 '(URLAuthType=none): set URLAuthType=basic with URLUsername '
+                 'and URLPassword')
+    return text
+
+
+MAX_ERROR_BODY = 2048           # how much of an error page is read for words
+
+
+def read_error_text(response, deadline):
+    """The words of an error page (nginx hides why it said 400 there).
+
+    Only a body with a Content-Length is read, at most 2 KiB of it, and at
+    most 5 s: what a hostile server says is shown folded and cut short."""
+    import socket  # late import: start-up time
+    length = min(response.fields.get('content-length') or 0, MAX_ERROR_BODY)
+    data = response.body_start[:length]
+    try:
+        while len(data) < length:
+            left = deadline.remaining()
+            response.sock.settimeout(5 if left is None else min(left, 5))
+            chunk = response.sock.recv(length - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except (OSError, TransportError, socket.timeout):
+        pass
+    import re  # late import: error path only
+    words = []
+    for piece in re.sub(r'<[^>]*>', '\n', data.decode('latin-1')).split('\n'):
+        piece = ' '.join(piece.split())
+        if piece.startswith('%d ' % response.status):
+            piece = piece[4:]       # nginx's title: '400 The plain HTTP ...'
+        if piece and piece not in words and not piece.startswith('nginx') \
+                and piece != response.reason:
+            words.append(piece)
+    return one_line(' '.join(words))[:200]
 
 
 def write_all(fd, data):
@@ -1545,12 +1762,10 @@ def dsv_read_small_file(path, limit=DSV_MAX_PEM_FILE):
     :raises OSError: unreadable.
     :raises DsvError: not a regular file, or larger than ``limit``.
     """
-    import stat  # late import: start-up time
-    fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
-    with os.fdopen(fd, 'rb') as stream:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DsvError('%s: not a regular file' % path)
-        data = stream.read(limit + 1)
+    try:
+        data = read_regular_file(path, limit + 1)
+    except NotRegularFileError:
+        raise DsvError('%s: not a regular file' % path)
     if len(data) > limit:
         raise DsvError('%s: file too large' % path)
     return data
@@ -1716,8 +1931,11 @@ class TLSContext(object):
                                     deadline.seconds))
         except ssl.SSLError as exc:
             reason = describe_ssl_error(exc)
-            if reason == 'certificate verify failed':
-                reason = explain_verify_failure(self.values, target, deadline)
+            if reason.startswith('certificate verify failed'):
+                reason = explain_verify_failure(self.values, target, deadline,
+                                                reason)
+            else:
+                reason = explain_refusal(self.values, reason)
             raise TransportError('%s: TLS handshake failed: %s'
                                  % (target.display, reason))
         except OSError as exc:
@@ -1733,16 +1951,22 @@ class TLSContext(object):
         return tls
 
 
-def explain_verify_failure(values, target, deadline):
-    """Say why verification failed on Pythons whose ssl does not (< 3.7).
+def explain_verify_failure(values, target, deadline, reason):
+    """Why verification failed, whose certificate, and the next step.
 
     A second, unverified handshake fetches the server's certificate, which
     is only read here, never trusted: nothing is sent on that connection.
+    Pythons < 3.7 say only "certificate verify failed"; the dates and the
+    bundle tell the rest.
     """
-    reason = 'certificate verify failed'
+    import time  # late import: start-up time
+    bundle = values['SSLBundledCAsFile']
+    now = time.gmtime()
+    clock = ("this host's clock says %s UTC; if it is wrong, set it"
+             % time.strftime('%Y-%m-%d %H:%M:%S', now))
+    stamp = time.strftime('%Y%m%d%H%M%SZ', now)
     try:
         import ssl  # late import: start-up time
-        import time  # late import: start-up time
         context = build_ssl_context(ssl, dict(values, SSLVerifyPeerCert=False))
         sock = open_connection(target, deadline, raw=True)
         try:
@@ -1750,14 +1974,56 @@ def explain_verify_failure(values, target, deadline):
             cert = x509_parse(tls.getpeercert(binary_form=True))
         finally:
             sock.close()
-        now = time.strftime('%Y%m%d%H%M%SZ', time.gmtime())
-        if x509_time(cert.not_after) < now:
-            return reason + ': certificate has expired'
-        if x509_time(cert.not_before) > now:
-            return reason + ': certificate is not yet valid'
-        return reason + ': not issued by a CA in SSLBundledCAsFile'
     except Exception:
-        return reason
+        cert = None
+    if cert is not None:
+        whose = "the server's certificate [CN=%s]" % one_line(
+            cert.subject_cn or '-')
+        if x509_time(cert.not_after) < stamp:
+            return ('%s: certificate has expired: %s expired %s; %s'
+                    % (reason.split(':')[0], whose,
+                       show_x509_time(cert.not_after), clock))
+        if x509_time(cert.not_before) > stamp:
+            return ('%s: certificate is not yet valid: %s is valid from %s; %s'
+                    % (reason.split(':')[0], whose,
+                       show_x509_time(cert.not_before), clock))
+    if 'expired' in reason or 'not yet valid' in reason:
+        return ('%s: a CA certificate of the chain or of SSLBundledCAsFile = '
+                '[%s] is out of its dates; %s' % (reason, bundle, clock))
+    if reason == 'certificate verify failed':
+        reason += ': not issued by a CA in SSLBundledCAsFile'
+    return ("%s: the server's certificate does not lead to a CA in "
+            'SSLBundledCAsFile = [%s]: bundle the CA that issued it'
+            % (reason, bundle))
+
+
+def explain_refusal(values, reason):
+    """A handshake the server refused: say what of ours it did not like."""
+    import time  # late import: start-up time
+    ours = 'our certificate (SSLPublicCertFile = [%s])' % \
+        values['SSLPublicCertFile'] if values['SSLUseCertificate'] else None
+    lowered = reason.lower()
+    if 'certificate expired' in lowered and ours:
+        return ("%s: the server refused %s as expired; this host's clock "
+                'says %s UTC' % (reason, ours, time.strftime(
+                    '%Y-%m-%d %H:%M:%S', time.gmtime())))
+    if 'unknown ca' in lowered and ours:
+        return ('%s: the server does not trust the issuer of %s' % (reason,
+                                                                    ours))
+    if 'certificate required' in lowered and not ours:
+        return ('%s: the server requires a client certificate: set '
+                'SSLUseCertificate=Y, SSLPublicCertFile and SSLPrivateKeyFile'
+                % reason)
+    if 'wrong version number' in lowered or 'record layer failure' in lowered:
+        return '%s: is the server speaking https on this port?' % reason
+    return reason
+
+
+def show_x509_time(value):
+    """'2001-01-01 00:00:00 UTC' from a certificate's time."""
+    full = x509_time(value)
+    return '%s-%s-%s %s:%s:%s UTC' % (full[0:4], full[4:6], full[6:8],
+                                      full[8:10], full[10:12], full[12:14])
 
 
 def x509_time(value):
@@ -1787,6 +2053,7 @@ def build_ssl_context(ssl, values):
     if values['SSLVerifyPeerCert']:
         context.verify_mode = ssl.CERT_REQUIRED
         bundle = values['SSLBundledCAsFile']
+        check_regular_file('SSLBundledCAsFile', bundle)
         try:
             context.load_verify_locations(cafile=bundle)
         except (OSError, ssl.SSLError) as exc:
@@ -1799,14 +2066,25 @@ def build_ssl_context(ssl, values):
     return context
 
 
+def check_regular_file(control, path):
+    """OpenSSL opens these files itself and would block on a FIFO."""
+    import stat  # already loaded by os: free
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigureError('%s = [%s]: %s' % (control, path,
+                                                exc.strerror or exc))
+    if not stat.S_ISREG(mode):
+        raise ConfigureError('%s = [%s]: not a regular file' % (control, path))
+
+
 def load_client_certificate(ssl, context, values):
     """Load SSLPublicCertFile/SSLPrivateKeyFile, never hanging on a prompt."""
     cert = values['SSLPublicCertFile']
     key = values['SSLPrivateKeyFile']
     passphrase = values['SSLPassPhrase']
     for control, path in (('SSLPublicCertFile', cert), ('SSLPrivateKeyFile', key)):
-        if not os.path.isfile(path):
-            raise ConfigureError('%s = [%s]: no such file' % (control, path))
+        check_regular_file(control, path)
 
     def ask_passphrase():
         if passphrase is not None:
@@ -1823,9 +2101,26 @@ def load_client_certificate(ssl, context, values):
     except ConfigureError:
         raise
     except (OSError, ssl.SSLError, ValueError) as exc:
-        raise ConfigureError('SSLPublicCertFile = [%s], SSLPrivateKeyFile = '
-                             '[%s]: cannot load: %s'
-                             % (cert, key, describe_ssl_error(exc)))
+        raise ConfigureError(explain_key_failure(cert, key, passphrase, exc))
+
+
+def explain_key_failure(cert, key, passphrase, exc):
+    """Why SSLPublicCertFile/SSLPrivateKeyFile would not load, with the
+    next step (OpenSSL says only "PEM lib" for a wrong pass phrase)."""
+    reason = describe_ssl_error(exc)
+    try:
+        encrypted = b'ENCRYPTED' in read_regular_file(key, MAX_CONFIG_SIZE)
+    except OSError:
+        encrypted = False
+    if getattr(exc, 'reason', None) == 'KEY_VALUES_MISMATCH':
+        return ('SSLPrivateKeyFile = [%s] is not the key of SSLPublicCertFile '
+                '= [%s]: name the matching pair' % (key, cert))
+    if encrypted and passphrase is not None:
+        return ('SSLPrivateKeyFile = [%s]: SSLPassPhrase does not decrypt it '
+                '(wrong pass phrase?); check SSLPassPhrase (%s)'
+                % (key, reason))
+    return ('SSLPublicCertFile = [%s], SSLPrivateKeyFile = [%s]: cannot load: '
+            '%s' % (cert, key, reason))
 
 
 def describe_ssl_error(exc):
@@ -1963,8 +2258,7 @@ def tls12_server_certificates(stream):
 
 def read_ca_bundle(path):
     """Parsed certificates of SSLBundledCAsFile (unparsable ones skipped)."""
-    with open(path, 'rb') as handle:
-        data = handle.read(MAX_CONFIG_SIZE * 16)
+    data = read_regular_file(path, MAX_CONFIG_SIZE * 16)
     parsed = []
     for der in pem_decode_all(data, 'CERTIFICATE'):
         try:
@@ -2026,33 +2320,147 @@ def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False, stdin=None,
                                 close_fds=True)
 
 
-def wait_with_deadline(proc, seconds, signal_number):
+#: Signals whose default is to end a process: during execute mode each one
+#: ends the program's group, cleans up and exits XER_Abort (one inherited
+#: as ignored, as nohup leaves SIGHUP, stays ignored).
+STOP_SIGNALS = ('SIGHUP', 'SIGINT', 'SIGQUIT', 'SIGTERM', 'SIGUSR1', 'SIGUSR2',
+                'SIGALRM', 'SIGVTALRM', 'SIGPROF', 'SIGXCPU', 'SIGPOLL',
+                'SIGPWR')
+
+
+class SignalGuard(object):
+    """Turn the first stop signal into Interrupted, at a safe point.
+
+    Between spawn() and the start of the wait the signal is only noted
+    (hold/release), so that no child is ever started without a supervisor
+    to end it; later signals are noted and ignored, so that the clean-up
+    the first one started runs to its end.
+    """
+
+    def __init__(self):
+        self.pending = None
+        self.holding = 0
+        self.previous = {}
+
+    def install(self):
+        import signal  # late import: start-up time
+        self.pending = None
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is None or signal.getsignal(number) == signal.SIG_IGN:
+                continue
+            try:
+                self.previous[number] = signal.signal(number, self.handle)
+            except ValueError:      # not the main thread: Python's default
+                return
+
+    def restore(self):
+        import signal  # late import: start-up time
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def handle(self, number, frame):
+        if self.pending is not None:
+            return
+        self.pending = number
+        if not self.holding:
+            raise Interrupted(number)
+
+    def hold(self):
+        self.holding += 1
+
+    def release(self):
+        """End a hold; raise the signal that came during it, if any."""
+        self.holding -= 1
+        if self.pending is not None and not self.holding:
+            raise Interrupted(self.pending)
+
+
+SIGNALS = SignalGuard()
+
+
+def supervise(argv, seconds, signal_number, started=None, **options):
+    """spawn() and wait_with_deadline() with no gap a signal can fall into.
+
+    started(proc) runs before any signal is acted on.  Returns (proc,
+    timed_out); OSError when the program cannot start.
+    """
+    SIGNALS.hold()
+    try:
+        proc = spawn(argv, **options)
+    except BaseException:
+        SIGNALS.release()
+        raise
+    if started is not None:
+        started(proc)
+    return proc, wait_with_deadline(proc, seconds, signal_number, held=True)
+
+
+def wait_with_deadline(proc, seconds, signal_number, held=False):
     """Wait for a process; at the deadline signal its whole group.
 
     TimeoutSignal goes to the group first; after a short grace, SIGKILL
-    follows so that no grandchild outlives the deadline.  Returns True when
-    the deadline expired.
+    follows so that no grandchild outlives the deadline.  When the program
+    exits first, what it left in its group (background children) is killed
+    at once: nothing may go on writing to outputs already hashed.  A stop
+    signal is passed on to the group, then SIGKILL follows after the grace.
+    Returns True when the deadline expired.
     """
-    import subprocess  # late import: start-up time
+    import signal  # late import: start-up time
     try:
-        proc.wait(timeout=seconds or None)
-        return False
-    except subprocess.TimeoutExpired:
-        pass
-    except KeyboardInterrupt:
-        import signal  # late import: start-up time
+        if held:
+            SIGNALS.release()
+        exited = wait_for_exit(proc, seconds)
+    except Interrupted as exc:
+        end_group(proc, exc.signal_number)
+        raise
+    except BaseException:
+        end_group(proc, signal.SIGKILL)
+        raise
+    if exited:
         kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise
-    kill_group(proc.pid, signal_number)
-    try:
-        proc.wait(timeout=KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        pass
+        return False
+    end_group(proc, signal_number)
+    return True
+
+
+def wait_for_exit(proc, seconds):
+    """Wait (at most seconds, 0 for ever) until proc has exited, without
+    reaping it: while its zombie stays, its group id cannot be reused, so
+    signalling the group cannot hit a stranger.  False at the deadline."""
+    if not hasattr(os, 'waitid'):  # COMPAT: no waitid; the reuse race stays
+        import subprocess  # late import: start-up time
+        try:
+            proc.wait(timeout=seconds or None)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    flags = os.WEXITED | os.WNOWAIT
+    if not seconds:
+        os.waitid(os.P_PID, proc.pid, flags)
+        return True
+    import time  # late import: start-up time
+    end = time.monotonic() + seconds
+    delay = 0.0005
+    while os.waitid(os.P_PID, proc.pid, flags | os.WNOHANG) is None:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def end_group(proc, first_signal):
+    """Signal the program's group, give it KILL_GRACE, then SIGKILL it."""
     import signal  # late import: start-up time
+    kill_group(proc.pid, first_signal)
+    if first_signal != signal.SIGKILL:
+        wait_for_exit(proc, KILL_GRACE)
     kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
-    return True
 
 
 def kill_group(pgid, signal_number):
@@ -2571,8 +2979,15 @@ def run_streamed(job, argv, upload):
     import time  # late import: start-up time
     values = job.values
     segment = upload.segment
-    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    SIGNALS.hold()      # no stop signal between spawn and kid_proc
+    try:
+        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except BaseException:
+        SIGNALS.release()
+        raise
     job.kid_pid = proc.pid
+    job.kid_proc = proc
+    SIGNALS.release()   # run_streamed_stage ends the group on Interrupted
     spools = [StreamSpool(job, ext, segment) for ext in ('out', 'err')]
     sender = StreamSender(upload, build_query(job.base_query(job.program)),
                           MAX_STAGING // segment - 3)
@@ -2619,6 +3034,9 @@ def run_streamed(job, argv, upload):
         if not interrupted:
             sender.finish()
     if timed_out and not killed:
+        kill_group(proc.pid, signal.SIGKILL)
+    elif not killed:    # what the program left in its group, as in -e
+        wait_for_exit(proc, 0)
         kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
     (job.out_hash, job.err_hash) = [s.digest.hexdigest() for s in spools]
@@ -2694,6 +3112,8 @@ KID_TIMED_OUT = ('The kid was killed (signal %d to its process group) when '
                  'RunTimeLimit (%d s) expired.')
 KID_NOT_RUN = 'The kid was not run.'
 KID_NOT_STARTED = 'The kid could not be started.'
+KID_INTERRUPTED = ('The kid was killed (%s to its process group) when webjob '
+                   'was interrupted.')
 
 
 def find_path_finder():
@@ -2782,6 +3202,8 @@ class Job(object):
         self.get_error = self.run_error = None
         self.kid_pid = self.kid_status = self.kid_signal = None
         self.kid_reason = KID_NOT_RUN
+        self.kid_proc = None
+        self.stage = 'Configure'
         self.out_hash = self.err_hash = None
         self.downloaded = []
         self.outputs = []
@@ -2830,7 +3252,7 @@ class Job(object):
         }
         lines = ['%s=%s\n' % (key, one_line(record[key]) if key in (
             'CommandLine', 'Hostname') else record[key]) for key in ENV_KEYS]
-        return ''.join(lines).encode('utf-8', 'surrogateescape')
+        return scrub(''.join(lines)).encode('utf-8', 'surrogateescape')
 
     def tls_for(self, target):
         """One TLS context per job, built only when an https URL is used."""
@@ -2870,8 +3292,8 @@ def fetch_to_file(job, name, path, deadline, limit=None):
                              job_id=job.job_id)
     try:
         if not response.ok:
-            raise TransportError('%s: Status = [%d], Reason = [%s]'
-                                 % (name, response.status, response.reason))
+            raise TransportError(describe_status(
+                response, name, values['URLAuthType'] == 'basic', deadline))
         fd = create_exclusive(path)
         try:
             read_body_to_file(response, fd, limit or values['URLDownloadLimit'],
@@ -2912,15 +3334,25 @@ def run_get_stage(job):
             check_pins(job, partial)
         os.chmod(partial, 0o700)
         install_file(partial, final, overwrite)
-    except TransportError as exc:
+    except BaseException as exc:    # a signal too: nothing half-made stays
         remove_quietly(partial)
-        raise GetStageError(str(exc))
-    except OSError as exc:
-        remove_quietly(partial)
-        raise GetStageError('%s: %s' % (final, exc.strerror or exc))
+        if isinstance(exc, TransportError):
+            raise GetStageError(str(exc))
+        if isinstance(exc, OSError):
+            raise GetStageError('%s: %s' % (final, exc.strerror or exc))
+        raise
     job.downloaded.append(final)
     if values['GetHookEnable']:
-        run_get_hook(job, deadline)
+        if overwrite and target_path != final:
+            remove_quietly(target_path)     # stale: the hook makes it anew
+        try:
+            run_get_hook(job, deadline)
+        except BaseException:
+            # A veto (or a signal): neither the unverified download nor
+            # what the hook made may stay on the host, whatever Unlink* say.
+            for path in (target_path, final):
+                remove_quietly(path)
+            raise
         if target_path not in job.downloaded:
             job.downloaded.append(target_path)
 
@@ -2997,12 +3429,13 @@ def run_get_hook(job, deadline):
     except TransportError as exc:
         raise GetStageError('GetHook: %s' % exc)
     try:
-        proc = spawn(['/bin/sh', '-c', command], stdout=sys.stderr.fileno(),
-                     cwd=job.temp_dir)
+        proc, timed_out = supervise(['/bin/sh', '-c', command], remaining, 9,
+                                    stdout=sys.stderr.fileno(),
+                                    cwd=job.temp_dir)
     except OSError as exc:
         raise GetStageError('GetHook: cannot start /bin/sh: %s'
                             % (exc.strerror or exc))
-    if wait_with_deadline(proc, remaining, 9):
+    if timed_out:
         raise GetStageError('GetHook: GetTimeLimit (%d s) expired; the hook '
                             'was killed' % values['GetTimeLimit'])
     status = proc.returncode
@@ -3040,21 +3473,24 @@ def run_run_stage(job, capture):
             out_fd, err_fd = open_outputs(job)
             hashers = [FileHasher(job.output_path('out'), job.hash_name),
                        FileHasher(job.output_path('err'), job.hash_name)]
-        try:
-            proc = spawn(argv, stdout=out_fd, stderr=err_fd)
-        except OSError as exc:
-            job.kid_reason = KID_NOT_STARTED
-            job.kid_status = -1
-            job.kid_signal = 0
-            raise RunStageError('%s: cannot execute: %s'
-                                % (job.program, exc.strerror or exc))
-        finally:
+        def started(proc):
+            job.kid_pid = proc.pid
+            job.kid_proc = proc
             for fd in (out_fd, err_fd):
                 if fd is not None:
                     os.close(fd)
-        job.kid_pid = proc.pid
-        timed_out = wait_with_deadline(proc, values['RunTimeLimit'],
-                                       values['TimeoutSignal'])
+        try:
+            proc, timed_out = supervise(argv, values['RunTimeLimit'],
+                                        values['TimeoutSignal'], started,
+                                        stdout=out_fd, stderr=err_fd)
+        except OSError as exc:
+            for fd in (out_fd, err_fd):
+                if fd is not None and job.kid_pid is None:
+                    os.close(fd)
+            job.kid_reason = KID_NOT_STARTED
+            job.kid_status = -1
+            job.kid_signal = 0
+            raise RunStageError(explain_exec_failure(job, exc))
         record_kid_status(job, proc.returncode, timed_out)
         if timed_out:
             raise RunStageError('%s: RunTimeLimit (%d s) expired; its process '
@@ -3065,12 +3501,34 @@ def run_run_stage(job, capture):
             (_, job.out_hash), (_, job.err_hash) = [h.finish() for h in hashers]
 
 
+def explain_exec_failure(job, exc):
+    """Why the program did not start, with the next step when it is known."""
+    import errno  # late import: error path only
+    text = '%s: cannot execute: %s' % (job.program, exc.strerror or exc)
+    if exc.errno == errno.EACCES and is_mounted_noexec(job.temp_dir):
+        text += ('; TempDirectory = [%s] is on a file system mounted noexec: '
+                 'set TempDirectory to a folder where programs may run'
+                 % job.temp_dir)
+    return text
+
+
+def is_mounted_noexec(path):
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, 'ST_NOEXEC', 8))
+    except OSError:
+        return False
+
+
 def run_streamed_stage(job, argv, upload):
     """The RUN stage of UploadMode=streamed: the output goes to the server
     while the program runs (see run_streamed)."""
     values = job.values
     try:
         timed_out, returncode = run_streamed(job, argv, upload)
+    except Interrupted as exc:
+        if job.kid_proc is not None and job.kid_proc.returncode is None:
+            end_group(job.kid_proc, exc.signal_number)
+        raise
     except OSError as exc:
         job.kid_reason = KID_NOT_STARTED
         job.kid_status = -1
@@ -3181,14 +3639,20 @@ def run_put_stage(job):
                                      job.tls_for(target),
                                      auth=values['URLAuthType'] == 'basic',
                                      job_id=job.job_id, body_files=files)
-        response.close()
+        try:
+            if not response.ok:
+                raise PutStageError(describe_status(
+                    response, target.display, values['URLAuthType'] == 'basic',
+                    deadline))
+        finally:
+            response.close()
     except TransportError as exc:
         raise PutStageError(str(exc))
     except OSError as exc:
         raise PutStageError('%s' % (exc.strerror or exc))
-    if not response.ok:
-        raise PutStageError('%s: Status = [%d], Reason = [%s]'
-                            % (target.display, response.status, response.reason))
+    if 'content-length' not in response.fields:
+        raise PutStageError("%s: the server's response did not include a "
+                            'Content-Length' % target.display)
 
 
 ###############################################################################
@@ -3229,22 +3693,38 @@ def load_dsv_keys(tree):
 
 
 def execute_mode(values, program, options):
-    """-e: GET, RUN and PUT one program; return the exit code (XER_*)."""
-    return run_stages(configure_job(values, program, options))
+    """-e: GET, RUN and PUT one program; return the exit code (XER_*).
+
+    A stop signal at any point ends what runs, cleans up as Unlink* say,
+    keeps the outputs (with an .env that records why) and exits XER_Abort.
+    """
+    SIGNALS.install()
+    job = None
+    try:
+        job = configure_job(values, program, options)
+        return run_stages(job)
+    except Interrupted as exc:
+        if job is None:
+            raise
+        return stop_job(job, exc)
+    finally:
+        SIGNALS.restore()
 
 
 def run_stages(job):
-    """GET, RUN and PUT a configured job; return the exit code (XER_*)."""
+    """The three stages in order; every failure reported, one code."""
     values = job.values
     capture = bool(values['URLPutURL'])
     failures = []
     try:
+        job.stage = 'GetStage'
         run_get_stage(job)
     except GetStageError as exc:
         job.get_error = str(exc)
         failures.append(exc)
     if not failures:
         try:
+            job.stage = 'RunStage'
             run_run_stage(job, capture)
         except RunStageError as exc:
             job.run_error = job.run_error or str(exc)
@@ -3252,15 +3732,13 @@ def run_stages(job):
     put_ok = False
     if capture and (job.get_error is None or values['UploadOnGetFailure']):
         try:
+            job.stage = 'PutStage'
             run_put_stage(job)
             put_ok = True
         except PutStageError as exc:
-            failures.append(exc)
-    if values['UnlinkExecutable']:
-        if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
-            job.downloaded.append(job.path(pad_payload_name(job.program)))
-        for path in job.downloaded:
-            remove_quietly(path)
+            failures.append(PutStageError('%s; %s'
+                                          % (exc, describe_kept(job))))
+    remove_executables(job)
     if values['UnlinkOutput'] and put_ok:
         for path in job.outputs:
             remove_quietly(path)
@@ -3269,6 +3747,50 @@ def run_stages(job):
     if len(failures) > 1:
         return XER_MULTI_STAGE
     return failures[0].exit_code if failures else XER_OK
+
+
+def remove_executables(job):
+    """UnlinkExecutable=Y: remove the program, its GetHook variant and a
+    PaD payload it unpacked."""
+    if job.values['UnlinkExecutable']:
+        if job.program.endswith(PAD_SUFFIX) and job.kid_pid is not None:
+            job.downloaded.append(job.path(pad_payload_name(job.program)))
+        for path in job.downloaded:
+            remove_quietly(path)
+
+
+def describe_kept(job):
+    """Where the output files stay when they were not (all) uploaded."""
+    kept = [path for path in job.outputs if os.path.exists(path)]
+    if not kept:
+        return 'no output files were kept'
+    return 'the output files are kept in %s: %s' % (
+        job.temp_dir, ' '.join(os.path.basename(path) for path in kept))
+
+
+def stop_job(job, exc):
+    """After a stop signal: record why, clean up, say what is left."""
+    reason = '%s during %s' % (exc, job.stage)
+    proc = job.kid_proc
+    if job.stage == 'RunStage' and proc is not None and \
+            proc.returncode is not None:
+        record_kid_status(job, proc.returncode, False)
+        job.kid_reason = KID_INTERRUPTED % signal_name(exc.signal_number)
+    if job.stage == 'GetStage':
+        job.get_error = job.get_error or reason
+    else:
+        job.run_error = job.run_error or reason
+    if job.values['URLPutURL'] and job.stage != 'PutStage':
+        try:
+            ensure_outputs(job)
+            write_env_file(job)
+        except OSError:
+            pass
+    remove_executables(job)
+    kept = '; ' + describe_kept(job) if job.values['URLPutURL'] else ''
+    write_stderr('%s: %s; everything it started was stopped, nothing more '
+                 'was uploaded%s' % (job.stage, exc, kept))
+    return XER_ABORT
 
 
 def hashsum_mode(hash_type, path, stdin=None, stdout=None):
@@ -3286,17 +3808,28 @@ def hashsum_mode(hash_type, path, stdin=None, stdout=None):
             digest = hash_file(path, name.lower())[1]
     except OSError as exc:
         raise ArgumentError('%s: %s' % (path, exc.strerror or exc))
-    stdout.write(digest + '\n')
-    stdout.flush()
+    write_stdout(stdout, digest + '\n')
     return XER_OK
 
 
 def version_mode(stdout=None):
     """-v: the Version string and which optional parts work here."""
     stdout = stdout if stdout is not None else sys.stdout
-    stdout.write(version_string() + '\n')
-    stdout.flush()
+    write_stdout(stdout, version_string() + '\n')
     return XER_OK
+
+
+def write_stdout(stream, text):
+    """Write and flush an answer; a full disk or bad descriptor is one line
+    (XER_Abort), a reader that went away is main()'s broken pipe."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise WebJobError('stdout: %s' % (getattr(exc, 'strerror', None)
+                                          or exc))
 
 
 def get_url_mode(config_spec, url, stdin=None, stdout=None):
@@ -3304,9 +3837,12 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
     controls = CLIENT_CONTROLS
     values = read_config(config_spec, controls, stdin) if config_spec else \
         dict((name, default) for name, kind, default in controls)
-    if parse_url(url) is None:
+    remember_config_secrets(values, controls)
+    parts = parse_url(url)
+    if parts is None:
         raise ArgumentError('url = [%s]: expected scheme://host(:port)/path '
                             'with scheme http or https' % redact_url(url))
+    remember_secret(parts[2])
     target = Target(url, values['URLUsername'], values['URLPassword'])
     deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
     tls = TLSContext(values) if target.scheme == 'https' else None
@@ -3318,15 +3854,19 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
             send_all(sock, build_plain_get(target, values), deadline)
             response = read_response_head(sock, deadline)
             if not response.ok:
-                raise TransportError('%s: Status = [%d], Reason = [%s]'
-                                     % (target.display, response.status,
-                                        response.reason))
+                raise TransportError(describe_status(
+                    response, target.display, values['URLAuthType'] == 'basic'
+                    or bool(target.username), deadline))
             read_body_to_file(response, out.fileno(),
                               values['URLDownloadLimit'], deadline)
         finally:
             sock.close()
     except TransportError as exc:   # worded as in the stages of -e
         raise GetStageError(str(exc))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:          # socket errors are TransportErrors
+        raise GetStageError('stdout: %s' % (exc.strerror or exc))
     return XER_OK
 
 
@@ -3364,7 +3904,7 @@ def build_plain_get(target, values):
              'Content-Type: application/octet-stream',
              'Content-Length: 0']
     if values['URLAuthType'] == 'basic':
-        lines.append(build_authorization(target))
+        lines.append(authorization_field(target))
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
 
@@ -3474,17 +4014,24 @@ def job_mode(values, count=None):
     # removes what it downloaded, so the next job may fetch the same name.
     values = dict(values, UploadOnGetFailure=True, UnlinkExecutable=True)
     codes = []
-    for number in range(count or MAX_QUEUE_JOBS):
-        answer = request_job(probe)
-        if answer is None:
-            break
-        job_id, reply = answer
-        words = reply['CommandLine'].split()
-        job = configure_job(values, words[0], words[1:])
-        job.job_id = job_id
-        job.pins = dict((key, reply[key]) for key, name, size in PIN_KEYS
-                        if reply.get(key))
-        codes.append(run_stages(job))
+    SIGNALS.install()
+    try:
+        for number in range(count or MAX_QUEUE_JOBS):
+            answer = request_job(probe)
+            if answer is None:
+                break
+            job_id, reply = answer
+            words = reply['CommandLine'].split()
+            job = configure_job(values, words[0], words[1:])
+            job.job_id = job_id
+            job.pins = dict((key, reply[key]) for key, name, size in PIN_KEYS
+                            if reply.get(key))
+            try:
+                codes.append(run_stages(job))
+            except Interrupted as exc:   # a stop signal ends the queue too
+                return stop_job(job, exc)
+    finally:
+        SIGNALS.restore()
     failed = sorted(set(code for code in codes if code))
     if not failed:
         return XER_OK
@@ -3536,11 +4083,13 @@ def parse_args(argv):
             raise UsageError('expected -f|--file after %s' % mode)
         config = take(argv, 2, 'config file')
         if len(argv) > 4:
-            raise UsageError('unexpected argument [%s]' % argv[4])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[4]))
         count = argv[3] if len(argv) > 3 else None
         if count is not None and not (is_digits(count) and 0 < int(count)
                                       <= 1000):
-            raise UsageError('count = [%s]: expected 1-1000 jobs' % count)
+            raise UsageError('count = [%s]: expected 1-1000 jobs'
+                             % redact_url(count))
         return 'job', (config, int(count) if count else None)
     if mode in ('-h', '--hashsum'):
         if take(argv, 1, '-t|--type') not in ('-t', '--type'):
@@ -3548,11 +4097,13 @@ def parse_args(argv):
         digest = take(argv, 2, 'digest type')
         path = take(argv, 3, 'file')
         if len(argv) > 4:
-            raise UsageError('unexpected argument [%s]' % argv[4])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[4]))
         return 'hashsum', (digest, path)
     if mode in ('-v', '--version'):
         if len(argv) > 1:
-            raise UsageError('unexpected argument [%s]' % argv[1])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[1]))
         return 'version', ()
     if mode in ('-g', '--get-url'):
         config = None
@@ -3562,7 +4113,8 @@ def parse_args(argv):
             index = 3
         url = take(argv, index, 'url')
         if len(argv) > index + 1:
-            raise UsageError('unexpected argument [%s]' % argv[index + 1])
+            raise UsageError('unexpected argument [%s]'
+                             % redact_url(argv[index + 1]))
         return 'get-url', (config, url)
     if mode == '--dsvtool':
         return 'dsvtool', ()
@@ -3574,18 +4126,27 @@ def parse_args(argv):
                 raise UsageError('expected --pad-make-script file [-o file.pad]')
             output = argv[3]
         return 'pad-make-script', (path, output)
-    raise UsageError('unknown mode [%s]' % mode)
+    raise UsageError('unknown mode [%s]' % redact_url(mode))
 
 
 def check_program(program):
     """The program is a plain name: path information is not allowed."""
+    shown = redact_url(program)
     if '/' in program or program in ('.', '..'):
         raise ArgumentError('program = [%s]: path information is not allowed'
-                            % program)
+                            % shown)
     if not is_program_name(program):
         raise ArgumentError('program = [%s]: only letters, digits and "_", '
                             '"-", ".", "+" are allowed, not first "." or "-"'
-                            % program)
+                            % shown)
+
+
+def read_client_config(config):
+    """The config of -e and --job, its secrets remembered, stdin released."""
+    values = read_config(config, CLIENT_CONTROLS)
+    remember_config_secrets(values, CLIENT_CONTROLS)
+    release_config_stdin(values)
+    return values
 
 
 def dispatch(mode, arguments):
@@ -3593,11 +4154,10 @@ def dispatch(mode, arguments):
     if mode == 'execute':
         config, program, options = arguments
         check_program(program)
-        values = read_config(config, CLIENT_CONTROLS)
-        return execute_mode(values, program, options)
+        return execute_mode(read_client_config(config), program, options)
     if mode == 'job':
         config, count = arguments
-        return job_mode(read_config(config, CLIENT_CONTROLS), count)
+        return job_mode(read_client_config(config), count)
     if mode == 'hashsum':
         return hashsum_mode(*arguments)
     if mode == 'version':
@@ -3612,6 +4172,46 @@ def dispatch(mode, arguments):
         sys.stdout.write(arguments[0])
         return XER_OK
     raise DependencyError('%s is not available in this build' % mode)
+
+
+def release_config_stdin(values):
+    """After '-f -': put /dev/null on descriptor 0.
+
+    The rest of standard input is the config, passwords included; no child
+    (program, GetHook) may inherit it, nor reopen it as /proc/PPID/fd/0.
+    """
+    if values.get('_stdin_is_config'):
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(fd, 0)
+        os.close(fd)
+
+
+#: Environment variables through which an interpreter not started with -I
+#: (or -E) loads code or modules from somewhere else than its own install.
+CODE_LOADING_VARIABLES = ('PYTHONPATH', 'PYTHONHOME', 'PYTHONUSERBASE',
+                          'PYTHONPLATLIBDIR', 'PYTHONPYCACHEPREFIX',
+                          'PYTHONWARNINGS', 'PYTHONSTARTUP', 'PYTHONINSPECT',
+                          'PYTHONBREAKPOINT', 'PYTHONEXECUTABLE')
+
+
+def isolation_warning():
+    """The warning to print when started without -I -S while something
+    could have run before this file: None when there is nothing to say."""
+    causes = []
+    if not sys.flags.ignore_environment:
+        causes += [name for name in CODE_LOADING_VARIABLES
+                   if os.environ.get(name)]
+    site = sys.modules.get('site')
+    if (site is not None and not sys.flags.no_user_site
+            and getattr(site, 'ENABLE_USER_SITE', False)
+            and os.path.isdir(getattr(site, 'USER_SITE', None) or '')):
+        causes.append('the user site %s' % site.USER_SITE)
+    if not causes:
+        return None
+    return ('warning: started without isolation while %s %s in effect: code '
+            'from there may have run before webjob; start it as python3 -I -S '
+            'webjob.py' % (', '.join(causes),
+                           'is' if len(causes) == 1 else 'are'))
 
 
 def check_standard_descriptors():
@@ -3632,7 +4232,18 @@ def main(argv=None):
     invoked = os.path.basename(sys.argv[0] if sys.argv else '')
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        return run_main(invoked, argv)
+    finally:
+        del SECRETS[:]              # this run's, and no one else's
+
+
+def run_main(invoked, argv):
+    """main() without its clean-up: every error becomes one line and a code."""
+    try:
         check_standard_descriptors()
+        warning = isolation_warning()
+        if warning:
+            write_stderr(warning)
         if invoked.startswith('webjob-dsvtool'):
             raise DependencyError(DSVTOOL_MOVED)
         mode, arguments = parse_args(argv)
