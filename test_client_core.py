@@ -80,7 +80,7 @@ def test_every_global_a_function_reads_is_defined(name):
     ('http://u:p@host/x', 'http://u:********@host/x'),
     ('http://u:p@host/a@b', 'http://u:********@host/a@b'),
     ('https://u:p@h:8443/p?q=a:b@c', 'https://u:********@h:8443/p?q=a:b@c'),
-    ('http://u:pa/ss@host/', 'http://u:********@host/'),   # refused URL
+    ('http://u:pa/ss@host/', 'http://********@host/'),     # refused URL
     ('http://host/a:b@c', 'http://host/a:b@c'),           # no userinfo
     ('http://u@host/', 'http://u@host/'),                 # no password
     ('not a url', 'not a url')])

@@ -29,7 +29,7 @@ __all__ = [
     'XER_PROCESS_ARGUMENTS', 'XER_READ_PROPERTIES', 'XER_CHECK_DEPENDENCIES',
     'XER_CONFIGURE', 'XER_GET_STAGE', 'XER_RUN_STAGE', 'XER_PUT_STAGE',
     'XER_MULTI_STAGE', 'WebJobError', 'UsageError', 'PropertiesError',
-    'write_stderr', 'one_line',
+    'write_stderr', 'one_line', 'PRINTABLE_ASCII',
     # the config reader (override files: read_override_file), name checks,
     # the URL splitter and redaction
     'MAX_CONFIG_SIZE', 'build_control_table', 'read_config',
