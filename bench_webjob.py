@@ -94,6 +94,8 @@ FIGURES = (
     ('rss_large_mb', 'delta<', 10.0),        # large - rss_small_mb
     ('serve_rps_ratio', '>=', 0.8),
     ('cgi_rps_ratio', '>=', 0.8),
+    ('tls_put_ratio', '>=', 0.9),
+    ('retry_cycle_ms', None, None),
     ('cgi_import_vs_bare', None, None),
     ('job_request_ms', None, None),
     ('hunt_300_s', None, None),
@@ -229,6 +231,11 @@ def write_file(path, data, mode=0o644):
         handle.write(data)
     os.chmod(path, mode)
     return path
+
+
+def read_bytes(path):
+    with open(path, 'rb') as handle:
+        return handle.read()
 
 
 def write_padded_script(path, head, size):
@@ -587,6 +594,83 @@ def measure_capture_and_put(bench, key):
                      % (curl, put))
 
 
+def start_tls_server(bench):
+    """A second standalone server over TLS (a self-signed certificate)
+    on the same BaseDirectory, so the stage epochs are read as for HTTP."""
+    conftest = load_conftest()
+    folder = os.path.join(bench.workspace, 'tls')
+    os.mkdir(folder)
+    cert, key = (os.path.join(folder, name) for name in ('cert.pem',
+                                                         'key.pem'))
+    run_checked(bench, ['openssl', 'req', '-x509', '-newkey', 'rsa:2048',
+                        '-nodes', '-keyout', key, '-out', cert, '-subj',
+                        '/CN=webjob.test', '-days', '2'], 'openssl req')
+    server = conftest.start_standalone(folder, bench.server_python,
+                                       root=bench.server.root, args=[
+                                           '--tls-cert', cert, '--tls-key',
+                                           key])
+    bench.cleanups.append(lambda: conftest.stop_process(server.proc))
+    return 'https://%s:%d%s' % (LOOPBACK, server.port, conftest.CGI_PATH)
+
+
+def measure_tls_put(bench, key):
+    """The PUT stage sending --size bytes over TLS / curl -k -T of a file
+    that size to the same https server (both certificate checks off)."""
+    big = ensure_big_payload(bench)
+    url = start_tls_server(bench)
+    config = write_file(os.path.join(bench.workspace, 'tls.cfg'), read_bytes(
+        bench.configs['job']).replace(bench.server.cgi_url.encode('ascii'),
+                                      url.encode('ascii')))
+    results = time_alternately(bench, [
+        ('job', python_argv(bench, bench.python) + [
+            WEBJOB, '-e', '-f', config, 'out.sh', str(bench.size)]),
+        ('curl', CURL + ['-k', '-H', 'Expect:', '-o', '/dev/null', '-T', big,
+                         job_url(url, 'big.sh', (bench.size, 0, 0))])],
+        bench.plan['transfer'])
+    epochs = [found[2] for found in results['job']]
+    if None in epochs:
+        raise BenchError('a job uploaded no .env record')
+    put = median([e['End'] - e['Put'] for e in epochs])
+    curl = median([found[0] for found in results['curl']])
+    bench.set_figure(key, curl / put, 'curl -k -T %.3f s / PUT stage %.3f s '
+                     'over TLS, %d bytes' % (curl, put, bench.size))
+
+
+def measure_retry_cycle(bench, key):
+    """What one retry adds to a tiny job's PUT stage: a 503 answered by
+    the tests' fault proxy, then the retry (PutRetryDelay=0), against the
+    same PUT through the proxy undisturbed; medians of the PUT stage
+    (PutEpoch to the end of the process), in ms."""
+    conftest = load_conftest()
+    proxy = conftest.FaultProxy(bench.server.port)
+    bench.cleanups.append(proxy.close)
+    text = read_bytes(bench.configs['job']).replace(
+        ('URLPutURL=' + bench.server.cgi_url).encode('ascii'),
+        ('URLPutURL=' + proxy.url(conftest.CGI_PATH)).encode('ascii'))
+    config = write_file(os.path.join(bench.workspace, 'retry.cfg'),
+                        text + b'PutRetryCount=1\nPutRetryDelay=0\n')
+    argv = python_argv(bench, bench.python) + [WEBJOB, '-e', '-f', config,
+                                               'tiny.sh']
+    stages = {'plain': [], 'retry': []}
+    for _ in range(bench.plan['runs']):
+        for label in ('plain', 'retry'):
+            if label == 'retry':
+                proxy.plan(conftest.FaultPlan(answer=conftest.answer_503()))
+            settle_disk(bench)
+            wall, rss, ended = run_timed(bench, argv)
+            epochs = read_stage_epochs(bench, ended)
+            if epochs is None:
+                raise BenchError('a job uploaded no .env record')
+            stages[label].append(epochs['End'] - epochs['Put'])
+    if proxy.cuts != bench.plan['runs']:
+        raise BenchError('the fault proxy answered %d of %d 503s'
+                         % (proxy.cuts, bench.plan['runs']))
+    plain, retry = median(stages['plain']), median(stages['retry'])
+    bench.set_figure(key, (retry - plain) * 1000.0, 'PUT stage with one 503 '
+                     'and a retry %.1f ms - without %.1f ms' % (
+                         retry * 1000.0, plain * 1000.0))
+
+
 def measure_rss(bench, key):
     """Peak RSS (wait4) of a 1 MiB job and of a --size job: GET that many
     bytes, write that many to stdout, PUT them."""
@@ -915,6 +999,8 @@ MEASUREMENTS = (
     ('get_ratio', measure_get, None),
     ('capture_ratio', measure_capture_and_put, None),
     ('rss_large_mb', measure_rss, None),
+    ('tls_put_ratio', measure_tls_put, None),
+    ('retry_cycle_ms', measure_retry_cycle, None),
     ('job_request_ms', measure_job_request, None),
     ('hunt_300_s', measure_hunt, None),
     ('stream_disk_peak_mib', measure_stream, None),

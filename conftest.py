@@ -577,6 +577,9 @@ class CgiSite(object):
         log = os.path.join(self.root, 'logfiles', 'nph-webjob.log')
         if os.path.exists(log):
             open(log, 'w').close()
+        # The uploads the server has seen, by Job-Id: tests reuse Job-Ids.
+        shutil.rmtree(os.path.join(self.root, 'logfiles',
+                                   'nph-webjob-uploads'), ignore_errors=True)
 
 
 APACHE_TLS_CONF = """\
@@ -1042,3 +1045,358 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(('nginx and fcgiwrap logs (port %s)'
                                     % server.port, server.error_log()))
     return report
+
+
+# Fault proxy #################################################################
+
+class FaultPlan(object):
+    """What the fault proxy does to one connection.
+
+    request_cut / response_cut: forward that many bytes of the client's
+    (request) or the server's (response) stream, then cut both sides; reset
+    makes the cut an RST instead of a FIN.  answer: bytes to answer with
+    after draining the request (head and Content-Length body), without
+    contacting the server (a 503 from an overloaded front end).  on_cut:
+    called (in the relay's thread) at the cut, before the sockets close,
+    e.g. to kill and restart the server.
+    """
+
+    def __init__(self, request_cut=None, response_cut=None, reset=False,
+                 answer=None, on_cut=None):
+        self.request_cut = request_cut
+        self.response_cut = response_cut
+        self.reset = reset
+        self.answer = answer
+        self.on_cut = on_cut
+
+
+class FaultProxy(object):
+    """A TCP relay on loopback in front of a server, which carries out one
+    queued FaultPlan per new connection (plain relaying once the queue is
+    empty).  Protocol-blind: it works under TLS too, cutting the record
+    stream.  self.cuts counts the connections it cut or answered;
+    self.connections all it accepted.  Use as a context manager, or close().
+    """
+
+    def __init__(self, upstream_port, upstream_host=LOOPBACK):
+        import collections
+        import threading
+        self.upstream = (upstream_host, upstream_port)
+        self.plans = collections.deque()
+        self.lock = threading.Lock()
+        self.connections = self.cuts = 0
+        self.traffic = []   # (request bytes, response bytes) per relayed one
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((LOOPBACK, 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        self.thread = threading.Thread(target=self._accept_loop)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def url(self, path='/'):
+        return 'http://%s:%d%s' % (LOOPBACK, self.port, path)
+
+    def plan(self, *plans, **kwargs):
+        """Queue FaultPlans (or one made from kwargs) for the next
+        connections, in order."""
+        with self.lock:
+            self.plans.extend(plans or [FaultPlan(**kwargs)])
+
+    def wait_traffic(self, count, timeout=30.0):
+        """self.traffic once count relayed connections have ended."""
+        deadline = time.monotonic() + timeout
+        while len(self.traffic) < count and time.monotonic() < deadline:
+            time.sleep(0.01)     # poll interval while the relay winds down
+        return list(self.traffic)
+
+    def pending(self):
+        with self.lock:
+            return len(self.plans)
+
+    def _accept_loop(self):
+        import threading
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                plan = self.plans.popleft() if self.plans else None
+            thread = threading.Thread(target=self._serve, args=(client, plan))
+            thread.daemon = True
+            thread.start()
+
+    def _serve(self, client, plan):
+        if plan is not None and plan.answer is not None:
+            self._answer(client, plan)
+            return
+        try:
+            server = socket.create_connection(self.upstream, timeout=30)
+        except OSError:
+            _close_quietly(client, reset=True)
+            return
+        try:
+            self._relay(client, server, plan)
+        finally:
+            _close_quietly(client)
+            _close_quietly(server)
+
+    def _relay(self, client, server, plan):
+        """Copy both ways in one thread (select), so a cut closes sockets
+        no other thread is blocked on; every wait is bounded."""
+        import selectors
+        cuts = [None, None] if plan is None else [plan.request_cut,
+                                                  plan.response_cut]
+        done = [0, 0]
+        peers = {client: (server, 0), server: (client, 1)}
+        for sock in (client, server):
+            sock.settimeout(120)
+        with selectors.DefaultSelector() as selector:
+            for sock in peers:
+                selector.register(sock, selectors.EVENT_READ)
+            reading = 2
+            while reading:
+                events = selector.select(timeout=120)
+                if not events:
+                    break                       # idle for two minutes
+                for key, _ in events:
+                    src = key.fileobj
+                    dst, side = peers[src]
+                    cut = cuts[side]
+                    if cut is not None and done[side] >= cut:
+                        self._cut(plan, client, server)
+                        return
+                    try:
+                        data = src.recv(65536 if cut is None else
+                                        min(65536, cut - done[side]))
+                        if not data:
+                            selector.unregister(src)
+                            reading -= 1
+                            dst.shutdown(socket.SHUT_WR)
+                            continue
+                        dst.sendall(data)
+                        done[side] += len(data)
+                    except OSError:
+                        reading = 0
+                        break
+                    if cut is not None and done[side] >= cut:
+                        self._cut(plan, client, server)
+                        return
+        with self.lock:
+            self.traffic.append(tuple(done))
+
+    def _cut(self, plan, client, server):
+        with self.lock:
+            self.cuts += 1
+        if plan.on_cut is not None:
+            plan.on_cut()
+        _close_quietly(client, reset=plan.reset)
+        _close_quietly(server, reset=True)
+
+    def _answer(self, client, plan):
+        """Read the request head and its Content-Length body, answer, close."""
+        data = b''
+        client.settimeout(60)
+        try:
+            while b'\r\n\r\n' not in data and len(data) < 65536:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, body = data.partition(b'\r\n\r\n')
+            length = 0
+            for line in head.split(b'\r\n')[1:]:
+                name, _, value = line.partition(b':')
+                if name.strip().lower() == b'content-length':
+                    length = int(value.strip() or 0)
+            left = length - len(body)
+            while left > 0:
+                chunk = client.recv(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            with self.lock:
+                self.cuts += 1
+            client.sendall(plan.answer)
+        except OSError:
+            pass
+        _close_quietly(client)
+
+    def close(self):
+        self.closed = True
+        _close_quietly(self.listener)
+        self.thread.join(10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _close_quietly(sock, reset=False):
+    import struct
+    try:
+        if reset:               # close() then sends an RST, not a FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                            struct.pack('ii', 1, 0))
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def answer_503(reason=b'Service Unavailable'):
+    """What an overloaded front end answers: a 503 with no body."""
+    return (b'HTTP/1.1 503 ' + reason + b'\r\nContent-Length: 0\r\n'
+            b'Connection: close\r\n\r\n')
+
+
+@pytest.fixture
+def fault_proxy():
+    """Factory: fault_proxy(upstream_port) starts a FaultProxy in front of
+    a server's port; all are closed at teardown."""
+    proxies = []
+
+    def start(upstream_port, upstream_host=LOOPBACK):
+        proxy = FaultProxy(upstream_port, upstream_host)
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
+# Squid #######################################################################
+
+SQUID = shutil.which('squid') or '/usr/sbin/squid'
+SQUID_NCSA = '/usr/lib/squid/basic_ncsa_auth'
+SQUID_CONF = """\
+http_port {host}:{port}
+pid_filename {dir}/squid.pid
+cache_log {dir}/cache.log
+access_log stdio:{dir}/access.log
+coredump_dir {dir}
+cache deny all
+cache_mem 8 MB
+shutdown_lifetime 0 seconds
+pinger_enable off
+forwarded_for delete
+via off
+{auth}
+acl to_loopback dst 127.0.0.1/32
+http_access {access} to_loopback{users}
+http_access deny all
+"""
+SQUID_AUTH = """\
+auth_param basic program {helper} {dir}/passwd
+auth_param basic realm webjob-test-proxy
+acl users proxy_auth REQUIRED"""
+
+
+class SquidProxy(object):
+    """A real Squid on a loopback port with a config of its own.
+
+    access: 'allow' or 'deny' (a proxy that refuses every request); users:
+    ((name, password), ...) to require Basic proxy authentication.
+    """
+
+    def __init__(self, folder, access='allow', users=()):
+        self.dir = str(folder)
+        os.makedirs(self.dir, exist_ok=True)
+        auth = ''
+        if users:
+            with open(os.path.join(self.dir, 'passwd'), 'w') as handle:
+                for name, password in users:
+                    handle.write('%s:%s\n' % (name, _apr1(password)))
+            auth = SQUID_AUTH.format(helper=SQUID_NCSA, dir=self.dir)
+        if os.getuid() == 0:        # squid drops to its own user
+            owner = pwd.getpwnam('proxy')
+            for path in [self.dir] + [os.path.join(self.dir, name)
+                                      for name in os.listdir(self.dir)]:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+        for attempt in range(3):
+            self.port = free_port()
+            conf = os.path.join(self.dir, 'squid.conf')
+            with open(conf, 'w') as handle:
+                handle.write(SQUID_CONF.format(
+                    host=LOOPBACK, port=self.port, dir=self.dir, auth=auth,
+                    access=access, users=' users' if users else ''))
+            with open(os.path.join(self.dir, 'squid.out'), 'wb') as out:
+                self.proc = subprocess.Popen(
+                    [SQUID, '-N', '-f', conf], stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+            try:
+                wait_for_port(LOOPBACK, self.port, timeout=30, proc=self.proc)
+                return
+            except RuntimeError:
+                stop_process(self.proc)
+                if attempt == 2:
+                    raise RuntimeError('squid did not start: %s' % self.log())
+
+    def url(self, userinfo=''):
+        return 'http://%s%s:%d/' % (userinfo, LOOPBACK, self.port)
+
+    def log(self):
+        out = []
+        for name in ('squid.out', 'cache.log', 'access.log'):
+            try:
+                with open(os.path.join(self.dir, name), 'rb') as handle:
+                    out.append(handle.read().decode('utf-8', 'replace'))
+            except OSError:
+                pass
+        return '\n'.join(out)
+
+    def access_lines(self, count=0, timeout=10.0):
+        """access.log's request lines (not the port probes' empty ones),
+        once there are at least count."""
+        import time as clock
+        deadline = clock.monotonic() + timeout
+        while True:
+            lines = [line for line in wait_for_lines(os.path.join(
+                self.dir, 'access.log'), 0) if 'transaction-end-before' not
+                in line]
+            if len(lines) >= count or clock.monotonic() > deadline:
+                return lines
+            clock.sleep(0.01)    # poll interval while Squid writes its log
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def _apr1(password):
+    """An htpasswd -m (apr1) hash, made by openssl."""
+    return subprocess.run(['openssl', 'passwd', '-apr1', password],
+                          stdout=subprocess.PIPE, check=True
+                          ).stdout.decode().strip()
+
+
+@pytest.fixture
+def squid_proxy():
+    """Factory: squid_proxy(access='allow', users=()) starts a SquidProxy;
+    all are stopped at teardown.  Its folder is outside pytest's private
+    tmp tree: Squid runs as the proxy user."""
+    fail_without('squid', SQUID)
+    started = []
+
+    def start(access='allow', users=()):
+        folder = tempfile.mkdtemp(prefix='webjob-squid-')
+        os.chmod(folder, 0o755)
+        proxy = SquidProxy(folder, access, users)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+        shutil.rmtree(proxy.dir, ignore_errors=True)

@@ -55,6 +55,7 @@ STATUS_REASONS = {
     204: 'No Content',
     251: 'Link Test OK',
     252: 'No Job Queued',
+    253: 'Upload Already Stored',
     401: 'Unauthorized',
     404: 'Not Found',
     405: 'Method Not Allowed',
@@ -68,6 +69,7 @@ STATUS_REASONS = {
     456: 'Content-Length Mismatch',
     457: 'File Not Available',
     500: 'Internal Server Error',
+    503: 'Service Unavailable',
     550: 'Internal Server Initialization Error',
 }
 
@@ -140,6 +142,9 @@ MAX_TRIGGER_ORDER = 1 << 20             # bytes of order it reads
 ADDRESS_CHARS = frozenset('0123456789abcdefABCDEF.:')
 
 MANIFEST_NAME = 'nph-webjob-manifest.sha256'
+UPLOAD_INDEX = 'nph-webjob-uploads'     # logfiles/<this>/: uploads by Job-Id
+UPLOAD_WAIT = 10                # seconds a re-send waits for its first copy
+UPLOAD_ID_VARIABLE = 'HTTP_WEBJOB_UPLOAD_ID'    # the WebJob-Upload-Id header
 FLAG_EXTENSION = 'bad'                  # sidecar: the hashes differ
 HASH_NAMES = ('MD5', 'SHA1', 'SHA256')  # the client's HashType values
 ASIDE_HASHES = ('MD5',)                 # taken while copying, with SHA256
@@ -1812,9 +1817,12 @@ def serve_put(site, exchange, query, stdin):
         exchange.status, exchange.message = 251, 'Success'
         return
     prefix, suffix = group_affixes(site, exchange)
-    exchange.group, note = store_upload(site, stdin, prefix, suffix, lengths,
-                                        exchange.job_id)
-    conclude_upload(site, exchange, note)
+
+    def store():
+        exchange.group, note = store_upload(site, stdin, prefix, suffix,
+                                            lengths, exchange.job_id)
+        conclude_upload(site, exchange, note)
+    store_once(site, exchange, stdin, lengths, store)
 
 
 def conclude_upload(site, exchange, note):
@@ -1847,6 +1855,151 @@ def group_affixes(site, exchange):
         raise HTTPStatusError(450, 'Invalid query string: FILENAME too long '
                               'for a name in incoming/')
     return prefix, suffix
+
+
+def store_once(site, exchange, stdin, lengths, store):
+    """Store a PUT, or recognise a re-send of an upload already stored.
+
+    A client that lost the answer to a PUT sends it again, naming the
+    upload in a WebJob-Upload-Id header (the delivery extension).  Such an
+    upload is identified by its ClientId and that id, and is the same upload
+    when FILENAME, the three lengths and the .env's bytes (which hold the
+    job's StdOutHash and StdErrHash) are the same: a re-send is drained and
+    answered 253, nothing stored; a different upload under a stored identity
+    is refused with 451.  A copy flagged .bad does not count, so a clean
+    re-send is stored beside it.  One index file per identity
+    (logfiles/nph-webjob-uploads/) is locked while its upload is written, so
+    a re-send that overtakes its first copy waits for it (503 after
+    UPLOAD_WAIT seconds).  Without the header: the original behaviour.
+    """
+    upload_id = exchange.environ.get(UPLOAD_ID_VARIABLE, '')
+    if not upload_id:
+        store()
+        return
+    if not is_job_id(upload_id):
+        raise HTTPStatusError(450, 'Invalid WebJob-Upload-Id header (%s)'
+                              % webjob.one_line(upload_id[:64]))
+    fd = lock_upload_index(site, exchange.client_id, upload_id)
+    storing = False
+    try:
+        entry = read_key_values_fd(fd)
+        if entry.get('State') == 'storing':     # its writer died mid-way
+            entry = find_stored_upload(site, exchange, upload_id)
+        if entry.get('Group') and entry.get('Flagged') != 'Y':
+            answer_resend(exchange, stdin, lengths, entry)
+            return
+        write_index(fd, [('ClientId', exchange.client_id),
+                         ('UploadId', upload_id), ('State', 'storing')])
+        storing = True
+        store()
+        write_index(fd, upload_entry(site.incoming, exchange, upload_id))
+    except BaseException:
+        if storing and exchange.group is None:    # nothing was stored
+            write_index(fd, [])
+        raise
+    finally:
+        os.close(fd)
+
+
+def lock_upload_index(site, client_id, upload_id):
+    """Open and flock the index file of one upload identity.
+
+    :raises HTTPStatusError: 503 while another request holds it too long.
+    """
+    import fcntl  # late import: PUT with a Job-Id only
+    import hashlib  # late import: PUT with a Job-Id only
+    import time  # late import: start-up time
+    folder = os.path.join(site.logfiles, UPLOAD_INDEX)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, 0o755, exist_ok=True)
+    name = hashlib.sha256(('%s\n%s' % (client_id, upload_id)).encode(
+        'ascii')).hexdigest()[:40]
+    fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT |
+                 _O_NOFOLLOW, 0o644)
+    give_up = time.monotonic() + UPLOAD_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > give_up:
+                os.close(fd)
+                raise HTTPStatusError(503, 'Upload (%s) is still being '
+                                      'stored by another request'
+                                      % upload_id)
+            time.sleep(0.05)    # the other request is writing its copy
+
+
+def read_key_values_fd(fd):
+    """Key=Value lines of an open index file."""
+    data = os.pread(fd, MAX_ENV_SCAN, 0).decode('ascii', 'replace')
+    return dict(line.partition('=')[::2] for line in data.splitlines()
+                if '=' in line)
+
+
+def write_index(fd, pairs):
+    """Replace an index file's contents in place (it stays locked)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, ''.join('%s=%s\n' % pair for pair in pairs).encode(
+        'ascii', 'replace'), 0)
+    os.fsync(fd)
+
+
+def upload_entry(incoming, exchange, upload_id):
+    """The index record of the group an upload was stored as."""
+    path = os.path.join(incoming, exchange.group + '.')
+    return [('ClientId', exchange.client_id), ('UploadId', upload_id),
+            ('Filename', exchange.filename), ('Group', exchange.group),
+            ('Lengths', ','.join(str(os.path.getsize(path + ext))
+                                 for ext in STREAM_EXTENSIONS)),
+            ('EnvSHA256', hash_file(path + 'env', ['SHA256'])['SHA256']),
+            ('Flagged', 'Y' if os.path.exists(path + FLAG_EXTENSION)
+             else 'N')]
+
+
+def find_stored_upload(site, exchange, upload_id):
+    """After a crash mid-store: the complete group of this identity, found
+    by its .rdy's Jid, as an index record; {} when there is none."""
+    head = exchange.client_id + '_'
+    tail = '_%s.rdy' % exchange.filename
+    for name in sorted(os.listdir(site.incoming)):
+        if name.startswith(head) and name.endswith(tail) and \
+                read_key_values(os.path.join(site.incoming, name)).get(
+                    'Jid') == upload_id:
+            exchange.group = name[:-4]
+            try:
+                return dict(upload_entry(site.incoming, exchange, upload_id))
+            finally:
+                exchange.group = None
+    return {}
+
+
+def answer_resend(exchange, stdin, lengths, entry):
+    """Drain a PUT whose identity is stored; 253 when it is the same
+    upload, else 451.
+
+    :raises HTTPStatusError: 456 for a short body, 451 for a different one.
+    """
+    import hashlib  # late import: re-sends only
+    digest = hashlib.sha256()
+    done, why = copy_stream(stdin, None, lengths[0] + lengths[1])
+    if done == lengths[0] + lengths[1]:
+        more, why = copy_stream(stdin, None, lengths[2], digest)
+        done += more
+    if done != sum(lengths):
+        raise HTTPStatusError(456, 'Content length (%d) does not equal '
+                              'number of bytes received (%d): %s'
+                              % (sum(lengths), done, why))
+    same = (entry.get('Filename') == exchange.filename and
+            entry.get('Lengths') == ','.join(map(str, lengths)) and
+            entry.get('EnvSHA256') == digest.hexdigest())
+    if not same:
+        raise HTTPStatusError(451, 'Upload (%s) is already stored as %s, '
+                              'with other contents; refused'
+                              % (entry.get('UploadId'), entry.get('Group')))
+    exchange.status = 253
+    exchange.message = 'Success: a re-send of %s, already stored' % (
+        entry.get('Group'))
 
 
 def send_response(exchange, out, nph=True, extra_headers=()):
@@ -3300,7 +3453,7 @@ class StandaloneHandler(object):
                    'SERVER_SOFTWARE': self.server.software,
                    'SERVER_PROTOCOL': head.version}
         lengths = head.get_all('content-length')
-        for name in ('Job-Id',) + UPLOAD_FIELDS:
+        for name in ('Job-Id', 'WebJob-Upload-Id') + UPLOAD_FIELDS:
             value = head.get(name.lower())
             if value is not None:
                 environ['HTTP_' + name.upper().replace('-', '_')] = value

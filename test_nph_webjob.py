@@ -164,15 +164,19 @@ def last_log(root):
 
 def test_status_table_is_the_nph_ftimes_table():
     """Plus 401, which only the standalone server's own Basic auth sends,
-    and 252, which only the JOB extension (JobQueueEnable=Y) sends."""
+    252, which only the JOB extension (JobQueueEnable=Y) sends, and the
+    delivery extension's 253 (a re-send) and 503 (its first copy is still
+    being stored)."""
     assert nph_webjob.STATUS_REASONS == {
         200: 'OK', 204: 'No Content', 251: 'Link Test OK',
-        252: 'No Job Queued', 401: 'Unauthorized', 404: 'Not Found',
+        252: 'No Job Queued', 253: 'Upload Already Stored',
+        401: 'Unauthorized', 404: 'Not Found',
         405: 'Method Not Allowed', 409: 'Conflict', 450: 'Invalid Query',
         451: 'File Already Exists', 452: 'Username Undefined',
         453: 'Username-ClientId Mismatch', 454: 'Content-Length Undefined',
         455: 'Content-Length Exceeds Limit', 456: 'Content-Length Mismatch',
         457: 'File Not Available', 500: 'Internal Server Error',
+        503: 'Service Unavailable',
         550: 'Internal Server Initialization Error'}
 
 

@@ -88,6 +88,10 @@ MAX_ENV_PATH = 4095             # longest TMPDIR/TMP value accepted
 KILL_GRACE = 2.0                # seconds between TimeoutSignal and SIGKILL
 MAX_SIGNATURE_SIZE = 65536      # a .sig is one base64 line; refuse more
 NA = 'NA'
+#: Answers worth another attempt: the server or a proxy on the way is
+#: overloaded, restarting or timed out; every other non-2xx is a refusal.
+RETRY_STATUSES = frozenset([408, 429]) | frozenset(range(500, 600)) - \
+    frozenset([501, 505])
 DSVTOOL_MOVED = ('the signing tool is not in the client: on the signing host '
                  'run "python3 nph_webjob.py dsvtool ARGS" (or link '
                  'nph_webjob.py as webjob-dsvtool)')
@@ -99,6 +103,7 @@ Usage: webjob {-e|--execute} {-f|--file} config[,config...] program [options]
        webjob {-h|--hashsum} {-t|--type} {md5|sha1|sha256} {file|-}
        webjob {-v|--version}
        webjob --pad-make-script file [-o file.pad]
+       webjob --resend {-f|--file} config[,config...]
        webjob --help
 """
 
@@ -156,7 +161,17 @@ class PutStageError(StageError):
 
 
 class TransportError(WebJobError):
-    """An HTTP exchange failed; the stage that called it re-raises."""
+    """An HTTP exchange failed; the stage that called it re-raises.
+
+    permanent: retrying cannot help (a refused certificate, a bad URL); any
+    other failure on the wire may be transient and is retried when the
+    PutRetry* controls allow it.
+    """
+    permanent = False
+
+
+class PermanentTransportError(TransportError):
+    permanent = True
 
 
 class Interrupted(WebJobError):
@@ -265,6 +280,7 @@ def one_line(text):
 #   upload  put, resumable or streamed (any case) -> lower case
 #   segment bytes, 4096 to 8388608 -> int
 #   path    a file or folder name (may be relative)
+#   proxy   http://(user(:pass)?@)?host(:port)?/? (an HTTP proxy)
 
 #: The client's controls, as the man page spells them: (name, kind, default).
 CLIENT_CONTROLS = (
@@ -279,6 +295,16 @@ CLIENT_CONTROLS = (
     ('GetTimeLimit', 'uint', 0),
     ('HashType', 'hash', 'MD5'),
     ('OverwriteExecutable', 'yn', False),
+    ('ProxyAuthType', 'auth', 'none'),
+    ('ProxyPassword', 'text', None),
+    ('ProxyURL', 'proxy', None),
+    ('ProxyUseEnvironment', 'yn', False),
+    ('ProxyUsername', 'text', None),
+    ('PutLinkTest', 'yn', False),
+    ('PutRetryCount', 'uint', 0),
+    ('PutRetryDelay', 'uint', 1),
+    ('PutRetryMaxDelay', 'uint', 60),
+    ('PutStallTimeLimit', 'uint', 0),
     ('PutTimeLimit', 'uint', 0),
     ('RunTimeLimit', 'uint', 0),
     ('RunType', 'runtype', 'snapshot'),
@@ -383,6 +409,21 @@ def parse_url(url):
     return scheme, user, password, host, port, path
 
 
+def parse_proxy_url(url):
+    """parse_url for a proxy: scheme http, nothing after the authority but
+    an optional '/'; the port defaults to 3128 when the URL has none."""
+    scheme, sep, rest = url.partition('://')
+    if scheme != 'http' or not sep or '/' in rest.rstrip('/') or \
+            rest.count('/') > 1:
+        return None
+    parts = parse_url(url if rest.endswith('/') else url + '/')
+    if parts is None:
+        return None
+    if split_host_port(rest.rstrip('/').rpartition('@')[2])[1] is None:
+        parts = parts[:4] + (3128,) + parts[5:]
+    return parts
+
+
 def split_host_port(hostport):
     """(host, port or None) for host(:port)?, port 1-5 digits; (None, None)
     when the host is neither [IPv6] nor made of letters, digits, '._-'."""
@@ -435,6 +476,11 @@ def check_value(kind, value):
         if parse_url(value) is None:
             raise ValueError('expected scheme://(user(:pass)?@)?host(:port)?/'
                              '(path(?query)?)? with scheme http or https')
+        return value
+    if kind == 'proxy':
+        if parse_proxy_url(value) is None:
+            raise ValueError('expected http://(user(:pass)?@)?host(:port)?/ '
+                             '(an HTTP proxy)')
         return value
     if kind == 'hash':
         if value.upper() not in HASH_TYPES:
@@ -726,7 +772,8 @@ class Target(object):
     def __init__(self, url, username=None, password=None):
         parts = parse_url(url)
         if parts is None:
-            raise TransportError('invalid URL: %s' % redact_url(url))
+            raise PermanentTransportError('invalid URL: %s'
+                                        % redact_url(url))
         self.scheme, user, pw, self.host, self.port, self.path = parts
         # Credentials in the URL beat URLUsername/URLPassword (man page);
         # %user and %pass are place holders for the controls' values.
@@ -736,10 +783,60 @@ class Target(object):
             if pw is not None else (password if user is None else '')
         self.path = substitute_tokens(self.path, username, password)
         self.display = redact_url(url)
+        self.proxy = None       # a Proxy when the request goes through one
 
     def host_header(self):
         """The Host value: always host:port, as the original writes it."""
         return '%s:%d' % (self.host, self.port)
+
+
+class Proxy(object):
+    """An HTTP proxy (ProxyURL, or the environment's with
+    ProxyUseEnvironment=Y) and its Basic credentials."""
+
+    def __init__(self, url, source, username=None, password=None,
+                 auth='none'):
+        parts = parse_proxy_url(url)
+        if parts is None:
+            raise ConfigureError('%s = [%s]: expected http://host(:port)/ '
+                                 '(an HTTP proxy)' % (source, redact_url(url)))
+        _, user, pw, self.host, self.port, _ = parts
+        self.display = '%s %s' % (source, redact_url(url))
+        self.authorization = None
+        if auth == 'basic':
+            import base64  # late import: start-up time
+            pair = '%s:%s' % (user if user is not None else username or '',
+                              pw if pw is not None else password or '')
+            self.authorization = 'Basic %s' % base64.b64encode(
+                pair.encode('utf-8')).decode('ascii')
+
+
+def choose_proxy(values, target):
+    """The Proxy a request to target goes through, or None (direct).
+
+    Only ProxyURL is used unless ProxyUseEnvironment=Y: a suspect host's
+    http_proxy could send evidence and credentials anywhere.  With it, the
+    lower-case (then upper-case) https_proxy or http_proxy applies unless
+    no_proxy lists the host ('*', a name, or a .domain suffix).
+    """
+    url, source = values.get('ProxyURL'), 'ProxyURL'
+    if not url and values.get('ProxyUseEnvironment'):
+        host = target.host.strip('[]').lower()
+        exempt = os.environ.get('no_proxy', os.environ.get('NO_PROXY', ''))
+        for entry in exempt.replace(' ', '').lower().split(','):
+            entry = entry.split(':')[0]
+            if entry == '*' or (entry and (host == entry.lstrip('.') or
+                                           host.endswith('.' + entry.lstrip('.')))):
+                return None
+        for name in ('%s_proxy' % target.scheme, '%s_PROXY' % target.scheme
+                     .upper()):
+            if os.environ.get(name):
+                url, source = os.environ[name], '$' + name
+                break
+    if not url:
+        return None
+    return Proxy(url, source, values.get('ProxyUsername'),
+                 values.get('ProxyPassword'), values.get('ProxyAuthType'))
 
 
 def substitute_tokens(text, username, password):
@@ -787,7 +884,8 @@ class Deadline(object):
             return None
         left = self.end - self._clock()
         if left <= 0:
-            raise TransportError('%s (%d s) expired' % (self.what, self.seconds))
+            raise PermanentTransportError('%s (%d s) expired'
+                                          % (self.what, self.seconds))
         return left
 
 
@@ -820,19 +918,23 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     import socket  # late import: start-up time
     if target.scheme == 'https' and not raw:
         tls_context.prepare(target, deadline)
+    proxy = target.proxy
+    peer = proxy or target
     try:
         # bytes, not str: a str host makes getaddrinfo import the idna codec
-        host = target.host.strip('[]').encode('ascii')
-        sock = socket.create_connection((host, target.port),
+        host = peer.host.strip('[]').encode('ascii')
+        sock = socket.create_connection((host, peer.port),
                                         timeout=deadline.remaining())
     except socket.timeout:
         raise TransportError('%s: connect: %s expired'
-                             % (target.display, deadline.what))
+                             % (peer.display, deadline.what))
     except OSError as exc:
-        raise TransportError('%s: connect: %s' % (target.display,
+        raise TransportError('%s: connect: %s' % (peer.display,
                                                   exc.strerror or exc))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if proxy is not None and target.scheme == 'https':
+            open_tunnel(sock, target, deadline)
         if target.scheme == 'https' and not raw:
             sock.settimeout(deadline.remaining())
             sock = tls_context.wrap(sock, target, deadline)
@@ -842,11 +944,37 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     return sock
 
 
+def open_tunnel(sock, target, deadline):
+    """CONNECT through the target's proxy; TLS then runs end to end."""
+    proxy = target.proxy
+    lines = ['CONNECT %s HTTP/1.1' % target.host_header(),
+             'Host: %s' % target.host_header()]
+    if proxy.authorization:
+        lines.append('Proxy-Authorization: %s' % proxy.authorization)
+    send_all(sock, ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii'),
+             deadline)
+    try:
+        response = read_response_head(sock, deadline)
+    except TransportError as exc:
+        raise TransportError('%s: CONNECT %s: %s' % (
+            proxy.display, target.host_header(), exc))
+    if response.status // 100 == 2:
+        return
+    why = 'Status = [%d], Reason = [%s]' % (response.status, response.reason)
+    if response.status == 407:
+        why += ' (the proxy wants credentials: ProxyAuthType=basic, ' \
+            'ProxyUsername, ProxyPassword)'
+    error = TransportError if response.status in RETRY_STATUSES else \
+        PermanentTransportError
+    raise error('%s: CONNECT %s refused: %s' % (
+        proxy.display, target.host_header(), why))
+
+
 def build_request(method, target, query, content_length, job_id=None,
                   auth=False, extra=()):
     """The request head exactly as the original sends it (protocol.md 1.2);
-    extra (name, value) fields only for the upload extension."""
-    lines = ['%s %s%s%s HTTP/1.1' % (method, target.path,
+    extra (name, value) fields only for the upload extensions."""
+    lines = ['%s %s%s%s HTTP/1.1' % (method, request_target(target),
                                      '&' if '?' in target.path else '?', query),
              'Host: %s' % target.host_header(),
              'Content-Type: application/octet-stream',
@@ -856,8 +984,23 @@ def build_request(method, target, query, content_length, job_id=None,
     if job_id:
         lines.append('Job-Id: %s' % job_id)
     lines.extend('%s: %s' % pair for pair in extra)
+    add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+
+
+def request_target(target):
+    """The path, or through a proxy (plain http) the absolute URL."""
+    if target.proxy is not None and target.scheme == 'http':
+        return 'http://%s%s' % (target.host_header(), target.path)
+    return target.path
+
+
+def add_proxy_authorization(lines, target):
+    """A plain-http request through a proxy carries its credentials."""
+    proxy = target.proxy
+    if proxy is not None and target.scheme == 'http' and proxy.authorization:
+        lines.append('Proxy-Authorization: %s' % proxy.authorization)
 
 
 def authorization_field(target):
@@ -887,11 +1030,21 @@ def send_all(sock, data, deadline):
 
 def send_file(sock, path, size, deadline, offset=0):
     """Stream exactly size bytes of a file from offset, in 1 MiB blocks, no
-    copy held."""
+    copy held.
+
+    A plain socket uses sendfile (no copy through Python).  On a TLS socket
+    sendfile falls back to 8 KiB writes, a third slower than curl for a
+    large upload, so there each 1 MiB block is read into one buffer and
+    handed to OpenSSL whole (it cuts the 16 KiB records itself).
+    """
     import socket  # late import: start-up time
     sent = 0
     with open(path, 'rb') as handle:
         try:
+            if hasattr(sock, 'cipher'):         # an ssl.SSLSocket
+                handle.seek(offset)
+                send_file_blocks(sock, handle, path, size, deadline)
+                return
             while sent < size:
                 sock.settimeout(deadline.remaining())
                 count = sock.sendfile(handle, offset + sent,
@@ -904,6 +1057,20 @@ def send_file(sock, path, size, deadline, offset=0):
                                  % (deadline.what, deadline.seconds))
         except OSError as exc:
             raise TransportError('send: %s' % (exc.strerror or exc))
+
+
+def send_file_blocks(sock, handle, path, size, deadline):
+    """send_file over TLS: readinto one reused buffer, sendall each block."""
+    buf = bytearray(min(size, BLOCK_SIZE) or 1)
+    view = memoryview(buf)
+    sent = 0
+    while sent < size:
+        count = handle.readinto(view[:min(len(buf), size - sent)])
+        if not count:
+            raise TransportError('%s: file shrank during upload' % path)
+        sock.settimeout(deadline.remaining())
+        sock.sendall(view[:count])
+        sent += count
 
 
 def read_response_head(sock, deadline):
@@ -1163,14 +1330,14 @@ def replace_file(path, data, mode=0o644):
 
 
 def http_exchange(method, target, query, deadline, tls_context=None,
-                  auth=False, job_id=None, body_files=()):
+                  auth=False, job_id=None, body_files=(), headers=()):
     """Send one request (body streamed from (path, size) files); return the
     response with its head read and the body still on the socket."""
     size = sum(length for path, length in body_files)
     sock = open_connection(target, deadline, tls_context)
     try:
         send_all(sock, build_request(method, target, query, size, job_id,
-                                     auth), deadline)
+                                     auth, headers), deadline)
         for path, length in body_files:
             if length:
                 send_file(sock, path, length, deadline)
@@ -1936,8 +2103,13 @@ class TLSContext(object):
                                                 reason)
             else:
                 reason = explain_refusal(self.values, reason)
-            raise TransportError('%s: TLS handshake failed: %s'
-                                 % (target.display, reason))
+            # A connection cut mid-handshake may work next time; a refusal
+            # of certificates or protocol will not.
+            error = TransportError if isinstance(exc, (
+                ssl.SSLEOFError, ssl.SSLZeroReturnError)) else \
+                PermanentTransportError
+            raise error('%s: TLS handshake failed: %s'
+                        % (target.display, reason))
         except OSError as exc:
             raise TransportError('%s: TLS handshake failed: %s'
                                  % (target.display, exc.strerror or exc))
@@ -2138,23 +2310,24 @@ def check_peer(tls, values, probed_depth):
     """Apply SSLExpectedPeerCN (exact, case-sensitive) and SSLMaxChainLength."""
     der = tls.getpeercert(binary_form=True)
     if not der:
-        raise TransportError('the server presented no certificate')
+        raise PermanentTransportError('the server presented no '
+                                      'certificate')
     info = tls.getpeercert()
     common_names = [value for rdn in info.get('subject', ())
                     for key, value in rdn if key == 'commonName']
     expected = values['SSLExpectedPeerCN']
     if common_names != [expected]:
-        raise TransportError('peer certificate CN [%s] does not match '
-                             'SSLExpectedPeerCN [%s]'
-                             % (','.join(common_names) or '-', expected))
+        raise PermanentTransportError(
+            'peer certificate CN [%s] does not match SSLExpectedPeerCN [%s]'
+            % (','.join(common_names) or '-', expected))
     depth = verified_chain_depth(tls)
     if depth is None:  # no chain API and no probe result: unprovable
         depth = probed_depth if probed_depth is not None else 1 << 30
     limit = values['SSLMaxChainLength']
     if depth > limit:
-        raise TransportError('certificate chain has %d CA certificate(s) above '
-                             'the server; SSLMaxChainLength is %d'
-                             % (depth, limit))
+        raise PermanentTransportError(
+            'certificate chain has %d CA certificate(s) above the server; '
+            'SSLMaxChainLength is %d' % (depth, limit))
 
 
 def verified_chain_depth(tls):
@@ -3271,8 +3444,10 @@ class Job(object):
 
 def make_target(values, control):
     """A Target for URLGetURL or URLPutURL with URLUsername/URLPassword."""
-    return Target(values[control], values['URLUsername'],
-                  values['URLPassword'])
+    target = Target(values[control], values['URLUsername'],
+                    values['URLPassword'])
+    target.proxy = choose_proxy(values, target)
+    return target
 
 
 def create_exclusive(path, mode=0o600):
@@ -3609,7 +3784,12 @@ def write_env_file(job):
 
 
 def run_put_stage(job):
-    """Upload out, err and env in one PUT, streamed, with the Job-Id."""
+    """Upload out, err and env in one PUT, streamed, with the Job-Id.
+
+    The files stay until the server has confirmed them: a .kept marker is
+    written before the first attempt and removed on a 2xx answer, so a
+    failed or interrupted upload can be sent again with --resend.
+    """
     values = job.values
     job.put_epoch = job.clock()
     deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
@@ -3624,35 +3804,255 @@ def run_put_stage(job):
         write_env_file(job)
         files = [(job.output_path(s), os.stat(job.output_path(s)).st_size)
                  for s in ('out', 'err', 'env')]
+        kept = KeptGroup.create(job)
     except OSError as exc:
         raise PutStageError('%s: %s' % (exc.filename, exc.strerror or exc))
+    try:
+        put_group(job, kept, files, deadline)
+    except PutStageError as exc:
+        raise PutStageError('%s; %s' % (exc, kept.describe()))
+    finally:
+        kept.release()
+
+
+# INFO: delivery.  One PUT attempt (put_once) is the unit every upload is
+# made of; retry_put repeats an attempt on transient failures inside
+# PutTimeLimit.  A retried or re-sent upload names itself in the
+# WebJob-Upload-Id header (the GET's Job-Id, else make_upload_id), the same
+# for every attempt and for --resend, so that the server can recognise a
+# re-send of the same bytes (answer 253) instead of storing a second group.
+
+KEPT_SUFFIX = 'kept'
+UPLOAD_ID_HEADER = 'WebJob-Upload-Id'
+UPLOAD_ID_SEPARATOR = '.'       # never in a server-made id (ServerId_...)
+
+
+def make_upload_id(values, epoch, nonce):
+    """An upload's identity when the GET gave no Job-Id: ClientId.epoch.nonce,
+    never equal to a server-made id."""
+    return UPLOAD_ID_SEPARATOR.join((values['ClientId'], '%d' % epoch, nonce))
+
+
+class KeptGroup(object):
+    """The .kept marker of one output group, locked while it is sent.
+
+    Key=Value lines: what a later --resend needs to send the group with the
+    same identity (JobId, UploadId, Filename, ClientId, RunType).
+    """
+
+    def __init__(self, stem, fields, fd=None):
+        self.stem = stem            # .../webjob_<epoch>_<nonce>
+        self.fields = fields
+        self.fd = fd
+
+    @classmethod
+    def create(cls, job):
+        """Write and lock the marker of a job's outputs."""
+        values = job.values
+        upload_id = job.job_id or make_upload_id(values, job.epoch, job.nonce)
+        fields = [('JobId', job.job_id or ''), ('UploadId', upload_id),
+                  ('Filename', job.program),
+                  ('ClientId', values['ClientId']),
+                  ('RunType', values['RunType'])]
+        path = job.output_path(KEPT_SUFFIX)
+        fd = create_exclusive(path)
+        try:
+            write_all(fd, ''.join('%s=%s\n' % pair for pair in fields)
+                      .encode('utf-8', 'surrogateescape'))
+            lock_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path[:-len(KEPT_SUFFIX) - 1], dict(fields), fd)
+
+    @classmethod
+    def open(cls, path):
+        """Lock an existing marker; None when another process holds it."""
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, 'O_NOFOLLOW', 0))
+        except OSError:
+            return None
+        try:
+            if not lock_file(fd, wait=False):
+                os.close(fd)
+                return None
+            with open(path, 'rb') as handle:
+                text = handle.read(MAX_CONFIG_SIZE).decode('utf-8',
+                                                           'surrogateescape')
+        except BaseException:
+            os.close(fd)
+            raise
+        info = os.fstat(fd)
+        if info.st_nlink == 0:      # confirmed and removed while we waited
+            os.close(fd)
+            return None
+        fields = {}
+        for line in text.splitlines():
+            key, equals, value = line.partition('=')
+            if equals:
+                fields[key] = value
+        return cls(path[:-len(KEPT_SUFFIX) - 1], fields, fd)
+
+    def path(self, suffix):
+        return '%s.%s' % (self.stem, suffix)
+
+    def describe(self):
+        """Where the unconfirmed output is, for the failure message."""
+        folder, stem = os.path.split(self.stem)
+        return 'the output files are kept in %s: %s (not confirmed by the ' \
+            'server; send them with webjob.py --resend -f CONFIG)' % (
+                folder, ' '.join('%s.%s' % (stem, suffix) for suffix in
+                                 ('out', 'err', 'env')))
+
+    def confirm(self, unlink_output):
+        """The server has it: drop the marker, and with UnlinkOutput the
+        files themselves."""
+        remove_quietly(self.path(KEPT_SUFFIX))
+        if unlink_output:
+            for suffix in ('out', 'err', 'env'):
+                remove_quietly(self.path(suffix))
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_file(fd, wait=True):
+    """An exclusive flock on fd; False when wait=False and it is held."""
+    import fcntl  # late import: PUT stage only
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def put_group(job, kept, files, deadline, resend=False):
+    """PUT one output group (with retries); on a 2xx answer confirm it.
+
+    The upload names itself (WebJob-Upload-Id) when it may be sent more
+    than once: with PutRetryCount set, and always from --resend.
+    """
+    values = job.values
+    fields = kept.fields
     target = make_target(values, 'URLPutURL')
-    query = build_query(job.base_query(job.program) + [
+    query = build_query([
+        ('VERSION', version_string()), ('SYSTEM', system_string()),
+        ('CLIENTID', fields.get('ClientId') or values['ClientId']),
+        ('FILENAME', fields.get('Filename') or job.program),
+        ('RUNTYPE', fields.get('RunType') or values['RunType']),
         ('STDOUT_LENGTH', files[0][1]), ('STDERR_LENGTH', files[1][1]),
         ('STDENV_LENGTH', files[2][1])])
-    try:
+    job_id = fields.get('JobId') or None
+    upload_id = fields.get('UploadId')
+    headers = ((UPLOAD_ID_HEADER, upload_id),) if upload_id and (
+        resend or values['PutRetryCount']) else ()
+
+    def attempt(attempt_deadline):
         response = None
         if values['UploadMode'] != 'put' and job.stream is not False:
-            response = put_resumable(job, target, query, files, deadline)
+            response = put_resumable(job, target, query, files,
+                                     attempt_deadline)
         if response is None:
-            response = http_exchange('PUT', target, query, deadline,
-                                     job.tls_for(target),
-                                     auth=values['URLAuthType'] == 'basic',
-                                     job_id=job.job_id, body_files=files)
+            response = put_once(job, target, query, files, attempt_deadline,
+                                job_id, headers)
+        return response
+    retry_put(job, target, attempt, deadline)
+    kept.confirm(values['UnlinkOutput'])
+
+
+def put_once(job, target, query, files, deadline, job_id, headers=()):
+    """One PUT attempt: the request head, then the (path, size) files as
+    one body.  Returns the Response, its head read (the caller closes it);
+    raises TransportError."""
+    return http_exchange('PUT', target, query, deadline, job.tls_for(target),
+                         auth=job.values['URLAuthType'] == 'basic',
+                         job_id=job_id, body_files=files, headers=headers)
+
+
+class AttemptDeadline(object):
+    """One attempt's timer: what is left of the stage's, and with
+    PutStallTimeLimit at most that long for any one send or receive."""
+
+    def __init__(self, deadline, stall):
+        self.deadline = deadline
+        self.stall = stall
+        self.what, self.seconds = deadline.what, deadline.seconds
+
+    def remaining(self):
+        left = self.deadline.remaining()
+        if self.stall and (left is None or self.stall < left):
+            self.what, self.seconds = 'PutStallTimeLimit', self.stall
+            return self.stall
+        self.what, self.seconds = self.deadline.what, self.deadline.seconds
+        return left
+
+
+def retry_put(job, target, attempt, deadline):
+    """Run attempt(deadline) until the server answers 2xx; return that
+    Response.
+
+    Connection failures, timeouts and RETRY_STATUSES answers are retried
+    up to PutRetryCount times, after PutRetryDelay seconds doubled on each
+    retry (at most PutRetryMaxDelay), each wait drawn at random from its
+    upper half so a fleet does not come back in step.  A retry whose wait
+    would end after PutTimeLimit is not started.
+
+    :raises PutStageError: with the last failure.
+    """
+    values = job.values
+    attempts = values['PutRetryCount'] + 1
+    for number in range(1, attempts + 1):
         try:
-            if not response.ok:
-                raise PutStageError(describe_status(
-                    response, target.display, values['URLAuthType'] == 'basic',
-                    deadline))
-        finally:
-            response.close()
-    except TransportError as exc:
-        raise PutStageError(str(exc))
-    except OSError as exc:
-        raise PutStageError('%s' % (exc.strerror or exc))
-    if 'content-length' not in response.fields:
-        raise PutStageError("%s: the server's response did not include a "
-                            'Content-Length' % target.display)
+            response = attempt(AttemptDeadline(deadline,
+                                               values['PutStallTimeLimit']))
+        except TransportError as exc:
+            failure, final = str(exc), exc.permanent
+        except OSError as exc:
+            failure, final = exc.strerror or str(exc), False
+        else:
+            try:
+                if response.ok:
+                    if 'content-length' not in response.fields:
+                        raise PutStageError("%s: the server's response did "
+                                            'not include a Content-Length'
+                                            % target.display)
+                    return response
+                failure = describe_status(response, target.display,
+                                          values['URLAuthType'] == 'basic',
+                                          deadline)
+            finally:
+                response.close()
+            final = response.status not in RETRY_STATUSES
+        if final or number == attempts:
+            raise PutStageError(failure)
+        wait = backoff_delay(values, number)
+        try:
+            left = deadline.remaining()
+        except TransportError:
+            left = 0
+        if left is not None and wait >= left:
+            raise PutStageError('%s; PutTimeLimit (%d s) leaves no time for '
+                                'attempt %d' % (failure, deadline.seconds,
+                                                number + 1))
+        write_stderr('PutStage: attempt %d of %d failed: %s; retrying in '
+                     '%.1f s' % (number, attempts, failure, wait))
+        sleep_for(wait)
+
+
+def backoff_delay(values, number):
+    """Seconds to wait after failed attempt number (1, 2, ...)."""
+    import random  # late import: retries only
+    ceiling = min(values['PutRetryMaxDelay'],
+                  values['PutRetryDelay'] * 2 ** min(number - 1, 32))
+    return ceiling / 2.0 + random.random() * ceiling / 2.0
+
+
+def sleep_for(seconds):
+    import time  # late import: retries only
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 ###############################################################################
@@ -3673,8 +4073,9 @@ def configure_job(values, program, options):
                                           'name in the URL or URLUsername'
                                           % control)
     for control in ('URLGetURL', 'URLPutURL'):
-        if values[control] and values[control].startswith('https:'):
-            job.tls_for(make_target(values, control))
+        if values[control]:
+            target = make_target(values, control)   # checks the proxy too
+            job.tls_for(target)
     if values['DsvVerifySignature']:
         job.dsv_keys = load_dsv_keys(values['DsvCertificateTree'])
     return job
@@ -3722,6 +4123,14 @@ def run_stages(job):
     except GetStageError as exc:
         job.get_error = str(exc)
         failures.append(exc)
+    if not failures and capture and values['PutLinkTest']:
+        try:
+            run_link_test(job)
+        except PutStageError as exc:
+            write_stderr('%s: linktest: %s; %s was not run' % (
+                exc.stage, exc, job.program))
+            remove_executables(job)
+            return exc.exit_code
     if not failures:
         try:
             job.stage = 'RunStage'
@@ -3736,8 +4145,7 @@ def run_stages(job):
             run_put_stage(job)
             put_ok = True
         except PutStageError as exc:
-            failures.append(PutStageError('%s; %s'
-                                          % (exc, describe_kept(job))))
+            failures.append(exc)
     remove_executables(job)
     if values['UnlinkOutput'] and put_ok:
         for path in job.outputs:
@@ -3793,6 +4201,23 @@ def stop_job(job, exc):
     return XER_ABORT
 
 
+def run_link_test(job):
+    """PutLinkTest: a zero-length PUT with RUNTYPE=linktest (the original
+    server discards it and answers 251) before anything is collected, so
+    a wrong URL or credential is found while the program can still wait."""
+    values = job.values
+    deadline = Deadline(values['PutTimeLimit'], 'PutTimeLimit')
+    target = make_target(values, 'URLPutURL')
+    query = build_query(job.base_query(job.program)[:4] + [
+        ('RUNTYPE', 'linktest'), ('STDOUT_LENGTH', 0), ('STDERR_LENGTH', 0),
+        ('STDENV_LENGTH', 0)])
+
+    def attempt(attempt_deadline):
+        return put_once(job, target, query, (), attempt_deadline,
+                        job.job_id)
+    retry_put(job, target, attempt, deadline)
+
+
 def hashsum_mode(hash_type, path, stdin=None, stdout=None):
     """-h: print the lower-case hex digest of a file or standard input."""
     name = hash_type.upper()
@@ -3844,6 +4269,7 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
                             'with scheme http or https' % redact_url(url))
     remember_secret(parts[2])
     target = Target(url, values['URLUsername'], values['URLPassword'])
+    target.proxy = choose_proxy(values, target)
     deadline = Deadline(values['GetTimeLimit'], 'GetTimeLimit')
     tls = TLSContext(values) if target.scheme == 'https' else None
     out = stdout if stdout is not None else sys.stdout.buffer
@@ -3868,6 +4294,49 @@ def get_url_mode(config_spec, url, stdin=None, stdout=None):
     except OSError as exc:          # socket errors are TransportErrors
         raise GetStageError('stdout: %s' % (exc.strerror or exc))
     return XER_OK
+
+
+def resend_mode(config_spec, stdin=None):
+    """--resend: PUT every kept (unconfirmed) output group in TempDirectory
+    again, oldest first, each once, with the identity it was first sent
+    with; from cron, once the network is back.  Groups another webjob is
+    sending right now are skipped.  Returns XER_OK when every group was
+    confirmed (or there was none), else XER_PUT_STAGE."""
+    values = read_config(config_spec, CLIENT_CONTROLS, stdin)
+    check_required(values, ('ClientId', 'URLPutURL'), CLIENT_REQUIRED_WHEN)
+    job = configure_job(dict(values, URLGetURL=values['URLGetURL'] or
+                             values['URLPutURL']), '-', ())
+    failed = 0
+    for path in list_kept_groups(job.temp_dir):
+        kept = KeptGroup.open(path)
+        if kept is None:
+            continue
+        try:
+            files = [(kept.path(s), os.stat(kept.path(s)).st_size)
+                     for s in ('out', 'err', 'env')]
+            put_group(job, kept, files, Deadline(values['PutTimeLimit'],
+                                                 'PutTimeLimit'), resend=True)
+        except OSError as exc:
+            write_stderr('PutStage: %s: %s; %s' % (exc.filename, exc.strerror
+                                                   or exc, kept.describe()))
+            failed += 1
+        except PutStageError as exc:
+            write_stderr('PutStage: %s; %s' % (exc, kept.describe()))
+            failed += 1
+        finally:
+            kept.release()
+    return XER_PUT_STAGE if failed else XER_OK
+
+
+def list_kept_groups(folder):
+    """The .kept markers of a TempDirectory, oldest job first."""
+    found = []
+    for name in os.listdir(folder):
+        parts = name.split('_')
+        if len(parts) == 3 and parts[0] == 'webjob' and \
+                parts[2].endswith('.' + KEPT_SUFFIX) and is_digits(parts[1]):
+            found.append((int(parts[1]), name))
+    return [os.path.join(folder, name) for epoch, name in sorted(found)]
 
 
 def pad_make_mode(path, output=None, stdout=None):
@@ -3899,12 +4368,13 @@ def pad_make_mode(path, output=None, stdout=None):
 
 def build_plain_get(target, values):
     """A GET of the URL as given: no WebJob query is added."""
-    lines = ['GET %s HTTP/1.1' % target.path,
+    lines = ['GET %s HTTP/1.1' % request_target(target),
              'Host: %s' % target.host_header(),
              'Content-Type: application/octet-stream',
              'Content-Length: 0']
     if values['URLAuthType'] == 'basic':
         lines.append(authorization_field(target))
+    add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
 
@@ -4118,6 +4588,13 @@ def parse_args(argv):
         return 'get-url', (config, url)
     if mode == '--dsvtool':
         return 'dsvtool', ()
+    if mode == '--resend':
+        if take(argv, 1, '-f|--file') not in ('-f', '--file'):
+            raise UsageError('expected -f|--file after %s' % mode)
+        config = take(argv, 2, 'config file')
+        if len(argv) > 3:
+            raise UsageError('unexpected argument [%s]' % argv[3])
+        return 'resend', (config,)
     if mode == '--pad-make-script':
         path = take(argv, 1, 'file')
         output = None
@@ -4166,6 +4643,8 @@ def dispatch(mode, arguments):
         return get_url_mode(*arguments)
     if mode == 'pad-make-script':
         return pad_make_mode(*arguments)
+    if mode == 'resend':
+        return resend_mode(*arguments)
     if mode == 'dsvtool':
         raise DependencyError(DSVTOOL_MOVED)
     if mode == 'help':
