@@ -171,11 +171,14 @@ def run_timed(bench, argv):
 
 
 def time_commands(bench, commands, runs=None):
-    """{label: [seconds, ...]}: hyperfine -N runs the (label, argv) commands
-    in plan['rounds'] alternating rounds, after one warm-up each."""
+    """({label: [wall seconds, ...]}, {label: mean CPU seconds}): hyperfine
+    -N runs the (label, argv) commands in plan['rounds'] alternating rounds,
+    after one warm-up each.  CPU (user + system) drifts less than wall time
+    on a loaded machine, so the notes give both."""
     runs = runs or bench.plan['runs']
     per_round = max(2, -(-runs // bench.plan['rounds']))
     times = dict((label, []) for label, argv in commands)
+    cpu = dict((label, []) for label, argv in commands)
     out = os.path.join(bench.workspace, 'hyperfine.json')
     for _ in range(bench.plan['rounds']):
         argv = ['hyperfine', '-N', '--style', 'none', '--warmup', '1',
@@ -186,7 +189,9 @@ def time_commands(bench, commands, runs=None):
         with open(out) as handle:
             for result in json.load(handle)['results']:
                 times[result['command']].extend(result['times'])
-    return times
+                cpu[result['command']].append(result['user'] +
+                                              result['system'])
+    return times, dict((label, median(found)) for label, found in cpu.items())
 
 
 def time_alternately(bench, commands, count):
@@ -476,15 +481,24 @@ def tiny_job_argv(bench, python, config='job'):
                                          bench.configs[config], 'tiny.sh']
 
 
+def set_time_ratio(bench, key, timed, top, bottom, note):
+    """key = median wall time of command top / of command bottom; note gets
+    both in ms, then the same ratio in CPU time."""
+    times, cpu = timed
+    a, b = median(times[top]), median(times[bottom])
+    bench.set_figure(key, a / b, note % (a * 1e3, b * 1e3) + (
+        '; CPU %.1f / %.1f ms = %.2fx' % (cpu[top] * 1e3, cpu[bottom] * 1e3,
+                                          cpu[top] / cpu[bottom])))
+
+
 def measure_startup(bench, key, python):
     """webjob.py -v against the bare interpreter, same flags."""
     argv = python_argv(bench, python)
-    times = time_commands(bench, [('bare', argv + ['-c', 'pass']),
+    timed = time_commands(bench, [('bare', argv + ['-c', 'pass']),
                                   ('webjob -v', argv + [WEBJOB, '-v'])])
-    top, bottom = median(times['webjob -v']), median(times['bare'])
-    bench.set_figure(key, top / bottom, 'webjob.py -v %.1f ms / python %s -c '
-                     'pass %.1f ms' % (top * 1e3, ' '.join(bench.flags),
-                                       bottom * 1e3))
+    set_time_ratio(bench, key, timed, 'webjob -v', 'bare', 'webjob.py -v '
+                   '%%.1f ms / python %s -c pass %%.1f ms' % ' '.join(
+                       bench.flags))
 
 
 def measure_tiny_job(bench, key, python):
@@ -494,12 +508,11 @@ def measure_tiny_job(bench, key, python):
              job_url(base, 'tiny.sh'), os.path.join(work, 'tiny.out'),
              os.path.join(work, 'tiny.err'),
              job_url(base, 'tiny.sh', (len(TINY_OUTPUT), 0, 0))]
-    times = time_commands(bench, [('webjob', tiny_job_argv(bench, python)),
+    timed = time_commands(bench, [('webjob', tiny_job_argv(bench, python)),
                                   ('shell', shell)])
     clear_folder(os.path.join(bench.server.root, 'incoming'))
-    top, bottom = median(times['webjob']), median(times['shell'])
-    bench.set_figure(key, top / bottom, 'webjob.py -e %.1f ms / curl -o, sh, '
-                     'curl -T %.1f ms' % (top * 1e3, bottom * 1e3))
+    set_time_ratio(bench, key, timed, 'webjob', 'shell', 'webjob.py -e %.1f '
+                   'ms / curl -o, sh, curl -T %.1f ms')
 
 
 def measure_tiny_job_split(bench, key, python):
@@ -515,14 +528,16 @@ def measure_tiny_job_split(bench, key, python):
              ('config, GET, RUN (no PUT)',
               tiny_job_argv(bench, python, 'noput')),
              ('PUT', tiny_job_argv(bench, python))]
-    times = time_commands(bench, steps)
+    times, cpu = time_commands(bench, steps)
     clear_folder(os.path.join(bench.server.root, 'incoming'))
-    split, before = [], 0.0
+    split, wall_before, cpu_before = [['(ms)', 'wall', 'CPU']], 0.0, 0.0
     for label, command in steps:
-        total = median(times[label])
-        split.append([label, round((total - before) * 1e3, 2)])
-        before = total
-    split.append(['whole job', round(before * 1e3, 2)])
+        wall = median(times[label])
+        split.append([label, round((wall - wall_before) * 1e3, 2),
+                      round((cpu[label] - cpu_before) * 1e3, 2)])
+        wall_before, cpu_before = wall, cpu[label]
+    split.append(['whole job', round(wall_before * 1e3, 2),
+                  round(cpu_before * 1e3, 2)])
     if tuple(map(int, bench.versions[python].split('.')[:2])) >= (3, 7):
         split += top_imports(bench, tiny_job_argv(bench, python))
     bench.set_split(key, split)
@@ -876,13 +891,12 @@ def measure_cgi_import(bench, key, python):
         sizes.append('%s %d KiB' % (name.split('.')[0], os.path.getsize(
             os.path.join(lib, '__pycache__', name)) // 1024))
     argv = python_argv(bench, python)
-    times = time_commands(bench, [('bare', argv + ['-c', 'pass']), (
+    timed = time_commands(bench, [('bare', argv + ['-c', 'pass']), (
         'import', argv + ['-c', 'import sys; sys.path.insert(0, %r); '
                           'import nph_webjob' % lib])])
-    top, bottom = median(times['import']), median(times['bare'])
-    bench.set_figure(key, top / bottom, 'import nph_webjob from byte code '
-                     '%.1f ms / python -c pass %.1f ms (%s)' % (
-                         top * 1e3, bottom * 1e3, ', '.join(sizes)))
+    set_time_ratio(bench, key, timed, 'import', 'bare', 'import nph_webjob '
+                   'from byte code %%.1f ms / python -c pass %%.1f ms (%s)'
+                   % ', '.join(sizes))
 
 
 def start_queue_server(bench, name):
@@ -1334,8 +1348,10 @@ def format_table(bench, report):
             bench.notes.get(key) or bench.errors.get(key) or
             bench.skipped.get(key) or ''))
     for key, rows in sorted(bench.splits.items()):
-        lines += ['', '%s (ms):' % key]
-        lines += ['  %-44s %8.2f' % (label, ms) for label, ms in rows]
+        lines += ['', '%s:' % key]
+        lines += ['  %-44s' % row[0] + ''.join('%9s' % (
+            '%.2f' % cell if isinstance(cell, float) else cell)
+            for cell in row[1:]) for row in rows]
     if report['missed']:
         lines.append('\ngoals missed: ' + ', '.join(report['missed']))
     return '\n'.join(lines) + '\n'

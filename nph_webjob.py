@@ -466,10 +466,8 @@ def override_exists(path):
 
 def merge_override(values, path):
     """Apply one override file to values (a copy); return it."""
-    table = webjob.build_control_table(SERVER_CONTROLS)
-    found, where = {}, {}
     try:
-        webjob.read_config_file(path, table, found, where, None, ())
+        found, where = webjob.read_override_file(path, SERVER_CONTROLS)
     except webjob.PropertiesError as exc:
         raise HTTPStatusError(550, 'Override: %s' % exc)
     for name in sorted(found):
@@ -670,18 +668,11 @@ def sha256_hex(data):
 
 
 def hash_file(path, names):
-    """{name: hex} of a file in one streamed pass; hashlib names as in
-    HASH_NAMES."""
-    import hashlib  # late import: tools only
-    digests = [(name, hashlib.new(name.lower())) for name in names]
-    with open(path, 'rb') as handle:
-        while True:
-            chunk = handle.read(BLOCK_SIZE)
-            if not chunk:
-                break
-            for name, digest in digests:
-                digest.update(chunk)
-    return dict((name, digest.hexdigest()) for name, digest in digests)
+    """{name: hex} of a file in one streamed pass (webjob's block hashing);
+    names as in HASH_NAMES."""
+    with open(path, 'rb', buffering=0) as handle:
+        found = webjob.hash_stream_all(handle, [name.lower() for name in names])
+    return dict((name, found[name.lower()].hex()) for name in names)
 
 
 def read_key_values(path, limit=MAX_ENV_SCAN):
@@ -940,7 +931,7 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
             manifest.append((sha256_hex(record), group + '.rdy'))
         seal_group(temps, made, lock, lock_fd, record)
         made = []               # INFO: committed from here on; keep it all
-        fsync_folder(incoming)
+        webjob.fsync_folder(incoming)
         if manifest and not append_log(site.manifest_path, ''.join(
                 '%s  %s\n' % pair for pair in manifest)):
             note += '; manifest (%s) not written' % MANIFEST_NAME
@@ -989,19 +980,6 @@ def seal_group(temps, made, lock, lock_fd, record):
     except OSError as exc:
         raise HTTPStatusError(500, 'Storage: cannot rename %s to .rdy (%s)'
                               % (os.path.basename(lock), exc.strerror or exc))
-
-
-def fsync_folder(path):
-    """Make renames in a folder durable (after .rdy, the commit point)."""
-    import errno  # late import: start-up time
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:   # EINVAL: this file system cannot
-            raise
-    finally:
-        os.close(fd)
 
 
 ###############################################################################
@@ -1159,11 +1137,11 @@ def start_trigger(site, fields, command):
         'command': command, 'fields': list(fields), 'incoming': site.incoming,
         'log': site.trigger_log_path,
         'values': dict((name, site.values[name]) for name in TRIGGER_VALUES)})
-    proc = subprocess.Popen(
+    proc = webjob.spawn(
         [sys.executable, '-I', '-S', os.path.realpath(__file__),
          SUPERVISE_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, cwd=site.incoming,
-        env=supervisor_environment(), start_new_session=True)
+        env=supervisor_environment())
     try:
         proc.communicate(order.encode('utf-8'), timeout=SUPERVISOR_START_LIMIT)
     except subprocess.TimeoutExpired:
@@ -1430,24 +1408,6 @@ def make_queue_folder(path):
         os.chown(path, owner.st_uid, owner.st_gid)
 
 
-def write_whole(path, data):
-    """Replace path by data: temporary name, fsync, rename, folder fsync."""
-    folder, name = os.path.split(path)
-    temp = os.path.join(folder, '.%s.%d.tmp' % (name, os.getpid()))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_NOFOLLOW,
-                 0o644)
-    try:
-        webjob.write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(temp)
-        raise
-    os.close(fd)
-    os.rename(temp, path)
-    fsync_folder(folder)
-
-
 def format_entry(entry):
     """An entry's Key=Value lines, ENTRY_KEYS first, one line each."""
     keys = list(ENTRY_KEYS) + sorted(set(entry) - set(ENTRY_KEYS))
@@ -1471,7 +1431,7 @@ def read_entries(folder):
 
 
 def save_entry(folder, entry):
-    write_whole(os.path.join(folder, entry['Entry'] + ENTRY_EXTENSION),
+    webjob.replace_file(os.path.join(folder, entry['Entry'] + ENTRY_EXTENSION),
                 format_entry(entry))
 
 
@@ -1880,6 +1840,7 @@ def run_get_hook(site, exchange, path, shown):
 
     :raises HTTPStatusError: 457 when the hook fails or runs out of time.
     """
+    import signal  # late import: GetHook only
     import subprocess  # late import: GetHook only
     import tempfile  # late import: GetHook only
     values = site.values
@@ -1889,18 +1850,15 @@ def run_get_hook(site, exchange, path, shown):
     output = tempfile.TemporaryFile()
     errors = tempfile.TemporaryFile()
     try:
-        proc = subprocess.Popen(
+        proc = webjob.spawn(
             ['/bin/sh', '-c', command], stdin=subprocess.DEVNULL,
             stdout=output, stderr=errors, cwd=os.path.dirname(path),
-            env=command_environment(), close_fds=True, start_new_session=True)
-        try:
-            status = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            kill_group(proc.pid)
-            proc.wait()
+            env=command_environment())
+        if webjob.wait_with_deadline(proc, limit, signal.SIGKILL):
             raise HTTPStatusError(457, 'GetHook for %s killed when '
                                   'GetHookTimeLimit (%d s) expired'
                                   % (shown, limit))
+        status = proc.returncode
         if status != 0:
             errors.seek(0)
             why = first_line(errors.read(MAX_STDERR_LINE))
@@ -2334,7 +2292,7 @@ class Partial(object):
         import time  # late import: start-up time
         if not os.path.isdir(self.folder):
             os.makedirs(self.folder, 0o700, exist_ok=True)
-            fsync_folder(self.root)
+            webjob.fsync_folder(self.root)
         self.lock_fd = os.open(self.path(PARTIAL_LOCK), os.O_WRONLY |
                                os.O_CREAT | _O_NOFOLLOW, 0o600)
         end = time.monotonic() + PARTIAL_LOCK_WAIT
@@ -2381,7 +2339,7 @@ class Partial(object):
         finally:
             os.close(fd)
         if new:
-            fsync_folder(self.folder)
+            webjob.fsync_folder(self.folder)
         if done != count:
             raise HTTPStatusError(456, 'Partial upload: %d of %d bytes '
                                   'received for %s (%s); %d held' % (
@@ -2682,7 +2640,7 @@ def commit_partial(site, exchange, partial, lengths):
             manifest.append((sha256_hex(record), group + '.rdy'))
         seal_group(temps, made, lock, lock_fd, record)
         made = []               # INFO: committed from here on; keep it all
-        fsync_folder(incoming)
+        webjob.fsync_folder(incoming)
         if manifest and not append_log(site.manifest_path, ''.join(
                 '%s  %s\n' % pair for pair in manifest)):
             note += '; manifest (%s) not written' % MANIFEST_NAME
@@ -2740,7 +2698,7 @@ def record_done(partial, group):
             os.unlink(partial.path(ext))
         except OSError:
             pass
-    fsync_folder(partial.folder)
+    webjob.fsync_folder(partial.folder)
 
 
 def expire_partials(site, root):
@@ -2952,19 +2910,9 @@ def install_cgi(path, config=None, force=False):
             CONFIG_VARIABLE, os.path.abspath(config))
     text = CGI_STUB % {'python': sys.executable, 'folder': _HERE,
                        'name': os.path.basename(path), 'config': config or ''}
-    temporary = '%s.%d.tmp' % (path, os.getpid())
     try:
-        with open(temporary, 'w') as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o755)
-        os.rename(temporary, path)
+        webjob.replace_file(path, text.encode('utf-8'), 0o755)
     except OSError as exc:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
         raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
     return 0
 
@@ -3095,7 +3043,7 @@ def sha_crypt(password, salt, rounds, algorithm):
 def _parse_rounds(text, name):
     """Return the rounds= value, clamped up to the spec's minimum."""
     digits = text[len('rounds='):]
-    if not digits or not set(digits) <= set('0123456789'):
+    if not webjob.is_digits(digits):
         raise UnsupportedHashError(name + ' (malformed rounds)')
     rounds = max(int(digits), SHACRYPT_ROUNDS_MIN)
     if rounds > SHACRYPT_ROUNDS_MAX:  # a stored hash must not stall the server
@@ -4776,9 +4724,9 @@ def start_hunt(base, options, out, now):
                       Clients='%d' % len(clients))
         if options.pin:         # INFO: each client's own, in its entry
             del fields['CommandSha256']
-        write_whole(record, format_entry(fields))
+        webjob.replace_file(record, format_entry(fields))
     made = queue_jobs(base, options, clients, now, hunt=name)
-    write_whole(os.path.join(folder, name + '.clients'), ''.join(
+    webjob.replace_file(os.path.join(folder, name + '.clients'), ''.join(
         '%s %s\n' % tuple(entry.split('/')) for entry in made).encode('ascii'))
     out.write('hunt %s: %s queued for %d clients%s%s\n' % (
         name, fields['CommandLine'], len(clients),
@@ -4824,7 +4772,8 @@ def hunt_rows(base, name, now, hand_out_limit):
         for line in handle:
             client_id, _, number = line.decode('ascii', 'replace').strip() \
                 .partition(' ')
-            if not (webjob.is_client_id(client_id) and number.isdigit()):
+            if not (webjob.is_client_id(client_id) and
+                    webjob.is_digits(number)):
                 continue
             entry_path = os.path.join(queue_folder(base, client_id),
                                       number + ENTRY_EXTENSION)
@@ -4916,7 +4865,7 @@ def cancel_entries(base, names, out, now):
     for name in names:
         client_id, slash, number = name.partition('/')
         if not (slash and webjob.is_client_id(client_id) and
-                number.isdigit() and len(number) == ENTRY_DIGITS):
+                webjob.is_digits(number) and len(number) == ENTRY_DIGITS):
             raise webjob.UsageError('job cancel: [%s]: expected CLIENT/NNNNNN'
                                     % webjob.one_line(name[:80]))
         folder = queue_folder(base, client_id)
@@ -5343,21 +5292,9 @@ def write_html_report(report, base, path):
     """report --html FILE: the page, written whole (temporary, fsync,
     rename) or not at all."""
     data = render_html(report, base).encode('utf-8')
-    temp = '%s.%d.tmp' % (path, os.getpid())
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW,
-                     0o644)
-        try:
-            webjob.write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
+        webjob.replace_file(path, data)
     except OSError as exc:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
         raise webjob.WebJobError('--html: %s: %s' % (path, exc.strerror))
 
 
@@ -6047,19 +5984,18 @@ def dsv_write_file(path, data, mode=0o644, replace=True):
     """Write ``data`` to ``path``: through a temporary name and a rename
     (``replace``), or created with O_EXCL, which never overwrites.
     """
-    target = '%s.%d.tmp' % (path, os.getpid()) if replace else path
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    if replace:
+        webjob.replace_file(path, data, mode)
+        return
+    fd = webjob.create_exclusive(path, mode)
     try:
-        with os.fdopen(fd, 'wb') as stream:
-            stream.write(data)
-        if replace:
-            os.replace(target, path)
+        webjob.write_all(fd, data)
+        os.fsync(fd)
     except BaseException:
-        try:
-            os.unlink(target)
-        except OSError:
-            pass
+        os.close(fd)
+        os.unlink(path)
         raise
+    os.close(fd)
 
 
 def dsvtool_parse_int(text, low, high, what):
@@ -6067,7 +6003,7 @@ def dsvtool_parse_int(text, low, high, what):
 
     :raises DsvUsageError: not a number, or out of range.
     """
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not webjob.is_digits(text) or not low <= int(text) <= high:
         raise DsvUsageError('%s must be a number from %d to %d'
                             % (what, low, high))
     return int(text)

@@ -1204,6 +1204,13 @@ def test_get_url_sends_basic_auth_from_the_config(tmp_path, scripted):
     assert scripted.requests[0].header('Authorization') == 'Basic YTpi'
 
 
+def test_get_url_sends_no_auth_without_urlauthtype_basic(scripted):
+    """As -e: credentials in the URL alone are not sent (URLAuthType=none)."""
+    result = run_webjob(['-g', 'http://a:b@127.0.0.1:%d/f' % scripted.port])
+    assert result.returncode == 0, result.stderr
+    assert scripted.requests[0].header('Authorization') is None
+
+
 def test_get_url_refuses_a_bad_url():
     assert_clean_error(run_webjob(['-g', 'ftp://x/y']), 4, 'url')
 

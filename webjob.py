@@ -21,6 +21,40 @@ import sys
 __version__ = '1.0.0'
 __license__ = 'BSD-3-Clause'
 
+#: The core nph_webjob.py may use (one implementation of each mechanism for
+#: both programs); everything else here is the client's own business.
+__all__ = [
+    # errors and exit codes (each class carries its XER code), messages
+    'XER_OK', 'XER_ABORT', 'XER_USAGE', 'XER_BOOTSTRAP',
+    'XER_PROCESS_ARGUMENTS', 'XER_READ_PROPERTIES', 'XER_CHECK_DEPENDENCIES',
+    'XER_CONFIGURE', 'XER_GET_STAGE', 'XER_RUN_STAGE', 'XER_PUT_STAGE',
+    'XER_MULTI_STAGE', 'WebJobError', 'UsageError', 'PropertiesError',
+    'write_stderr', 'one_line', 'PRINTABLE_ASCII',
+    # the config reader (override files: read_override_file), name checks,
+    # the URL splitter and redaction
+    'MAX_CONFIG_SIZE', 'build_control_table', 'read_config',
+    'read_override_file', 'is_digits', 'is_client_id',
+    'is_program_name', 'parse_url', 'split_host_port', 'redact_url',
+    # files: whole writes, write-to-temp-then-rename
+    'BLOCK_SIZE', 'write_all', 'create_exclusive', 'replace_file',
+    'fsync_folder',
+    # block hashing and process-group supervision
+    'hash_stream_all', 'hash_file', 'spawn', 'wait_with_deadline',
+    'kill_group',
+    # DSV: DER/PEM reading and verification (the signing tool builds on it)
+    'DsvError', 'DERError', 'PEMError', 'SignatureError', 'DER_NULL',
+    'OID_RSA_ENCRYPTION', 'OID_DSA', 'OID_COMMON_NAME', 'der_read_tlv',
+    'der_expect_end', 'der_read_expected', 'der_read_integer',
+    'der_read_integer_sequence', 'der_read_oid', 'der_read_bitstring',
+    'der_read_octetstring', 'der_read_algorithm', 'pem_decode_with_headers',
+    'pem_decode_all', 'x509_parse', 'x509_load_spkis', 'spki_parse',
+    'rsa_check_public', 'dsa_check_public', 'rsa_pkcs1v15_encode',
+    'verify_with_key', 'verify_signature', 'verify_payload_file',
+    'load_certificate_tree', 'dsv_read_small_file',
+    # TLS messages
+    'describe_ssl_error',
+]
+
 # INFO: only os and sys are imported at module level.  Every other module is
 # imported inside the function that needs it, because start-up time is paid
 # on every run from cron or across a fleet, and -v must stay near the floor.
@@ -589,6 +623,20 @@ def read_config_file(path, table, values, where, stdin, chain):
             raise PropertiesError('%s: %s = [%s]: %s' % (
                 here, name, shown_value(name, kind, value), exc))
         where[name] = here
+
+
+def read_override_file(path, controls):
+    """The controls one file (and its Imports) sets, and nothing else:
+    ({ControlName: value}, {ControlName: 'file:line'}).  For files that
+    change a few controls of a config already read (the server's
+    overrides), where a default must not look like a setting.
+
+    :raises PropertiesError: naming file, line and control.
+    """
+    found, where = {}, {}
+    read_config_file(path, build_control_table(controls), found, where, None,
+                     ())
+    return found, where
 
 
 SECRET_CONTROLS = ('URLPassword', 'SSLPassPhrase')
@@ -1239,6 +1287,46 @@ def write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def fsync_folder(path):
+    """Make the renames in a folder durable."""
+    import errno  # late import: start-up time
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # EINVAL: this file system cannot
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_file(path, data, mode=0o644):
+    """Write data to path whole or not at all: a new temporary name beside
+    it (unique, O_EXCL, never through a link), fsync, rename, fsync the
+    folder.  A reader sees the old file or the new one, never a part, and
+    a temporary left by a crash is never reused."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temp = os.path.join(folder, '.%s.%d.%s.tmp' % (name, os.getpid(),
+                                                   os.urandom(4).hex()))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                 getattr(os, 'O_NOFOLLOW', 0), mode)
+    try:
+        try:
+            write_all(fd, data)
+            os.fchmod(fd, mode)         # the umask must not narrow it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    fsync_folder(folder)
 
 
 def http_exchange(method, target, query, deadline, tls_context=None,
@@ -2398,22 +2486,24 @@ def chain_depth(sent, anchors):
 # Processes ###################################################################
 ###############################################################################
 
-def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False):
+def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False, stdin=None,
+          env=None):
     """Start a program in its own session, so its whole group can be killed.
 
     A script without a #! line is run by /bin/sh, as execvp(3) does.
     """
     import subprocess  # late import: start-up time
     try:
-        return subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=cwd,
-                                shell=shell, start_new_session=True,
-                                close_fds=True)
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout,
+                                stderr=stderr, cwd=cwd, env=env, shell=shell,
+                                start_new_session=True, close_fds=True)
     except OSError as exc:
         import errno  # late import: error path only
         if exc.errno != errno.ENOEXEC or shell:
             raise
-        return subprocess.Popen(['/bin/sh'] + list(argv), stdout=stdout,
-                                stderr=stderr, cwd=cwd, start_new_session=True,
+        return subprocess.Popen(['/bin/sh'] + list(argv), stdin=stdin,
+                                stdout=stdout, stderr=stderr, cwd=cwd,
+                                env=env, start_new_session=True,
                                 close_fds=True)
 
 
@@ -4296,7 +4386,7 @@ def build_plain_get(target, values):
              'Host: %s' % target.host_header(),
              'Content-Type: application/octet-stream',
              'Content-Length: 0']
-    if values['URLAuthType'] == 'basic' or target.username:
+    if values['URLAuthType'] == 'basic':
         lines.append(authorization_field(target))
     add_proxy_authorization(lines, target)
     lines.append('Connection: close')
