@@ -3,7 +3,7 @@ nph_webjob.py server, the test PKI, a real Apache running nph-webjob.cgi
 (plain HTTP and mod_ssl vhosts), and nginx + fcgiwrap running webjob.cgi.
 
 Everything here starts real processes on 127.0.0.1 and waits on ports or
-files, never on sleeps.  Used by test_nph_webjob.py and test_webjob.py.
+files, never on sleeps.  Used by every test_*.py.
 """
 
 import asyncio

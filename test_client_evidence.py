@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from test_webjob import (PROGRAM_BODY, assert_clean_error, basic_cfg,
+from test_client import (PROGRAM_BODY, assert_clean_error, basic_cfg,
                          job_dir, output_files, run_webjob, scripted)
 
 

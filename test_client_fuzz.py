@@ -19,7 +19,7 @@ import pytest
 
 import webjob
 from conftest import NEWEST_PY, OLDEST_PY
-from test_webjob import WEBJOB, ScriptedServer
+from test_client import WEBJOB, ScriptedServer
 
 SEED = 20261201
 SECRET = 'Fuzz-Secret-4242'

@@ -13,7 +13,7 @@ import pytest
 
 import webjob
 from conftest import NEWEST_PY, OLDEST_PY
-from test_webjob import (WEBJOB, ScriptedServer, assert_clean_error,
+from test_client import (WEBJOB, ScriptedServer, assert_clean_error,
                          basic_cfg, job_dir, output_files, reply, run_webjob,
                          scripted, tls_cfg)
 

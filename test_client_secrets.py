@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import webjob
-from test_webjob import (ScriptedServer, WEBJOB, assert_clean_error,
+from test_client import (ScriptedServer, WEBJOB, assert_clean_error,
                          run_webjob, write_cfg)
 
 GET_SECRET = 'Get-Pass:w0rd%41'          # ':' and '%' inside the password

@@ -17,7 +17,7 @@ import pytest
 
 import webjob
 from conftest import wait_for_lines
-from test_webjob import (WEBJOB, basic_cfg, job_dir, output_files,
+from test_client import (WEBJOB, basic_cfg, job_dir, output_files,
                          process_gone, scripted, wait_until)
 
 # Writes the pid of a background child, then its own, then waits.

@@ -18,8 +18,8 @@ import sys
 from conftest import (LOOPBACK, NPH_WEBJOB, PARSED_CGI_PATH, STUB_CGI_PATH,
                       WEBJOB, fleet_out, install_fleet_program,
                       simulate_fleet)
-from test_nph_webjob import query
-from test_webjob import deployed_cfg, server_cfg
+from test_server import query
+from test_deploy_end_to_end import deployed_cfg, server_cfg
 
 LOAD_PROCESSES = int(os.environ.get('WEBJOB_LOAD_PROCESSES', '100'))
 LOAD_SIMULATED = int(os.environ.get('WEBJOB_LOAD_SIMULATED', '2000'))

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import NPH_WEBJOB, WEBJOB, write_file
 from test_client_stream import ERR, OUT, PROGRAM, SEGMENT, Relay
-from test_webjob import deployed_cfg
+from test_deploy_end_to_end import deployed_cfg
 
 SEED = 2016
 CUTS = 6                        # cut points per front end and kind

@@ -3,7 +3,7 @@
 verify and list on every kind of damage, a CGI terminated mid-upload, a
 standalone server killed or stopped mid-upload, a disk that fills up (a
 real tmpfs mounted for the test), and job ids that never repeat.  Helpers
-for requests come from test_nph_webjob.py; fixtures from conftest.py.
+for requests come from test_server.py; fixtures from conftest.py.
 """
 
 import hashlib
@@ -21,7 +21,7 @@ import nph_webjob
 from conftest import (CGI_PATH, LOOPBACK, NPH_WEBJOB, free_port,
                       read_log_lines, stop_process, wait_for_lines,
                       wait_for_port, write_file)
-from test_nph_webjob import (ENV_RECORD, LOG_LINE, client_request, incoming,
+from test_server import (ENV_RECORD, LOG_LINE, client_request, incoming,
                              make_site, put, put_query, query, read_reply,
                              send)
 
@@ -257,7 +257,8 @@ def test_client_reads_the_500_of_a_full_disk_not_a_broken_pipe(
         tmp_path, server_root, small_disk, standalone_server):
     """80 MiB is more than the server drains: it answers and closes, the
     client's send fails, and the client reads the answer all the same."""
-    from test_webjob import assert_clean_error, run_webjob, server_cfg
+    from test_client import assert_clean_error, run_webjob
+    from test_deploy_end_to_end import server_cfg
     write_file(server_root / 'profiles/client_1/commands/big.sh',
                b'#!/bin/sh\nhead -c 83886080 /dev/zero\n', 0o755)
     small_disk(0)

@@ -13,7 +13,7 @@ import random
 import pytest
 
 import nph_webjob
-from test_nph_webjob import incoming, make_site, query
+from test_server import incoming, make_site, query
 
 KEY = 'a' * 32
 OUT = bytes(random.Random(1).getrandbits(8) for _ in range(3000))
