@@ -185,6 +185,10 @@ BAD_LINES = [
     # a bad value of a secret control cannot exist (text), but a bad
     # neighbour must not echo it
     'URLPassword=%s\nRunType=%s' % (PUT_SECRET, 'bogus'),
+    # the proxy's password, as a control and inside a malformed ProxyURL
+    'ProxyPassword %s' % PUT_SECRET,
+    'ProxyPassword=%s\nRunType=%s' % (PUT_SECRET, 'bogus'),
+    'ProxyURL=http://u:%s@127.0.0.1:3128/path' % GET_SECRET,
 ]
 
 

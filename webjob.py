@@ -639,7 +639,7 @@ def read_override_file(path, controls):
     return found, where
 
 
-SECRET_CONTROLS = ('URLPassword', 'SSLPassPhrase')
+SECRET_CONTROLS = ('URLPassword', 'SSLPassPhrase', 'ProxyPassword')
 
 
 def shown_value(name, kind, value):
@@ -650,8 +650,9 @@ def shown_value(name, kind, value):
 
 
 def remember_config_secrets(values, controls):
-    """Remember URLPassword, SSLPassPhrase and the passwords inside URLs, so
-    that scrub() hides them for the rest of this run (main() forgets)."""
+    """Remember URLPassword, SSLPassPhrase, ProxyPassword and the passwords
+    inside URLs (ProxyURL's too), so that scrub() hides them for the rest of
+    this run (main() forgets)."""
     for name, kind, default in controls:
         value = values.get(name)
         if not value:
@@ -660,6 +661,8 @@ def remember_config_secrets(values, controls):
             remember_secret(value)
         elif kind == 'url':
             remember_secret(parse_url(value)[2])
+        elif kind == 'proxy':
+            remember_secret(parse_proxy_url(value)[2])
 
 
 class NotRegularFileError(OSError):
