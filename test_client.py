@@ -1,4 +1,4 @@
-"""Tests for webjob.py, in the order of its man page.
+"""Tests for webjob.py alone (the client layer), in the order of its man page.
 
 Most tests run the client as a real process against a loopback server: a
 scripted raw-socket server (for the exact bytes on the wire and for broken
