@@ -2910,19 +2910,9 @@ def install_cgi(path, config=None, force=False):
             CONFIG_VARIABLE, os.path.abspath(config))
     text = CGI_STUB % {'python': sys.executable, 'folder': _HERE,
                        'name': os.path.basename(path), 'config': config or ''}
-    temporary = '%s.%d.tmp' % (path, os.getpid())
     try:
-        with open(temporary, 'w') as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o755)
-        os.rename(temporary, path)
+        webjob.replace_file(path, text.encode('utf-8'), 0o755)
     except OSError as exc:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
         raise webjob.WebJobError('%s: %s' % (path, exc.strerror or exc))
     return 0
 
