@@ -48,21 +48,32 @@ def test_server_keeps_no_copy_of_a_core_function():
     assert copies == []
 
 
+def source_units(path):
+    """The module's text, and for webjob.py each deferred section's text
+    (compiled into the same globals when first used)."""
+    with open(path) as handle:
+        units = [handle.read()]
+    if os.path.basename(path) == 'webjob.py':
+        units += [text for names, text in webjob.SECTIONS.values()]
+    return units
+
+
 def undefined_globals(path):
     """(name, function) for every global a function reads that the module
     never defines: a call left behind when a copy was deleted."""
-    with open(path) as handle:
-        top = symtable.symtable(handle.read(), path, 'exec')
-    defined = set(symbol.get_name() for symbol in top.get_symbols()
+    tops = [symtable.symtable(text, path, 'exec')
+            for text in source_units(path)]
+    defined = set(symbol.get_name() for top in tops
+                  for symbol in top.get_symbols()
                   if symbol.is_assigned() or symbol.is_imported()
                   or symbol.is_namespace())
-    found, tables = set(), [top]
+    found, tables = set(), list(tops)
     while tables:
         table = tables.pop()
         tables.extend(table.get_children())
         for symbol in table.get_symbols():
             name = symbol.get_name()
-            if symbol.is_referenced() and (symbol.is_global() or table is top) \
+            if symbol.is_referenced() and (symbol.is_global() or table in tops) \
                     and name not in defined and not hasattr(builtins, name) \
                     and name not in ('__file__', '__name__'):
                 found.add((name, table.get_name()))

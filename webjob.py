@@ -264,6 +264,79 @@ def one_line(text):
 
 
 ###############################################################################
+# Deferred sections ###########################################################
+###############################################################################
+
+# INFO: a script run directly is never byte-code cached, and compiling all of
+# this file cost more than the interpreter's own start (and a suspect host
+# must not get a __pycache__).  So the sections a run may not need are kept
+# as their own source text, each in a defer_section() call in its place in
+# this file, and compiled the first time one of their names is called: -v
+# compiles none, a plain http job Transport, Stages and Modes, DSV and TLS
+# only the jobs that use them.  The text is this file's own, compiled under
+# this file's name at its own line numbers, so tracebacks and linecache show
+# the true lines.  Each call names every def and class of its text; until
+# the section is loaded a stub stands in for each name.  What is used other
+# than by calling it (exceptions, constants, classes tested with isinstance)
+# stays plain code.  test_client_sections.py checks all of this.
+
+#: name -> (names, text) of each deferred section; name -> {name: object}
+#: of each loaded one; name of a deferred function or class -> its stub.
+SECTIONS = {}
+LOADED = {}
+STUBS = {}
+
+
+def defer_section(section, names, text):
+    """Keep a section's text for later; a stub for each of its names."""
+    SECTIONS[section] = (names, text)
+    namespace = globals()
+    for name in names:
+        namespace[name] = STUBS[name] = make_stub(section, name)
+
+
+def make_stub(section, name):
+    """A function that loads the section, then calls its name."""
+    def stub(*args, **kwargs):
+        return load_section(section)[name](*args, **kwargs)
+    stub.__name__ = stub.__qualname__ = name
+    stub.__doc__ = 'Loads section %r, then calls its %s.' % (section, name)
+    return stub
+
+
+def load_section(section):
+    """Compile and run a deferred section once; its {name: object}.
+
+    A name something else has replaced since import (a test's monkeypatch)
+    keeps its replacement; the stub, if put back, reaches the real one.
+    """
+    found = LOADED.get(section)
+    if found is None:
+        names, text = SECTIONS[section]
+        namespace = globals()
+        replaced = dict((name, namespace[name]) for name in names
+                        if namespace.get(name, STUBS[name]) is not STUBS[name])
+        exec(compile_section(text), namespace)
+        found = LOADED[section] = dict((name, namespace[name])
+                                       for name in names)
+        namespace.update(replaced)
+    return found
+
+
+def compile_section(text):
+    """Compile a section's text at its own line numbers in this file (found
+    in the file itself, so no line number is kept by hand)."""
+    filename = globals().get('__file__') or ''
+    try:
+        with open(filename, encoding='utf-8') as handle:
+            whole = handle.read()
+        lines = whole.count('\n', 0, whole.index(text))
+    except (OSError, ValueError):     # moved or changed since: still runs
+        filename, lines = '<webjob.py section>', 0
+    return compile('\n' * lines + text, filename, 'exec', dont_inherit=True)
+
+
+###############################################################################
 # Config ######################################################################
 ###############################################################################
 
@@ -746,6 +819,72 @@ ESCAPE_SAFE = frozenset(b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
                         b'0123456789_./\\-')
 
 
+#: The fields kept from a response: the original's three, then the upload
+#: extension's (only its requests are answered with them).
+RESPONSE_FIELDS = ('content-length', 'job-id', 'webjob-payload-signature',
+                   'upload-offset', 'upload-complete')
+
+
+JOB_ID_CHARS = NAME_CHARS           # what nph_webjob.py accepts back
+
+
+MAX_ERROR_BODY = 2048           # how much of an error page is read for words
+
+
+def write_all(fd, data):
+    """os.write until every byte is out (a short write is legal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_folder(path):
+    """Make the renames in a folder durable."""
+    import errno  # late import: start-up time
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # EINVAL: this file system cannot
+            raise
+    finally:
+        os.close(fd)
+
+
+def replace_file(path, data, mode=0o644):
+    """Write data to path whole or not at all: a new temporary name beside
+    it (unique, O_EXCL, never through a link), fsync, rename, fsync the
+    folder.  A reader sees the old file or the new one, never a part, and
+    a temporary left by a crash is never reused."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temp = os.path.join(folder, '.%s.%d.%s.tmp' % (name, os.getpid(),
+                                                   os.urandom(4).hex()))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                 getattr(os, 'O_NOFOLLOW', 0), mode)
+    try:
+        try:
+            write_all(fd, data)
+            os.fchmod(fd, mode)         # the umask must not narrow it
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    fsync_folder(folder)
+
+
+defer_section('Transport', (
+    'http_escape', 'build_query', 'Target', 'choose_proxy',
+    'substitute_tokens', 'redact_url', 'Deadline', 'Response',
+    'open_connection', 'build_request', 'request_target',
+    'add_proxy_authorization', 'send_all', 'send_file', 'read_response_head',
+    'find_head_end', 'parse_status_line', 'parse_fields', 'is_job_id',
+    'read_body_to_file', 'http_exchange'), r'''
 def http_escape(text):
     """Escape a query value as the original's HttpEscape does.
 
@@ -791,27 +930,6 @@ class Target(object):
     def host_header(self):
         """The Host value: always host:port, as the original writes it."""
         return '%s:%d' % (self.host, self.port)
-
-
-class Proxy(object):
-    """An HTTP proxy (ProxyURL, or the environment's with
-    ProxyUseEnvironment=Y) and its Basic credentials."""
-
-    def __init__(self, url, source, username=None, password=None,
-                 auth='none'):
-        parts = parse_proxy_url(url)
-        if parts is None:
-            raise ConfigureError('%s = [%s]: expected http://host(:port)/ '
-                                 '(an HTTP proxy)' % (source, redact_url(url)))
-        _, user, pw, self.host, self.port, _ = parts
-        self.display = '%s %s' % (source, redact_url(url))
-        self.authorization = None
-        if auth == 'basic':
-            import base64  # late import: start-up time
-            pair = '%s:%s' % (user if user is not None else username or '',
-                              pw if pw is not None else password or '')
-            self.authorization = 'Basic %s' % base64.b64encode(
-                pair.encode('utf-8')).decode('ascii')
 
 
 def choose_proxy(values, target):
@@ -947,32 +1065,6 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     return sock
 
 
-def open_tunnel(sock, target, deadline):
-    """CONNECT through the target's proxy; TLS then runs end to end."""
-    proxy = target.proxy
-    lines = ['CONNECT %s HTTP/1.1' % target.host_header(),
-             'Host: %s' % target.host_header()]
-    if proxy.authorization:
-        lines.append('Proxy-Authorization: %s' % proxy.authorization)
-    send_all(sock, ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii'),
-             deadline)
-    try:
-        response = read_response_head(sock, deadline)
-    except TransportError as exc:
-        raise TransportError('%s: CONNECT %s: %s' % (
-            proxy.display, target.host_header(), exc))
-    if response.status // 100 == 2:
-        return
-    why = 'Status = [%d], Reason = [%s]' % (response.status, response.reason)
-    if response.status == 407:
-        why += ' (the proxy wants credentials: ProxyAuthType=basic, ' \
-            'ProxyUsername, ProxyPassword)'
-    error = TransportError if response.status in RETRY_STATUSES else \
-        PermanentTransportError
-    raise error('%s: CONNECT %s refused: %s' % (
-        proxy.display, target.host_header(), why))
-
-
 def build_request(method, target, query, content_length, job_id=None,
                   auth=False, extra=()):
     """The request head exactly as the original sends it (protocol.md 1.2);
@@ -1004,15 +1096,6 @@ def add_proxy_authorization(lines, target):
     proxy = target.proxy
     if proxy is not None and target.scheme == 'http' and proxy.authorization:
         lines.append('Proxy-Authorization: %s' % proxy.authorization)
-
-
-def authorization_field(target):
-    """The Basic Authorization field; credentials go as the config's bytes
-    (a non-UTF-8 password is sent as written, not refused or mangled)."""
-    import base64  # late import: start-up time
-    pair = '%s:%s' % (target.username or '', target.password or '')
-    return 'Authorization: Basic %s' % base64.b64encode(
-        pair.encode('utf-8', 'surrogateescape')).decode('ascii')
 
 
 def send_all(sock, data, deadline):
@@ -1060,20 +1143,6 @@ def send_file(sock, path, size, deadline, offset=0):
                                  % (deadline.what, deadline.seconds))
         except OSError as exc:
             raise TransportError('send: %s' % (exc.strerror or exc))
-
-
-def send_file_blocks(sock, handle, path, size, deadline):
-    """send_file over TLS: readinto one reused buffer, sendall each block."""
-    buf = bytearray(min(size, BLOCK_SIZE) or 1)
-    view = memoryview(buf)
-    sent = 0
-    while sent < size:
-        count = handle.readinto(view[:min(len(buf), size - sent)])
-        if not count:
-            raise TransportError('%s: file shrank during upload' % path)
-        sock.settimeout(deadline.remaining())
-        sock.sendall(view[:count])
-        sent += count
 
 
 def read_response_head(sock, deadline):
@@ -1141,12 +1210,6 @@ def parse_status_line(line):
     return int(code), one_line(reason)
 
 
-#: The fields kept from a response: the original's three, then the upload
-#: extension's (only its requests are answered with them).
-RESPONSE_FIELDS = ('content-length', 'job-id', 'webjob-payload-signature',
-                   'upload-offset', 'upload-complete')
-
-
 def parse_fields(lines):
     """Collect the three fields the original recognises; ignore the rest."""
     fields = {}
@@ -1186,9 +1249,6 @@ def parse_fields(lines):
                                      % one_line(value)[:80])
             fields[key] = value
     return fields
-
-
-JOB_ID_CHARS = NAME_CHARS           # what nph_webjob.py accepts back
 
 
 def is_job_id(value):
@@ -1237,6 +1297,105 @@ def read_body_to_file(response, fd, limit, deadline):
     return got
 
 
+def http_exchange(method, target, query, deadline, tls_context=None,
+                  auth=False, job_id=None, body_files=(), headers=()):
+    """Send one request (body streamed from (path, size) files); return the
+    response with its head read and the body still on the socket."""
+    size = sum(length for path, length in body_files)
+    sock = open_connection(target, deadline, tls_context)
+    try:
+        try:
+            send_all(sock, build_request(method, target, query, size, job_id,
+                                         auth, headers), deadline)
+            for path, length in body_files:
+                if length:
+                    send_file(sock, path, length, deadline)
+        except TransportError:
+            return read_answer_after_send_error(sock, deadline)
+        return read_response_head(sock, deadline)
+    except BaseException:
+        sock.close()
+        raise
+''')
+
+
+###############################################################################
+# Transport: proxies, tunnels and error pages #################################
+###############################################################################
+
+defer_section('Transport: proxies, tunnels and error pages', (
+    'Proxy', 'open_tunnel', 'authorization_field', 'send_file_blocks',
+    'describe_status', 'read_error_text', 'read_answer_after_send_error'), r'''
+class Proxy(object):
+    """An HTTP proxy (ProxyURL, or the environment's with
+    ProxyUseEnvironment=Y) and its Basic credentials."""
+
+    def __init__(self, url, source, username=None, password=None,
+                 auth='none'):
+        parts = parse_proxy_url(url)
+        if parts is None:
+            raise ConfigureError('%s = [%s]: expected http://host(:port)/ '
+                                 '(an HTTP proxy)' % (source, redact_url(url)))
+        _, user, pw, self.host, self.port, _ = parts
+        self.display = '%s %s' % (source, redact_url(url))
+        self.authorization = None
+        if auth == 'basic':
+            import base64  # late import: start-up time
+            pair = '%s:%s' % (user if user is not None else username or '',
+                              pw if pw is not None else password or '')
+            self.authorization = 'Basic %s' % base64.b64encode(
+                pair.encode('utf-8')).decode('ascii')
+
+
+def open_tunnel(sock, target, deadline):
+    """CONNECT through the target's proxy; TLS then runs end to end."""
+    proxy = target.proxy
+    lines = ['CONNECT %s HTTP/1.1' % target.host_header(),
+             'Host: %s' % target.host_header()]
+    if proxy.authorization:
+        lines.append('Proxy-Authorization: %s' % proxy.authorization)
+    send_all(sock, ('\r\n'.join(lines) + '\r\n\r\n').encode('ascii'),
+             deadline)
+    try:
+        response = read_response_head(sock, deadline)
+    except TransportError as exc:
+        raise TransportError('%s: CONNECT %s: %s' % (
+            proxy.display, target.host_header(), exc))
+    if response.status // 100 == 2:
+        return
+    why = 'Status = [%d], Reason = [%s]' % (response.status, response.reason)
+    if response.status == 407:
+        why += ' (the proxy wants credentials: ProxyAuthType=basic, ' \
+            'ProxyUsername, ProxyPassword)'
+    error = TransportError if response.status in RETRY_STATUSES else \
+        PermanentTransportError
+    raise error('%s: CONNECT %s refused: %s' % (
+        proxy.display, target.host_header(), why))
+
+
+def authorization_field(target):
+    """The Basic Authorization field; credentials go as the config's bytes
+    (a non-UTF-8 password is sent as written, not refused or mangled)."""
+    import base64  # late import: start-up time
+    pair = '%s:%s' % (target.username or '', target.password or '')
+    return 'Authorization: Basic %s' % base64.b64encode(
+        pair.encode('utf-8', 'surrogateescape')).decode('ascii')
+
+
+def send_file_blocks(sock, handle, path, size, deadline):
+    """send_file over TLS: readinto one reused buffer, sendall each block."""
+    buf = bytearray(min(size, BLOCK_SIZE) or 1)
+    view = memoryview(buf)
+    sent = 0
+    while sent < size:
+        count = handle.readinto(view[:min(len(buf), size - sent)])
+        if not count:
+            raise TransportError('%s: file shrank during upload' % path)
+        sock.settimeout(deadline.remaining())
+        sock.sendall(view[:count])
+        sent += count
+
+
 def describe_status(response, name, auth_sent, deadline):
     """A non-2xx answer: its status, what its body says, the next step."""
     text = '%s: Status = [%d], Reason = [%s]' % (name, response.status,
@@ -1250,9 +1409,6 @@ def describe_status(response, name, auth_sent, deadline):
                  '(URLAuthType=none): set URLAuthType=basic with URLUsername '
                  'and URLPassword')
     return text
-
-
-MAX_ERROR_BODY = 2048           # how much of an error page is read for words
 
 
 def read_error_text(response, deadline):
@@ -1285,74 +1441,6 @@ def read_error_text(response, deadline):
     return one_line(' '.join(words))[:200]
 
 
-def write_all(fd, data):
-    """os.write until every byte is out (a short write is legal)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def fsync_folder(path):
-    """Make the renames in a folder durable."""
-    import errno  # late import: start-up time
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:   # EINVAL: this file system cannot
-            raise
-    finally:
-        os.close(fd)
-
-
-def replace_file(path, data, mode=0o644):
-    """Write data to path whole or not at all: a new temporary name beside
-    it (unique, O_EXCL, never through a link), fsync, rename, fsync the
-    folder.  A reader sees the old file or the new one, never a part, and
-    a temporary left by a crash is never reused."""
-    folder, name = os.path.split(os.path.abspath(path))
-    temp = os.path.join(folder, '.%s.%d.%s.tmp' % (name, os.getpid(),
-                                                   os.urandom(4).hex()))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
-                 getattr(os, 'O_NOFOLLOW', 0), mode)
-    try:
-        try:
-            write_all(fd, data)
-            os.fchmod(fd, mode)         # the umask must not narrow it
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    fsync_folder(folder)
-
-
-def http_exchange(method, target, query, deadline, tls_context=None,
-                  auth=False, job_id=None, body_files=(), headers=()):
-    """Send one request (body streamed from (path, size) files); return the
-    response with its head read and the body still on the socket."""
-    size = sum(length for path, length in body_files)
-    sock = open_connection(target, deadline, tls_context)
-    try:
-        try:
-            send_all(sock, build_request(method, target, query, size, job_id,
-                                         auth, headers), deadline)
-            for path, length in body_files:
-                if length:
-                    send_file(sock, path, length, deadline)
-        except TransportError:
-            return read_answer_after_send_error(sock, deadline)
-        return read_response_head(sock, deadline)
-    except BaseException:
-        sock.close()
-        raise
-
-
 def read_answer_after_send_error(sock, deadline):
     """A server that refuses a body answers, then closes: the send fails
     (EPIPE, reset) but its answer is already here (a 500 for a full disk).
@@ -1362,6 +1450,7 @@ def read_answer_after_send_error(sock, deadline):
         return read_response_head(sock, deadline)
     except WebJobError:
         raise error
+''')
 
 
 ###############################################################################
@@ -1430,6 +1519,11 @@ X509_STRING_CODECS = {0x0c: 'utf-8', 0x13: 'latin-1', 0x14: 'latin-1',
 # DSV: DER reader #############################################################
 ###############################################################################
 
+
+defer_section('DSV: DER reader', (
+    'der_read_tlv', 'der_expect_end', 'der_read_expected', 'der_read_integer',
+    'der_read_integer_sequence', 'der_read_oid', 'der_read_bitstring',
+    'der_read_octetstring', 'der_read_algorithm'), r'''
 # Every read goes through der_read_tlv.  Readers take (buf, pos, end) and
 # return (value, next_pos); callers refuse trailing data with der_expect_end.
 
@@ -1569,12 +1663,16 @@ def der_read_algorithm(buf, pos, end):
     if params_start < stop:
         der_expect_end(der_read_tlv(buf, params_start, stop)[2], stop)
     return oid, bytes(buf[params_start:stop]), stop
+''')
+
 
 ###############################################################################
 # DSV: PEM ####################################################################
 ###############################################################################
 
 
+defer_section('DSV: PEM', (
+    'b64_decode_strict', 'pem_decode_with_headers', 'pem_decode_all'), r'''
 def b64_decode_strict(text):
     """Decode canonical base64 bytes (RFC 4648 §4), no whitespace inside.
 
@@ -1629,12 +1727,17 @@ def pem_decode_all(data, label):
     :raises PEMError: unterminated block or bad base64.
     """
     return [der for _, der in pem_decode_with_headers(data, label)]
+''')
+
 
 ###############################################################################
 # DSV: X.509 and public keys ##################################################
 ###############################################################################
 
 
+defer_section('DSV: X.509 and public keys', (
+    'Certificate', 'x509_name_common_name', 'x509_parse', 'rsa_check_public',
+    'dsa_check_public', 'spki_parse', 'x509_load_spkis'), r'''
 class Certificate(object):
     """What DSV and the TLS chain check need of an X.509 certificate.
 
@@ -1799,12 +1902,18 @@ def x509_load_spkis(data):
             continue
         spkis.append(cert.spki_der)
     return spkis
+''')
+
 
 ###############################################################################
 # DSV: RSA PKCS#1 v1.5 and DSA verification ###################################
 ###############################################################################
 
 
+defer_section('DSV: RSA PKCS#1 v1.5 and DSA verification', (
+    'rsa_pkcs1v15_encode', 'rsa_recover_em', 'rsa_pkcs1v15_check_em',
+    'rsa_pkcs1v15_guess_hashes', 'dsa_decode_signature', 'dsa_verify',
+    'verify_with_key', 'verify_signature_digest', 'verify_signature'), r'''
 def rsa_pkcs1v15_encode(hash_name, digest, k):
     """EMSA-PKCS1-v1_5 (RFC 8017 §9.2): ``00 01 FF.. 00 || DigestInfo || H``.
 
@@ -1932,12 +2041,35 @@ def verify_signature(spki_der, hash_name, message, signature):
     except Exception:  # fail closed: unknown hash, message not bytes
         raise SignatureError(SIGNATURE_FAILED) from None
     verify_signature_digest(spki_der, hash_name, digest, signature)
+''')
+
 
 ###############################################################################
 # DSV: payload policy #########################################################
 ###############################################################################
 
 
+def hash_stream_all(stream, hash_names):
+    """Hash a binary stream once for several digests: ``{name: digest}``.
+
+    1 MiB readinto blocks into one buffer: memory stays flat.
+    """
+    import hashlib  # late import: start-up time
+    hashes = [(name, hashlib.new(name)) for name in hash_names]
+    buf = bytearray(DSV_BLOCK_SIZE)
+    view = memoryview(buf)
+    while True:
+        count = stream.readinto(buf)
+        if not count:
+            break
+        for _, hasher in hashes:
+            hasher.update(view[:count])
+    return dict((name, hasher.digest()) for name, hasher in hashes)
+
+
+defer_section('DSV: payload policy', (
+    'dsv_read_small_file', 'load_certificate_tree', 'verify_payload_file',
+    'x509_verify_issued_by'), r'''
 def dsv_read_small_file(path, limit=DSV_MAX_PEM_FILE):
     """Read a regular file of at most ``limit`` bytes.
 
@@ -1977,24 +2109,6 @@ def load_certificate_tree(path):
         except (OSError, DsvError):
             continue
     return spkis
-
-
-def hash_stream_all(stream, hash_names):
-    """Hash a binary stream once for several digests: ``{name: digest}``.
-
-    1 MiB readinto blocks into one buffer: memory stays flat.
-    """
-    import hashlib  # late import: start-up time
-    hashes = [(name, hashlib.new(name)) for name in hash_names]
-    buf = bytearray(DSV_BLOCK_SIZE)
-    view = memoryview(buf)
-    while True:
-        count = stream.readinto(buf)
-        if not count:
-            break
-        for _, hasher in hashes:
-            hasher.update(view[:count])
-    return dict((name, hasher.digest()) for name, hasher in hashes)
 
 
 def verify_payload_file(path, signature_b64, spki_list, allow_sha1=False):
@@ -2068,12 +2182,21 @@ def x509_verify_issued_by(cert, issuer):
     except DsvError:
         return False
     return True
+''')
 
 
 ###############################################################################
 # TLS #########################################################################
 ###############################################################################
 
+
+defer_section('TLS', (
+    'TLSContext', 'explain_verify_failure', 'explain_refusal',
+    'show_x509_time', 'x509_time', 'socket_timeout', 'build_ssl_context',
+    'check_regular_file', 'load_client_certificate', 'explain_key_failure',
+    'describe_ssl_error', 'check_peer', 'verified_chain_depth',
+    'probe_chain_depth', 'tls12_server_certificates', 'read_ca_bundle',
+    'chain_depth'), r'''
 class TLSContext(object):
     """The client's SSL controls, applied to every https:// request."""
 
@@ -2483,6 +2606,7 @@ def chain_depth(sent, anchors):
         else:
             return 1 << 30
     return 1 << 30
+''')
 
 
 ###############################################################################
@@ -2797,6 +2921,9 @@ class PadError(WebJobError):
     exit_code = XER_PROCESS_ARGUMENTS
 
 
+defer_section('PaD (Payload and Delivery) maker', (
+    'pad_payload_name', 'check_pad_name', '_read_blocks', '_hash_pad_payload',
+    '_build_pad_header', 'pad_make_script'), r'''
 def pad_payload_name(pad_name):
     """Return the payload name a PaD file delivers (its basename minus .pad).
 
@@ -2874,6 +3001,7 @@ def pad_make_script(src_path, out, name=None):
                        % (src_path, exc.strerror or exc)) from exc
     if copied != size:
         raise PadError('%s: changed while the PaD file was made' % src_path)
+''')
 
 
 ###############################################################################
@@ -2897,6 +3025,10 @@ RESUME_PAUSE = 0.1              # seconds before the first reconnect
 RESUME_PAUSE_MAX = 4.0          # ... doubling up to this
 
 
+defer_section('Uploads: resumable and streamed', (
+    'Upload', 'slice_pieces', 'pause_before_resume', 'push_upload',
+    'put_resumable', 'StreamSpool', 'StreamSender', 'start_streamed',
+    'run_streamed', 'widen_pipe', 'queue_segment', 'put_streamed'), r'''
 class Upload(object):
     """One extended upload to URLPutURL: its key and its requests."""
 
@@ -3284,6 +3416,7 @@ def put_streamed(job, env_path, deadline):
         raise PutStageError('streamed upload: the output is on the server '
                             'but not stored as a group: %s; kept: %s'
                             % (exc, os.path.basename(env_path)))
+''')
 
 
 ###############################################################################
@@ -3339,6 +3472,115 @@ def system_string():
     return '%s %s %s' % (info.machine, info.sysname, info.release)
 
 
+def create_exclusive(path, mode=0o600):
+    """Open a new file for writing; fail rather than reuse an existing one."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+    return os.open(path, flags, mode)
+
+
+# INFO: delivery.  One PUT attempt (put_once) is the unit every upload is
+# made of; retry_put repeats an attempt on transient failures inside
+# PutTimeLimit.  A retried or re-sent upload names itself in the
+# WebJob-Upload-Id header (the GET's Job-Id, else make_upload_id), the same
+# for every attempt and for --resend, so that the server can recognise a
+# re-send of the same bytes (answer 253) instead of storing a second group.
+
+KEPT_SUFFIX = 'kept'
+UPLOAD_ID_HEADER = 'WebJob-Upload-Id'
+UPLOAD_ID_SEPARATOR = '.'       # never in a server-made id (ServerId_...)
+
+
+class KeptGroup(object):
+    """The .kept marker of one output group, locked while it is sent.
+
+    Key=Value lines: what a later --resend needs to send the group with the
+    same identity (JobId, UploadId, Filename, ClientId, RunType).
+    """
+
+    def __init__(self, stem, fields, fd=None):
+        self.stem = stem            # .../webjob_<epoch>_<nonce>
+        self.fields = fields
+        self.fd = fd
+
+    @classmethod
+    def create(cls, job):
+        """Write and lock the marker of a job's outputs."""
+        values = job.values
+        upload_id = job.job_id or make_upload_id(values, job.epoch, job.nonce)
+        fields = [('JobId', job.job_id or ''), ('UploadId', upload_id),
+                  ('Filename', job.program),
+                  ('ClientId', values['ClientId']),
+                  ('RunType', values['RunType'])]
+        path = job.output_path(KEPT_SUFFIX)
+        fd = create_exclusive(path)
+        try:
+            write_all(fd, ''.join('%s=%s\n' % pair for pair in fields)
+                      .encode('utf-8', 'surrogateescape'))
+            lock_file(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path[:-len(KEPT_SUFFIX) - 1], dict(fields), fd)
+
+    @classmethod
+    def open(cls, path):
+        """Lock an existing marker; None when another process holds it."""
+        try:
+            fd = os.open(path, os.O_RDWR | getattr(os, 'O_NOFOLLOW', 0))
+        except OSError:
+            return None
+        try:
+            if not lock_file(fd, wait=False):
+                os.close(fd)
+                return None
+            with open(path, 'rb') as handle:
+                text = handle.read(MAX_CONFIG_SIZE).decode('utf-8',
+                                                           'surrogateescape')
+        except BaseException:
+            os.close(fd)
+            raise
+        info = os.fstat(fd)
+        if info.st_nlink == 0:      # confirmed and removed while we waited
+            os.close(fd)
+            return None
+        fields = {}
+        for line in text.splitlines():
+            key, equals, value = line.partition('=')
+            if equals:
+                fields[key] = value
+        return cls(path[:-len(KEPT_SUFFIX) - 1], fields, fd)
+
+    def path(self, suffix):
+        return '%s.%s' % (self.stem, suffix)
+
+    def describe(self):
+        """Where the unconfirmed output is, for the failure message."""
+        folder, stem = os.path.split(self.stem)
+        return 'the output files are kept in %s: %s (not confirmed by the ' \
+            'server; send them with webjob.py --resend -f CONFIG)' % (
+                folder, ' '.join('%s.%s' % (stem, suffix) for suffix in
+                                 ('out', 'err', 'env')))
+
+    def confirm(self, unlink_output):
+        """The server has it: drop the marker, and with UnlinkOutput the
+        files themselves."""
+        remove_quietly(self.path(KEPT_SUFFIX))
+        if unlink_output:
+            for suffix in ('out', 'err', 'env'):
+                remove_quietly(self.path(suffix))
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+defer_section('Stages', (
+    'format_epoch', 'resolve_temp_directory', 'Job', 'make_target',
+    'fetch_to_file', 'run_get_stage', 'install_file', 'remove_quietly',
+    'run_run_stage', 'open_outputs', 'substitute_payload', 'record_kid_status',
+    'ensure_outputs', 'write_env_file', 'run_put_stage', 'lock_file',
+    'put_group', 'put_once', 'AttemptDeadline', 'retry_put'), r'''
 def format_epoch(epoch):
     """'2004-05-23 17:14:41 PDT (1085357681.245070)', or NA when unset."""
     if epoch is None:
@@ -3467,12 +3709,6 @@ def make_target(values, control):
     return target
 
 
-def create_exclusive(path, mode=0o600):
-    """Open a new file for writing; fail rather than reuse an existing one."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
-    return os.open(path, flags, mode)
-
-
 def fetch_to_file(job, name, path, deadline, limit=None):
     """GET one file from URLGetURL into a new file; return its response."""
     values = job.values
@@ -3549,38 +3785,6 @@ def run_get_stage(job):
             job.downloaded.append(target_path)
 
 
-def verify_download(job, path, response, deadline):
-    """DSV: the payload runs only if its signature verifies (man page).
-
-    The signature comes in the WebJob-Payload-Signature header when it fits;
-    otherwise <FILENAME>.sig is fetched with a second GET.
-    """
-    signature = response.fields.get('webjob-payload-signature')
-    if signature is None:
-        signature = fetch_signature(job, deadline)
-    try:
-        verify_payload_file(path, signature, job.dsv_keys,
-                            allow_sha1=job.values['DsvAllowSHA1'])
-    except DsvError:
-        raise TransportError('%s: DSV: signature verification failed; the '
-                             'payload was deleted' % job.request_name)
-
-
-def fetch_signature(job, deadline):
-    """GET <FILENAME>.sig (one line of base64) into memory, size-capped."""
-    sig_path = job.output_path('sig')
-    try:
-        fetch_to_file(job, job.request_name + '.sig', sig_path, deadline,
-                      limit=MAX_SIGNATURE_SIZE)
-        with open(sig_path, 'rb') as handle:
-            return handle.read(MAX_SIGNATURE_SIZE).decode('ascii', 'replace')
-    except TransportError as exc:
-        raise TransportError('DSV: no signature in the response and the '
-                             '.sig request failed: %s' % exc)
-    finally:
-        remove_quietly(sig_path)
-
-
 def install_file(source, destination, overwrite):
     """Move a finished file to its name; without overwrite, never replace."""
     if overwrite:
@@ -3595,52 +3799,6 @@ def remove_quietly(path):
         os.unlink(path)
     except OSError:
         pass
-
-
-def expand_hook_tokens(command, job):
-    """Expand %tp, %vp, %pid, %s; '%%' yields a literal '%' (man page)."""
-    import re  # late import: start-up time
-    tokens = {'%%': '%', '%tp': job.program, '%vp': job.request_name,
-              '%pid': str(os.getpid()),
-              '%s': job.values['GetHookSuffix'] or ''}
-    return re.sub(r'%%|%tp|%vp|%pid|%s',
-                  lambda match: tokens[match.group(0)], command)
-
-
-def run_get_hook(job, deadline):
-    """Run GetHookCommandLine through /bin/sh in TempDirectory.
-
-    The target runs only when the hook's exit status equals GetHookStatus.
-    The hook is bound by what is left of GetTimeLimit and killed with its
-    whole process group at the deadline.
-    """
-    values = job.values
-    command = expand_hook_tokens(values['GetHookCommandLine'], job)
-    try:
-        remaining = deadline.remaining()
-    except TransportError as exc:
-        raise GetStageError('GetHook: %s' % exc)
-    try:
-        proc, timed_out = supervise(['/bin/sh', '-c', command], remaining, 9,
-                                    stdout=sys.stderr.fileno(),
-                                    cwd=job.temp_dir)
-    except OSError as exc:
-        raise GetStageError('GetHook: cannot start /bin/sh: %s'
-                            % (exc.strerror or exc))
-    if timed_out:
-        raise GetStageError('GetHook: GetTimeLimit (%d s) expired; the hook '
-                            'was killed' % values['GetTimeLimit'])
-    status = proc.returncode
-    if status != values['GetHookStatus']:
-        raise GetStageError('GetHook: status %s does not match GetHookStatus '
-                            '(%d); %s not run' % (status if status >= 0 else
-                                                  'signal %d' % -status,
-                                                  values['GetHookStatus'],
-                                                  job.program))
-    target = job.path(job.program)
-    if not os.path.isfile(target) or os.path.islink(target):
-        raise GetStageError('GetHook: %s was not produced' % job.program)
-    os.chmod(target, 0o700)
 
 
 def run_run_stage(job, capture):
@@ -3691,47 +3849,6 @@ def run_run_stage(job, capture):
     finally:
         if hashers:
             (_, job.out_hash), (_, job.err_hash) = [h.finish() for h in hashers]
-
-
-def explain_exec_failure(job, exc):
-    """Why the program did not start, with the next step when it is known."""
-    import errno  # late import: error path only
-    text = '%s: cannot execute: %s' % (job.program, exc.strerror or exc)
-    if exc.errno == errno.EACCES and is_mounted_noexec(job.temp_dir):
-        text += ('; TempDirectory = [%s] is on a file system mounted noexec: '
-                 'set TempDirectory to a folder where programs may run'
-                 % job.temp_dir)
-    return text
-
-
-def is_mounted_noexec(path):
-    try:
-        return bool(os.statvfs(path).f_flag & getattr(os, 'ST_NOEXEC', 8))
-    except OSError:
-        return False
-
-
-def run_streamed_stage(job, argv, upload):
-    """The RUN stage of UploadMode=streamed: the output goes to the server
-    while the program runs (see run_streamed)."""
-    values = job.values
-    try:
-        timed_out, returncode = run_streamed(job, argv, upload)
-    except Interrupted as exc:
-        if job.kid_proc is not None and job.kid_proc.returncode is None:
-            end_group(job.kid_proc, exc.signal_number)
-        raise
-    except OSError as exc:
-        job.kid_reason = KID_NOT_STARTED
-        job.kid_status = -1
-        job.kid_signal = 0
-        raise RunStageError('%s: cannot execute: %s'
-                            % (job.program, exc.strerror or exc))
-    record_kid_status(job, returncode, timed_out)
-    if timed_out:
-        raise RunStageError('%s: RunTimeLimit (%d s) expired; its process '
-                            'group was killed' % (job.program,
-                                                  values['RunTimeLimit']))
 
 
 def open_outputs(job):
@@ -3830,109 +3947,6 @@ def run_put_stage(job):
         raise PutStageError('%s; %s' % (exc, kept.describe()))
     finally:
         kept.release()
-
-
-# INFO: delivery.  One PUT attempt (put_once) is the unit every upload is
-# made of; retry_put repeats an attempt on transient failures inside
-# PutTimeLimit.  A retried or re-sent upload names itself in the
-# WebJob-Upload-Id header (the GET's Job-Id, else make_upload_id), the same
-# for every attempt and for --resend, so that the server can recognise a
-# re-send of the same bytes (answer 253) instead of storing a second group.
-
-KEPT_SUFFIX = 'kept'
-UPLOAD_ID_HEADER = 'WebJob-Upload-Id'
-UPLOAD_ID_SEPARATOR = '.'       # never in a server-made id (ServerId_...)
-
-
-def make_upload_id(values, epoch, nonce):
-    """An upload's identity when the GET gave no Job-Id: ClientId.epoch.nonce,
-    never equal to a server-made id."""
-    return UPLOAD_ID_SEPARATOR.join((values['ClientId'], '%d' % epoch, nonce))
-
-
-class KeptGroup(object):
-    """The .kept marker of one output group, locked while it is sent.
-
-    Key=Value lines: what a later --resend needs to send the group with the
-    same identity (JobId, UploadId, Filename, ClientId, RunType).
-    """
-
-    def __init__(self, stem, fields, fd=None):
-        self.stem = stem            # .../webjob_<epoch>_<nonce>
-        self.fields = fields
-        self.fd = fd
-
-    @classmethod
-    def create(cls, job):
-        """Write and lock the marker of a job's outputs."""
-        values = job.values
-        upload_id = job.job_id or make_upload_id(values, job.epoch, job.nonce)
-        fields = [('JobId', job.job_id or ''), ('UploadId', upload_id),
-                  ('Filename', job.program),
-                  ('ClientId', values['ClientId']),
-                  ('RunType', values['RunType'])]
-        path = job.output_path(KEPT_SUFFIX)
-        fd = create_exclusive(path)
-        try:
-            write_all(fd, ''.join('%s=%s\n' % pair for pair in fields)
-                      .encode('utf-8', 'surrogateescape'))
-            lock_file(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(path[:-len(KEPT_SUFFIX) - 1], dict(fields), fd)
-
-    @classmethod
-    def open(cls, path):
-        """Lock an existing marker; None when another process holds it."""
-        try:
-            fd = os.open(path, os.O_RDWR | getattr(os, 'O_NOFOLLOW', 0))
-        except OSError:
-            return None
-        try:
-            if not lock_file(fd, wait=False):
-                os.close(fd)
-                return None
-            with open(path, 'rb') as handle:
-                text = handle.read(MAX_CONFIG_SIZE).decode('utf-8',
-                                                           'surrogateescape')
-        except BaseException:
-            os.close(fd)
-            raise
-        info = os.fstat(fd)
-        if info.st_nlink == 0:      # confirmed and removed while we waited
-            os.close(fd)
-            return None
-        fields = {}
-        for line in text.splitlines():
-            key, equals, value = line.partition('=')
-            if equals:
-                fields[key] = value
-        return cls(path[:-len(KEPT_SUFFIX) - 1], fields, fd)
-
-    def path(self, suffix):
-        return '%s.%s' % (self.stem, suffix)
-
-    def describe(self):
-        """Where the unconfirmed output is, for the failure message."""
-        folder, stem = os.path.split(self.stem)
-        return 'the output files are kept in %s: %s (not confirmed by the ' \
-            'server; send them with webjob.py --resend -f CONFIG)' % (
-                folder, ' '.join('%s.%s' % (stem, suffix) for suffix in
-                                 ('out', 'err', 'env')))
-
-    def confirm(self, unlink_output):
-        """The server has it: drop the marker, and with UnlinkOutput the
-        files themselves."""
-        remove_quietly(self.path(KEPT_SUFFIX))
-        if unlink_output:
-            for suffix in ('out', 'err', 'env'):
-                remove_quietly(self.path(suffix))
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def lock_file(fd, wait=True):
@@ -4056,6 +4070,140 @@ def retry_put(job, target, attempt, deadline):
         write_stderr('PutStage: attempt %d of %d failed: %s; retrying in '
                      '%.1f s' % (number, attempts, failure, wait))
         sleep_for(wait)
+''')
+
+
+###############################################################################
+# Stages: hooks, signatures, streaming and back-off ###########################
+###############################################################################
+
+defer_section('Stages: hooks, signatures, streaming and back-off', (
+    'verify_download', 'fetch_signature', 'expand_hook_tokens', 'run_get_hook',
+    'explain_exec_failure', 'is_mounted_noexec', 'run_streamed_stage',
+    'make_upload_id', 'backoff_delay', 'sleep_for'), r'''
+def verify_download(job, path, response, deadline):
+    """DSV: the payload runs only if its signature verifies (man page).
+
+    The signature comes in the WebJob-Payload-Signature header when it fits;
+    otherwise <FILENAME>.sig is fetched with a second GET.
+    """
+    signature = response.fields.get('webjob-payload-signature')
+    if signature is None:
+        signature = fetch_signature(job, deadline)
+    try:
+        verify_payload_file(path, signature, job.dsv_keys,
+                            allow_sha1=job.values['DsvAllowSHA1'])
+    except DsvError:
+        raise TransportError('%s: DSV: signature verification failed; the '
+                             'payload was deleted' % job.request_name)
+
+
+def fetch_signature(job, deadline):
+    """GET <FILENAME>.sig (one line of base64) into memory, size-capped."""
+    sig_path = job.output_path('sig')
+    try:
+        fetch_to_file(job, job.request_name + '.sig', sig_path, deadline,
+                      limit=MAX_SIGNATURE_SIZE)
+        with open(sig_path, 'rb') as handle:
+            return handle.read(MAX_SIGNATURE_SIZE).decode('ascii', 'replace')
+    except TransportError as exc:
+        raise TransportError('DSV: no signature in the response and the '
+                             '.sig request failed: %s' % exc)
+    finally:
+        remove_quietly(sig_path)
+
+
+def expand_hook_tokens(command, job):
+    """Expand %tp, %vp, %pid, %s; '%%' yields a literal '%' (man page)."""
+    import re  # late import: start-up time
+    tokens = {'%%': '%', '%tp': job.program, '%vp': job.request_name,
+              '%pid': str(os.getpid()),
+              '%s': job.values['GetHookSuffix'] or ''}
+    return re.sub(r'%%|%tp|%vp|%pid|%s',
+                  lambda match: tokens[match.group(0)], command)
+
+
+def run_get_hook(job, deadline):
+    """Run GetHookCommandLine through /bin/sh in TempDirectory.
+
+    The target runs only when the hook's exit status equals GetHookStatus.
+    The hook is bound by what is left of GetTimeLimit and killed with its
+    whole process group at the deadline.
+    """
+    values = job.values
+    command = expand_hook_tokens(values['GetHookCommandLine'], job)
+    try:
+        remaining = deadline.remaining()
+    except TransportError as exc:
+        raise GetStageError('GetHook: %s' % exc)
+    try:
+        proc, timed_out = supervise(['/bin/sh', '-c', command], remaining, 9,
+                                    stdout=sys.stderr.fileno(),
+                                    cwd=job.temp_dir)
+    except OSError as exc:
+        raise GetStageError('GetHook: cannot start /bin/sh: %s'
+                            % (exc.strerror or exc))
+    if timed_out:
+        raise GetStageError('GetHook: GetTimeLimit (%d s) expired; the hook '
+                            'was killed' % values['GetTimeLimit'])
+    status = proc.returncode
+    if status != values['GetHookStatus']:
+        raise GetStageError('GetHook: status %s does not match GetHookStatus '
+                            '(%d); %s not run' % (status if status >= 0 else
+                                                  'signal %d' % -status,
+                                                  values['GetHookStatus'],
+                                                  job.program))
+    target = job.path(job.program)
+    if not os.path.isfile(target) or os.path.islink(target):
+        raise GetStageError('GetHook: %s was not produced' % job.program)
+    os.chmod(target, 0o700)
+
+
+def explain_exec_failure(job, exc):
+    """Why the program did not start, with the next step when it is known."""
+    import errno  # late import: error path only
+    text = '%s: cannot execute: %s' % (job.program, exc.strerror or exc)
+    if exc.errno == errno.EACCES and is_mounted_noexec(job.temp_dir):
+        text += ('; TempDirectory = [%s] is on a file system mounted noexec: '
+                 'set TempDirectory to a folder where programs may run'
+                 % job.temp_dir)
+    return text
+
+
+def is_mounted_noexec(path):
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, 'ST_NOEXEC', 8))
+    except OSError:
+        return False
+
+
+def run_streamed_stage(job, argv, upload):
+    """The RUN stage of UploadMode=streamed: the output goes to the server
+    while the program runs (see run_streamed)."""
+    values = job.values
+    try:
+        timed_out, returncode = run_streamed(job, argv, upload)
+    except Interrupted as exc:
+        if job.kid_proc is not None and job.kid_proc.returncode is None:
+            end_group(job.kid_proc, exc.signal_number)
+        raise
+    except OSError as exc:
+        job.kid_reason = KID_NOT_STARTED
+        job.kid_status = -1
+        job.kid_signal = 0
+        raise RunStageError('%s: cannot execute: %s'
+                            % (job.program, exc.strerror or exc))
+    record_kid_status(job, returncode, timed_out)
+    if timed_out:
+        raise RunStageError('%s: RunTimeLimit (%d s) expired; its process '
+                            'group was killed' % (job.program,
+                                                  values['RunTimeLimit']))
+
+
+def make_upload_id(values, epoch, nonce):
+    """An upload's identity when the GET gave no Job-Id: ClientId.epoch.nonce,
+    never equal to a server-made id."""
+    return UPLOAD_ID_SEPARATOR.join((values['ClientId'], '%d' % epoch, nonce))
 
 
 def backoff_delay(values, number):
@@ -4070,12 +4218,36 @@ def sleep_for(seconds):
     import time  # late import: retries only
     if seconds > 0:
         time.sleep(seconds)
+''')
 
 
 ###############################################################################
 # Modes #######################################################################
 ###############################################################################
 
+
+def version_mode(stdout=None):
+    """-v: the Version string and which optional parts work here."""
+    stdout = stdout if stdout is not None else sys.stdout
+    write_stdout(stdout, version_string() + '\n')
+    return XER_OK
+
+
+def write_stdout(stream, text):
+    """Write and flush an answer; a full disk or bad descriptor is one line
+    (XER_Abort), a reader that went away is main()'s broken pipe."""
+    try:
+        stream.write(text)
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise WebJobError('stdout: %s' % (getattr(exc, 'strerror', None)
+                                          or exc))
+
+
+defer_section('Modes', (
+    'configure_job', 'execute_mode', 'run_stages', 'remove_executables'), r'''
 def configure_job(values, program, options):
     """Check what the config needs of this host, before any network use."""
     check_required(values, CLIENT_REQUIRED, CLIENT_REQUIRED_WHEN)
@@ -4096,18 +4268,6 @@ def configure_job(values, program, options):
     if values['DsvVerifySignature']:
         job.dsv_keys = load_dsv_keys(values['DsvCertificateTree'])
     return job
-
-
-def load_dsv_keys(tree):
-    """The public keys of DsvCertificateTree; at least one is required."""
-    if not os.path.isdir(tree):
-        raise ConfigureError('DsvCertificateTree = [%s]: no such directory'
-                             % tree)
-    keys = load_certificate_tree(tree)
-    if not keys:
-        raise ConfigureError('DsvCertificateTree = [%s]: no valid PEM '
-                             'certificate in it' % tree)
-    return keys
 
 
 def execute_mode(values, program, options):
@@ -4182,6 +4342,27 @@ def remove_executables(job):
             job.downloaded.append(job.path(pad_payload_name(job.program)))
         for path in job.downloaded:
             remove_quietly(path)
+''')
+
+
+###############################################################################
+# Modes: stops, link tests and the other modes ################################
+###############################################################################
+
+defer_section('Modes: stops, link tests and the other modes', (
+    'load_dsv_keys', 'describe_kept', 'stop_job', 'run_link_test',
+    'hashsum_mode', 'get_url_mode', 'resend_mode', 'list_kept_groups',
+    'pad_make_mode', 'build_plain_get'), r'''
+def load_dsv_keys(tree):
+    """The public keys of DsvCertificateTree; at least one is required."""
+    if not os.path.isdir(tree):
+        raise ConfigureError('DsvCertificateTree = [%s]: no such directory'
+                             % tree)
+    keys = load_certificate_tree(tree)
+    if not keys:
+        raise ConfigureError('DsvCertificateTree = [%s]: no valid PEM '
+                             'certificate in it' % tree)
+    return keys
 
 
 def describe_kept(job):
@@ -4252,26 +4433,6 @@ def hashsum_mode(hash_type, path, stdin=None, stdout=None):
         raise ArgumentError('%s: %s' % (path, exc.strerror or exc))
     write_stdout(stdout, digest + '\n')
     return XER_OK
-
-
-def version_mode(stdout=None):
-    """-v: the Version string and which optional parts work here."""
-    stdout = stdout if stdout is not None else sys.stdout
-    write_stdout(stdout, version_string() + '\n')
-    return XER_OK
-
-
-def write_stdout(stream, text):
-    """Write and flush an answer; a full disk or bad descriptor is one line
-    (XER_Abort), a reader that went away is main()'s broken pipe."""
-    try:
-        stream.write(text)
-        stream.flush()
-    except BrokenPipeError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise WebJobError('stdout: %s' % (getattr(exc, 'strerror', None)
-                                          or exc))
 
 
 def get_url_mode(config_spec, url, stdin=None, stdout=None):
@@ -4394,6 +4555,7 @@ def build_plain_get(target, values):
     add_proxy_authorization(lines, target)
     lines.append('Connection: close')
     return ('\r\n'.join(lines) + '\r\n\r\n').encode('utf-8', 'surrogateescape')
+''')
 
 
 ###############################################################################
@@ -4415,6 +4577,8 @@ PIN_KEYS = (('CommandSha256', 'sha256', 64), ('CommandSha1', 'sha1', 40),
             ('CommandMd5', 'md5', 32))
 
 
+defer_section('Job queue mode', (
+    'request_job', 'parse_job_reply', 'check_pins', 'job_mode'), r'''
 def request_job(job):
     """JOB: (job id, job file values) of the next queued job, or None.
 
@@ -4523,6 +4687,7 @@ def job_mode(values, count=None):
     if not failed:
         return XER_OK
     return failed[0] if len(failed) == 1 else XER_MULTI_STAGE
+''')
 
 
 ###############################################################################
