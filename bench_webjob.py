@@ -515,16 +515,28 @@ def measure_tiny_job(bench, key, python):
                    'ms / curl -o, sh, curl -T %.1f ms')
 
 
+#: What a plain http job loads of webjob.py's deferred sections
+#: (test_client_sections.py pins the same list) and the standard modules it
+#: imports (-X importtime of one job).
+JOB_SECTIONS = ('Transport', 'Stages', 'Modes')
+JOB_IMPORTS = ('signal', 'socket', 'hashlib', 'threading', 'subprocess')
+
+
 def measure_tiny_job_split(bench, key, python):
     """Where a tiny job's time goes, by differences of whole processes, each
     adding one step to the one before; imports from -X importtime."""
     argv = python_argv(bench, python)
-    source = "compile(open(%r).read(), 'webjob.py', 'exec')" % WEBJOB
+    source = "compile(open(%r).read(), %r, 'exec')" % (WEBJOB, WEBJOB)
+    body = "g = {'__name__': 'bench', '__file__': %r}; exec(%s, g)" % (
+        WEBJOB, source)
+    loads = body + '; ' + '; '.join("g['load_section'](%r)" % name
+                                    for name in JOB_SECTIONS)
     steps = [('interpreter start and exit', argv + ['-c', 'pass']),
-             ('read + compile webjob.py', argv + ['-c', source]),
-             ('module body (imports, definitions)',
-              argv + ['-c', "exec(%s, {'__name__': 'bench'})" % source]),
-             ('webjob.py -v: main(), version string', argv + [WEBJOB, '-v']),
+             ('read + compile webjob.py (plain code)', argv + ['-c', source]),
+             ('module body (definitions, stubs)', argv + ['-c', body]),
+             ('compile the sections a job loads', argv + ['-c', loads]),
+             ('standard modules a job imports', argv + [
+                 '-c', loads + '; import ' + ', '.join(JOB_IMPORTS)]),
              ('config, GET, RUN (no PUT)',
               tiny_job_argv(bench, python, 'noput')),
              ('PUT', tiny_job_argv(bench, python))]
