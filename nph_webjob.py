@@ -780,6 +780,14 @@ class CountingReader(object):
         self.count += len(data)
         return data
 
+    def read1(self, size):
+        """What has arrived, up to size (ArrivingBody): a CGI's stdin read
+        whole 1 MiB blocks, so the CGI Apache kills on a cut PATCH held
+        only the blocks it had completed."""
+        data = getattr(self.stream, 'read1', self.stream.read)(size)
+        self.count += len(data)
+        return data
+
 
 def drain_body(stdin, length):
     """Read and discard up to DRAIN_LIMIT bytes of a refused body, so the
@@ -2801,8 +2809,7 @@ def run_cgi(environ=None, stdin=None, stdout=None):
     script = environ.get('SCRIPT_FILENAME') or sys.argv[0]
     nph = wants_nph(environ, script)
     os.umask(0o022)
-    if environ.get('REQUEST_METHOD') not in PARTIAL_METHODS:
-        catch_termination()     # INFO: a resumable PATCH keeps what it had
+    catch_termination()     # INFO: a cut PATCH fsyncs what it had, logs 456
     stdout = stdout or sys.stdout.buffer
     handle_request(environ, stdin or sys.stdin.buffer, stdout, nph=nph,
                    extra_headers=[('Connection', 'close')] if nph else ())
