@@ -618,14 +618,21 @@ class StreamDigests(object):
     client's default, MD5, is taken too (aside); above THREAD_HASH_MIN bytes
     a helper thread takes it (hashlib releases the GIL), so a spare core
     pays.  A SHA1 upload is hashed again from the file (check_stream_hash).
+    The same object follows a partial upload's stream across its appends
+    (begin and end around each, sums at the end).
     """
 
-    def __init__(self, length, aside=()):
+    def __init__(self, length=0, aside=()):
         import hashlib  # late import: PUT with IntegrityEnable only
         self.sha256 = hashlib.sha256()
         self.others = [(name, hashlib.new(name.lower())) for name in aside]
         self.queue = self.thread = None
-        if self.others and length > THREAD_HASH_MIN:
+        self.begin(length)
+
+    def begin(self, count):
+        """Before count bytes come: a helper thread for the aside digests
+        when that is more than THREAD_HASH_MIN."""
+        if self.others and count > THREAD_HASH_MIN:
             import queue  # late import: large uploads only
             import threading  # late import: large uploads only
             self.queue = queue.Queue(8)
@@ -650,16 +657,25 @@ class StreamDigests(object):
             for name, digest in self.others:
                 digest.update(chunk)
 
-    def finish(self):
-        """{HashType: lower-case hex} once every block is in."""
+    def end(self):
+        """After the bytes begin announced: every block is in the aside
+        digests too."""
         if self.thread is not None:
             self.queue.put(None)
             self.thread.join()
-            self.thread = None
+            self.queue = self.thread = None
+
+    def sums(self):
+        """{HashType: lower-case hex} of what was fed."""
         found = dict((name, digest.hexdigest()) for name, digest
                      in self.others)
         found['SHA256'] = self.sha256.hexdigest()
         return found
+
+    def finish(self):
+        """end() then sums(): the digests once every block is in."""
+        self.end()
+        return self.sums()
 
 
 def sha256_hex(data):
@@ -780,6 +796,14 @@ class CountingReader(object):
         self.count += len(data)
         return data
 
+    def read1(self, size):
+        """What has arrived, up to size (ArrivingBody): a CGI's stdin read
+        whole 1 MiB blocks, so the CGI Apache kills on a cut PATCH held
+        only the blocks it had completed."""
+        data = getattr(self.stream, 'read1', self.stream.read)(size)
+        self.count += len(data)
+        return data
+
 
 def drain_body(stdin, length):
     """Read and discard up to DRAIN_LIMIT bytes of a refused body, so the
@@ -889,7 +913,6 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
     :raises HTTPStatusError: 456 for a short body, 451 when no name is
         free, 500 when the disk refuses.
     """
-    import io  # late import: start-up time
     incoming = site.incoming
     checking = site.values['IntegrityEnable']
     group, lock, lock_fd = claim_group(incoming, prefix, suffix,
@@ -910,7 +933,7 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
                     sums.append(digests.finish())
             temps.append((temp, os.path.join(incoming, group + '.' + ext)))
         record = ('Jid=%s\n' % job_id).encode('ascii')
-        manifest = []
+        manifest, flag = [], None
         if checking:
             declared = read_declared_hashes(temps[2][0])
             for n in (0, 1):
@@ -919,22 +942,8 @@ def store_upload(site, stdin, prefix, suffix, lengths, job_id):
             note, flag = check_upload_hashes(declared, sums[0], sums[1])
             manifest = [(sums[n]['SHA256'], group + '.' + ext)
                         for n, ext in enumerate(STREAM_EXTENSIONS)]
-            if flag is not None:
-                temp = os.path.join(incoming, '.%s.%s' % (group,
-                                                          FLAG_EXTENSION))
-                made.append(temp)
-                write_stream(temp, io.BytesIO(flag), len(flag))
-                temps.append((temp, os.path.join(
-                    incoming, group + '.' + FLAG_EXTENSION)))
-                manifest.append((sha256_hex(flag),
-                                 group + '.' + FLAG_EXTENSION))
-            manifest.append((sha256_hex(record), group + '.rdy'))
-        seal_group(temps, made, lock, lock_fd, record)
-        made = []               # INFO: committed from here on; keep it all
-        webjob.fsync_folder(incoming)
-        if manifest and not append_log(site.manifest_path, ''.join(
-                '%s  %s\n' % pair for pair in manifest)):
-            note += '; manifest (%s) not written' % MANIFEST_NAME
+        note += commit_group(site, group, lock, lock_fd, made, temps,
+                             manifest, flag, record)
         return group, note
     finally:
         os.close(lock_fd)       # INFO: releases the flock, after the commit
@@ -980,6 +989,36 @@ def seal_group(temps, made, lock, lock_fd, record):
     except OSError as exc:
         raise HTTPStatusError(500, 'Storage: cannot rename %s to .rdy (%s)'
                               % (os.path.basename(lock), exc.strerror or exc))
+
+
+
+def commit_group(site, group, lock, lock_fd, made, temps, manifest, flag,
+                 record):
+    """The commit a PUT and a completed partial upload both end in: the
+    .bad sidecar when the hashes disagree, the streams renamed into place
+    (temps), the .lck turned .rdy, the folder fsynced, and only then the
+    manifest, so it names accepted groups only.  made lists what a failure
+    removes; it is emptied once the group is committed.  Returns the log
+    note's addition."""
+    import io  # late import: start-up time
+    incoming = site.incoming
+    if flag is not None:
+        temp = os.path.join(incoming, '.%s.%s' % (group, FLAG_EXTENSION))
+        made.append(temp)
+        write_stream(temp, io.BytesIO(flag), len(flag))
+        temps.append((temp, os.path.join(incoming,
+                                         group + '.' + FLAG_EXTENSION)))
+        if manifest:
+            manifest.append((sha256_hex(flag), group + '.' + FLAG_EXTENSION))
+    if manifest:
+        manifest.append((sha256_hex(record), group + '.rdy'))
+    seal_group(temps, made, lock, lock_fd, record)
+    del made[:]                 # INFO: committed from here on; keep it all
+    webjob.fsync_folder(incoming)
+    if manifest and not append_log(site.manifest_path, ''.join(
+            '%s  %s\n' % pair for pair in manifest)):
+        return '; manifest (%s) not written' % MANIFEST_NAME
+    return ''
 
 
 ###############################################################################
@@ -2347,72 +2386,20 @@ class Partial(object):
                                       os.path.getsize(path)))
 
 
-class RunningDigests(object):
-    """SHA-256 and the aside digests of one partial stream, fed as it is
-    appended, so the completing PATCH need not read it back.  Kept only by
-    a long-lived process (the standalone server): a CGI reads it back.
-    During a large append the aside digests run in a helper thread, as
-    StreamDigests does for a PUT."""
-
-    def __init__(self):
-        import hashlib  # late import: partial uploads only
-        self.sha256 = hashlib.sha256()
-        self.others = [(name, hashlib.new(name.lower()))
-                       for name in ASIDE_HASHES]
-        self.queue = self.thread = None
-
-    def begin(self, count):
-        """Before an append of count bytes: a helper thread when large."""
-        if self.others and count > THREAD_HASH_MIN:
-            import queue  # late import: large uploads only
-            import threading  # late import: large uploads only
-            self.queue = queue.Queue(8)
-            self.thread = threading.Thread(target=self.hash_aside)
-            self.thread.daemon = True
-            self.thread.start()
-
-    def hash_aside(self):
-        while True:
-            chunk = self.queue.get()
-            if chunk is None:
-                return
-            for name, digest in self.others:
-                digest.update(chunk)
-
-    def update(self, chunk):
-        self.sha256.update(chunk)
-        if self.queue is not None:
-            self.queue.put(chunk)
-        else:
-            for name, digest in self.others:
-                digest.update(chunk)
-
-    def end(self):
-        """After the append: every block is in the aside digests too."""
-        if self.thread is not None:
-            self.queue.put(None)
-            self.thread.join()
-            self.queue = self.thread = None
-
-    def sums(self):
-        found = dict((name, digest.hexdigest()) for name, digest
-                     in self.others)
-        found['SHA256'] = self.sha256.hexdigest()
-        return found
-
-
-#: (partial folder, stream) -> (bytes hashed, RunningDigests), this process.
+#: (partial folder, stream) -> (bytes hashed, StreamDigests), this process:
+#: kept only by a long-lived process (the standalone server), so the
+#: completing PATCH need not read the stream back; a CGI reads it back.
 RUNNING_DIGESTS = {}
 MAX_RUNNING = 1024              # streams followed at once; then the oldest go
 
 
 def take_running(folder, ext, size):
-    """The RunningDigests of a stream whose first size bytes they hashed;
+    """The StreamDigests of a stream whose first size bytes they hashed;
     a fresh one for an empty stream; else None (read it back at the end)."""
     found = RUNNING_DIGESTS.pop((folder, ext), None)
     if found is not None and found[0] == size:
         return found[1]
-    return RunningDigests() if size == 0 else None
+    return StreamDigests(0, ASIDE_HASHES) if size == 0 else None
 
 
 def keep_running(folder, ext, size, digests):
@@ -2626,24 +2613,8 @@ def commit_partial(site, exchange, partial, lengths):
             os.link(source, final)
             made.append(final)
         record = ('Jid=%s\n' % exchange.job_id).encode('ascii')
-        temps = []
-        if flag is not None:
-            temp = os.path.join(incoming, '.%s.%s' % (group, FLAG_EXTENSION))
-            made.append(temp)
-            write_stream(temp, io_bytes(flag), len(flag))
-            temps.append((temp, os.path.join(incoming, group + '.' +
-                                             FLAG_EXTENSION)))
-            if manifest:
-                manifest.append((sha256_hex(flag), group + '.' +
-                                 FLAG_EXTENSION))
-        if manifest:
-            manifest.append((sha256_hex(record), group + '.rdy'))
-        seal_group(temps, made, lock, lock_fd, record)
-        made = []               # INFO: committed from here on; keep it all
-        webjob.fsync_folder(incoming)
-        if manifest and not append_log(site.manifest_path, ''.join(
-                '%s  %s\n' % pair for pair in manifest)):
-            note += '; manifest (%s) not written' % MANIFEST_NAME
+        note += commit_group(site, group, lock, lock_fd, made, [], manifest,
+                             flag, record)
     finally:
         os.close(lock_fd)       # INFO: releases the flock, after the commit
         if made:
@@ -2655,7 +2626,7 @@ def commit_partial(site, exchange, partial, lengths):
 
 
 def held_digests(partial, ext, path, aside):
-    """{HashType: hex} of a held stream: from its RunningDigests when this
+    """{HashType: hex} of a held stream: from its StreamDigests when this
     process hashed all of it as it came, else read back."""
     size = os.path.getsize(path)
     running = take_running(partial.folder, ext, size)
@@ -2801,8 +2772,7 @@ def run_cgi(environ=None, stdin=None, stdout=None):
     script = environ.get('SCRIPT_FILENAME') or sys.argv[0]
     nph = wants_nph(environ, script)
     os.umask(0o022)
-    if environ.get('REQUEST_METHOD') not in PARTIAL_METHODS:
-        catch_termination()     # INFO: a resumable PATCH keeps what it had
+    catch_termination()     # INFO: a cut PATCH fsyncs what it had, logs 456
     stdout = stdout or sys.stdout.buffer
     handle_request(environ, stdin or sys.stdin.buffer, stdout, nph=nph,
                    extra_headers=[('Connection', 'close')] if nph else ())

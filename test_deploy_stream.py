@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ from test_deploy_end_to_end import deployed_cfg
 
 SEED = 2016
 CUTS = 6                        # cut points per front end and kind
+HEADS = 4096                    # bytes past the HEAD and PATCH heads
 
 
 def reset(site):
@@ -89,10 +91,19 @@ def nginx_cfg(tmp_path, site, put_url, mode, pki):
     return path, str(folder)
 
 
+def job_argv(cfg):
+    return [sys.executable, WEBJOB, '-e', '-f', cfg, 'seq.sh']
+
+
 def run(cfg):
-    return subprocess.run([sys.executable, WEBJOB, '-e', '-f', cfg, 'seq.sh'],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=300)
+    return subprocess.run(job_argv(cfg), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=300)
+
+
+def start(cfg):
+    return subprocess.Popen(job_argv(cfg), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def assert_one_group(site, result):
@@ -124,36 +135,90 @@ def test_apache_stores_a_job_uploaded_this_way(tmp_path, apache, mode):
     assert 'PATCH' in methods(apache, 3)
 
 
+def held_bytes(site):
+    """Bytes of every stream held in incoming/.partial/ (0 when none)."""
+    top = os.path.join(site.root, 'incoming', '.partial')
+    total = 0
+    for folder, _, names in os.walk(top):
+        for name in names:
+            if name in ('out', 'err', 'env'):
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+def wait_for_held_bytes(site, timeout=120.0):
+    """Bytes the server holds in incoming/.partial/, once there are some
+    (deadline loop on the file: the CGI appends what reaches it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = held_bytes(site)
+        if held or time.monotonic() > deadline:
+            return held
+        time.sleep(0.01)     # poll interval while waiting on the file
+
+
+def logged_patches(site, statuses, timeout=60.0):
+    """(ContentLength, ReturnStatus) of every PATCH in the site's log, in
+    order, once a PATCH with each of statuses is logged (deadline loop: a
+    CGI writes its log line after it has answered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        patches = [(int(fields[8]), fields[11]) for fields in
+                   (line.split() for line in site.log_lines())
+                   if fields[5] == 'PATCH']
+        if set(statuses) <= set(status for _, status in patches) or \
+                time.monotonic() > deadline:
+            return patches
+        time.sleep(0.01)     # poll interval while waiting on the log
+
+
 @pytest.mark.parametrize('mode', ['resumable', 'streamed'])
 def test_apache_resumes_after_cuts_at_random_offsets(tmp_path, apache, mode):
     """mod_cgi hands the CGI the body as it arrives: after a cut the server
-    holds what came, and the PATCH that completes sends only the rest."""
+    holds what came, and the PATCH that completes sends only the rest.
+
+    The relay holds the upload at a random offset past the request heads,
+    and cuts it only once the server's partial file has grown, so every
+    trial cuts an upload the server holds part of (a cut at a byte offset
+    alone raced the CGI's start-up)."""
     relay = Relay(apache.port)
     rand = random.Random('%s-%s' % (SEED, mode))
-    lengths = set()
     try:
         for trial in range(CUTS):
             reset(apache)
-            relay.arm(cut=rand.randrange(1, len(OUT)))
+            relay.arm(hold_at=rand.randrange(HEADS, len(OUT)))
             work = tmp_path / str(trial)
             work.mkdir()
             cfg, folder = apache_cfg(work, apache, relay.url, mode)
-            assert_one_group(apache, run(cfg))
-            assert relay.cut is None, 'the cut point was never reached'
-            lengths.update(int(line.split()[8]) for line in
-                           apache.log_lines() if line.split()[5] == 'PATCH')
+            proc = start(cfg)
+            try:
+                assert relay.held.wait(120), 'the hold point was never reached'
+                held = wait_for_held_bytes(apache)
+                assert held, 'the server never held any of the upload'
+                relay.release()
+                out, err = proc.communicate(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert_one_group(apache, subprocess.CompletedProcess(
+                proc.args, proc.returncode, out, err))
+            if mode == 'resumable':
+                # the cut PATCH declared the whole upload and was logged
+                # (456) by the CGI Apache ended; the one that completed it
+                # declared only what the server did not hold
+                patches = logged_patches(apache, ('456', '200'))
+                assert [status for _, status in patches] == ['456', '200'], (
+                    trial, held, patches)
+                assert patches[1][0] <= patches[0][0] - held, (
+                    trial, held, patches)
+            else:
+                assert len(logged_patches(apache, ('200',))) >= 2, trial
     finally:
         relay.close()
-    if mode == 'resumable' and not min(lengths) < max(lengths):
-        # mod_cgi streams the body, so some resumed PATCH should send only
-        # the rest -- but only when the CGI had started and written part of
-        # the body before the relay cut it, which is a race with the CGI's
-        # start-up (it grew with this round's code).  Open (issue 16): cut
-        # on the server's partial file growing, not at a byte offset.  The
-        # evidence of every trial is still checked strictly above; this
-        # shows as XFAIL, never as a pass.
-        pytest.xfail('under Apache a cut PATCH restarted from 0 (%s)'
-                     % sorted(lengths))
 
 
 @pytest.mark.parametrize('mode', ['resumable', 'streamed'])
