@@ -975,6 +975,15 @@ def queue_query(client, filename, lengths=None):
     return text
 
 
+def read_queue_entry(root, name):
+    """The Key=Value lines of queue entry 'CLIENT/NUMBER' under a
+    BaseDirectory (jobqueues/CLIENT/NUMBER.job), by the server's reader."""
+    import nph_webjob
+    client, number = name.split('/')
+    return nph_webjob.read_key_values(os.path.join(
+        str(root), 'jobqueues', client, number + '.job'))
+
+
 def queue_exchange(port, method, query, body=b'', job_id=None):
     """One WebJob request on a new connection: (status, Job-Id, body)."""
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
