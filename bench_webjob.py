@@ -1105,7 +1105,8 @@ def measure_load_apache(bench, key):
 
 def measure_load_nginx(bench, key):
     """As measure_load_standalone, through nginx + fcgiwrap as the README
-    configures them (TLS, client certificate, Basic auth)."""
+    configures them (TLS, client certificate, Basic auth, the install-cgi
+    stub under the parsed-header name)."""
     import ssl
     nginx = start_web_server(bench, key, 'nginx', 'nginx', 'fcgiwrap')
     if nginx is not None:
@@ -1114,11 +1115,12 @@ def measure_load_nginx(bench, key):
         context.load_cert_chain(nginx.pki.path('client.crt'),
                                 nginx.pki.path('client.key'))
         rate, p99 = run_fleet_load(bench, nginx.port, bench.plan['jobs'],
-                                   path=conftest.PARSED_CGI_PATH,
+                                   path=conftest.PARSED_STUB_CGI_PATH,
                                    context=context,
                                    auth='%s:%s' % (CLIENT_ID, PASSWORD))
-        set_load_figures(bench, 'nginx', rate, p99, 'nginx + fcgiwrap, TLS '
-                         'with a client certificate, Basic auth')
+        set_load_figures(bench, 'nginx', rate, p99, 'nginx + fcgiwrap, '
+                         'install-cgi stub, TLS with a client certificate, '
+                         'Basic auth')
 
 
 # The WebDAV reference: nginx's own PUT into a folder.

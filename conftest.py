@@ -31,6 +31,7 @@ WEBJOB = os.path.join(HERE, 'webjob.py')
 CGI_PATH = '/cgi-client/nph-webjob.cgi'        # NPH: the CGI's own status line
 PARSED_CGI_PATH = '/cgi-client/webjob.cgi'     # parsed-header: 'Status:'
 STUB_CGI_PATH = '/cgi-client/nph-webjob-stub.cgi'  # nph_webjob.py install-cgi
+PARSED_STUB_CGI_PATH = '/cgi-client/webjob-stub.cgi'   # the same, parsed-header
 LOOPBACK = '127.0.0.1'
 
 
@@ -496,10 +497,14 @@ class CgiSite(object):
         for name in ('nph-webjob.cgi', 'webjob.cgi'):
             os.symlink(self.cgi_target,
                        os.path.join(self.top, 'cgi-client', name))
-        # The recommended install: a stub over byte code compiled up front.
-        subprocess.run([binary, self.cgi_target, 'install-cgi', os.path.join(
-            self.top, 'cgi-client', os.path.basename(STUB_CGI_PATH))], check=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # The recommended install: a stub over byte code compiled up front,
+        # under the NPH name (Apache) and a parsed-header one (nginx).
+        for stub in (STUB_CGI_PATH, PARSED_STUB_CGI_PATH):
+            subprocess.run([binary, self.cgi_target, 'install-cgi',
+                            os.path.join(self.top, 'cgi-client',
+                                         os.path.basename(stub))],
+                           check=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
         self._write_htpasswd()
         self.properties = os.path.join(self.top, 'nph-webjob.cfg')
         write_file(self.properties, (
@@ -970,6 +975,15 @@ def queue_query(client, filename, lengths=None):
     return text
 
 
+def read_queue_entry(root, name):
+    """The Key=Value lines of queue entry 'CLIENT/NUMBER' under a
+    BaseDirectory (jobqueues/CLIENT/NUMBER.job), by the server's reader."""
+    import nph_webjob
+    client, number = name.split('/')
+    return nph_webjob.read_key_values(os.path.join(
+        str(root), 'jobqueues', client, number + '.job'))
+
+
 def queue_exchange(port, method, query, body=b'', job_id=None):
     """One WebJob request on a new connection: (status, Job-Id, body)."""
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=120)
@@ -1072,7 +1086,10 @@ async def _fleet_exchange(target, request):
         head = await reader.readuntil(b'\r\n\r\n')
         lines = head.decode('latin-1').split('\r\n')
         fields = dict(line.split(': ', 1) for line in lines[1:] if line)
-        body = await reader.readexactly(int(fields['Content-Length']))
+        if 'Content-Length' in fields:
+            body = await reader.readexactly(int(fields['Content-Length']))
+        else:                   # Connection: close ends the body
+            body = await reader.read()
         return int(lines[0].split()[1]), fields, body
     finally:
         writer.close()

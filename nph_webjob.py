@@ -866,8 +866,10 @@ def claim_group(incoming, prefix, suffix, first):
 
     The claim is '<group>.lck' made with O_EXCL and held with flock for
     the whole upload, so verify can tell a live upload from the lock a
-    killed server left (stale).  A name whose lock or any group file exists
-    is skipped, so nothing is ever overwritten.  Returns (group, lock path,
+    killed server left (stale).  A name whose lock, any group file or any
+    of their temporary names exists is skipped, so nothing is ever
+    overwritten, written through a planted link, or refused because of one
+    (verify reports what was planted).  Returns (group, lock path,
     lock descriptor).
 
     :raises HTTPStatusError: 451 when all 100000 numbers are taken.
@@ -885,8 +887,8 @@ def claim_group(incoming, prefix, suffix, first):
             raise HTTPStatusError(500, 'Storage: cannot create %s (%s)' % (
                 os.path.basename(lock), exc.strerror or exc))
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if any(os.path.lexists(os.path.join(incoming, group + '.' + ext))
-               for ext in GROUP_EXTENSIONS):
+        if any(os.path.lexists(os.path.join(incoming, name % (group, ext)))
+               for ext in GROUP_EXTENSIONS for name in ('%s.%s', '.%s.%s')):
             os.unlink(lock)
             os.close(fd)
             continue

@@ -11,7 +11,9 @@ import sys
 import pytest
 
 import nph_webjob
-from conftest import NPH_WEBJOB, NEWEST_PY, OLDEST_PY, WEBJOB, write_file
+from conftest import (NPH_WEBJOB, NEWEST_PY, OLDEST_PY, WEBJOB,
+                      write_file)
+from conftest import read_queue_entry as entry
 
 COLLECT = b'#!/bin/sh\necho "collected $*"\n'
 FAILING = b'#!/bin/sh\necho "broken" >&2\nexit 5\n'
@@ -33,12 +35,6 @@ def run_client(python, cfg, *args):
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=120)
     return proc.returncode, out.decode(), err.decode()
-
-
-def entry(root, name):
-    client, number = name.split('/')
-    return nph_webjob.read_key_values(os.path.join(
-        str(root), 'jobqueues', client, number + '.job'))
 
 
 @pytest.fixture

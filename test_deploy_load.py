@@ -15,7 +15,8 @@ import re
 import subprocess
 import sys
 
-from conftest import (LOOPBACK, NPH_WEBJOB, PARSED_CGI_PATH, STUB_CGI_PATH,
+from conftest import (LOOPBACK, NPH_WEBJOB, PARSED_CGI_PATH,
+                      PARSED_STUB_CGI_PATH, STUB_CGI_PATH,
                       WEBJOB, fleet_out, install_fleet_program,
                       simulate_fleet)
 from test_server import query
@@ -106,8 +107,9 @@ def test_fleet_of_real_jobs_against_nginx_and_fcgiwrap(tmp_path, nginx_server,
     nginx_server.clean()
     install_fleet_program(nginx_server.root)
 
-    def make_cfg(job_dir):
-        return deployed_cfg(job_dir, nginx_server.cgi_url, job_dir, pki)
+    def make_cfg(job_dir):       # the README's install-cgi stub
+        return deployed_cfg(job_dir, nginx_server.cgi_url.replace(
+            PARSED_CGI_PATH, PARSED_STUB_CGI_PATH), job_dir, pki)
 
     assert run_fleet(tmp_path, make_cfg, LOAD_PROCESSES) == []
     assert_all_stored(nginx_server.root, LOAD_PROCESSES)

@@ -640,17 +640,21 @@ def test_other_methods_are_405(server_root, method):
     assert last_log(server_root).group('method') == method
 
 
-def test_write_failure_is_500_and_removes_the_group(server_root):
+def test_a_folder_under_a_temporary_name_is_passed_by(server_root):
+    """Nothing is refused (or written into) because of what sits under a
+    group's temporary name: the upload takes the next serial number.  (A
+    write that fails is a 500 that removes the group: the disk-full tests
+    of test_server_locker.py.)"""
     site = make_site(server_root, next_serial=lambda: 5,
                      clock=lambda: ARTICLE_EPOCH, UseGMT=True)
     blocker = server_root / 'incoming' / (
         '.client_1_20040523233206_00005_hostname.sh.err')
     os.mkdir(str(blocker))
     status, reply = put(site)
-    assert (status, reply.status_line) == (
-        500, 'HTTP/1.1 500 Internal Server Error')
-    assert incoming(server_root) == [blocker.name]
-    assert 'Storage: cannot create' in last_log(server_root).group('message')
+    assert (status, reply.status_line) == (200, 'HTTP/1.1 200 OK')
+    assert [name for name in incoming(server_root) if name.endswith('.rdy')
+            ] == ['client_1_20040523233206_00006_hostname.sh.rdy']
+    assert blocker.is_dir() and not os.listdir(str(blocker))
 
 
 def test_unexpected_exception_is_500_without_a_traceback(server_root):

@@ -18,7 +18,9 @@ import threading
 import pytest
 
 import nph_webjob
-from conftest import LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY, write_file
+from conftest import (LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY,
+                      write_file)
+from conftest import read_queue_entry as entry
 
 VERSION = 'webjob+1.0.0+ssl+dsv+64+bit'
 SYSTEM = 'x86_64+Linux+6.18.0-1-amd64'
@@ -92,12 +94,6 @@ def admin(root, *args):
                             stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=60)
     return proc.returncode, out.decode(), err.decode()
-
-
-def entry(root, name):
-    client, number = name.split('/')
-    return nph_webjob.read_key_values(os.path.join(
-        str(root), 'jobqueues', client, number + '.job'))
 
 
 @pytest.fixture

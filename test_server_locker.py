@@ -153,6 +153,32 @@ def test_a_file_planted_under_another_name_is_reported(server_root, name):
         in lines
 
 
+@pytest.mark.parametrize('ext', ['out', 'err', 'env', 'bad'])
+def test_a_link_planted_under_a_temporary_name_is_passed_by(server_root,
+                                                            tmp_path, ext):
+    """The upload takes the next serial number instead of failing on (or
+    writing through) the link, and verify reports the planted link."""
+    outside = tmp_path / 'outside'
+    write_file(outside, b'not evidence')
+
+    def site():
+        return make_site(server_root, next_serial=lambda: 1,
+                         clock=lambda: 1700000000.0)
+    assert put(site())[0] == 200
+    first = group_files(server_root, 'rdy')[0][:-len('.rdy')]
+    for name in incoming(server_root):
+        os.unlink(str(server_root / 'incoming' / name))
+    planted = '.%s.%s' % (first, ext)
+    os.symlink(str(outside), str(server_root / 'incoming' / planted))
+    assert put(site())[0] == 200
+    stored = group_files(server_root, 'rdy')
+    assert len(stored) == 1 and stored[0] != first + '.rdy', stored
+    assert outside.read_bytes() == b'not evidence'
+    status, lines, err = verify_lines(server_root)
+    assert (status, err) == (1, '')
+    assert [line for line in lines if line.startswith(planted + ':')], lines
+
+
 @pytest.mark.parametrize('kind', ['dangling link', 'directory', 'fifo'])
 def test_verify_and_list_report_a_non_file_named_like_a_group_file(
         server_root, kind):
