@@ -1257,57 +1257,40 @@ def detach_descriptors():
 
 
 def supervise_trigger(site, fields, command, signal, time):
-    """Start the trigger in its own process group, log its start, wait for
-    it (killing the group at TriggerTimeLimit) and log how it ended."""
+    """Start the trigger in its own session and process group, log its
+    start, wait for it (SIGKILL to the group at TriggerTimeLimit) and log
+    how it ended: webjob's spawn and wait_with_deadline, the client's own
+    supervision.  What the trigger leaves running in the background when it
+    exits in time is its own business and is left alone."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE,
                    signal.SIGALRM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     limit = site.values['TriggerTimeLimit']
     errors, stderr_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.dup2(stderr_end, 2)
-            os.close(errors)
-            os.close(stderr_end)
-            os.setpgid(0, 0)
-            os.chdir(site.incoming)
-            os.execve('/bin/sh', ['/bin/sh', '-c', command],
-                      command_environment())
-        finally:
-            os._exit(127)
-    os.close(stderr_end)
     try:
-        os.setpgid(pid, pid)    # INFO: both sides, whichever runs first
-    except OSError:
-        pass
-    log_trigger(site, fields, pid, 'started', 'Command (%s)' % command)
+        proc = webjob.spawn(['/bin/sh', '-c', command], stderr=stderr_end,
+                            cwd=site.incoming, env=command_environment())
+    except BaseException:
+        os.close(errors)
+        raise
+    finally:
+        os.close(stderr_end)
+    log_trigger(site, fields, proc.pid, 'started', 'Command (%s)' % command)
     stderr = collect_stderr(errors)
-    expired = []
-
-    def expire(signum, frame):
-        expired.append(signum)
-        kill_group(pid)
-
-    if limit:
-        signal.signal(signal.SIGALRM, expire)
-        signal.alarm(limit)
-    status = os.waitpid(pid, 0)[1]    # retried after expire (PEP 475)
-    signal.alarm(0)
+    expired = webjob.wait_with_deadline(proc, limit, signal.SIGKILL,
+                                        leave_group=True)
     if expired:
         state, message = 'timeout', 'Signal (%d) to the process group when ' \
             'TriggerTimeLimit (%d s) expired' % (signal.SIGKILL, limit)
-    elif os.WIFSIGNALED(status):
-        state, message = 'killed', 'Signal (%d)' % os.WTERMSIG(status)
+        wait_for_group_end(proc.pid, STDERR_WAIT, time)
+    elif proc.returncode < 0:
+        state, message = 'killed', 'Signal (%d)' % -proc.returncode
     else:
-        state, message = 'finished', 'Exit status (%d)' % os.WEXITSTATUS(
-            status)
-    if expired:
-        wait_for_group_end(pid, STDERR_WAIT, time)
+        state, message = 'finished', 'Exit status (%d)' % proc.returncode
     stderr.join(STDERR_WAIT)    # EOF at once, unless a child kept it open
     why = first_line(b''.join(stderr.kept))
-    log_trigger(site, fields, pid, state, message + ('; stderr: ' + why
-                                                     if why else ''))
+    log_trigger(site, fields, proc.pid, state, message + ('; stderr: ' + why
+                                                          if why else ''))
 
 
 def wait_for_group_end(pgid, limit, time):
@@ -1348,8 +1331,8 @@ def collect_stderr(fd):
     reader = threading.Thread(target=drain)
     reader.daemon = True
     reader.kept = []
-    # INFO: the thread is born with these blocked, so SIGALRM (the time
-    # limit) always interrupts the main thread's waitpid, never its read.
+    # INFO: the thread is born with these blocked, so that a signal is
+    # always handled by the main thread's wait, never by this read.
     wanted = [signal.SIGALRM, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
               signal.SIGPIPE, signal.SIGHUP]
     before = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
@@ -1916,15 +1899,6 @@ def run_get_hook(site, exchange, path, shown):
     exchange.body = output
     exchange.status = 200
     exchange.message = 'Success: served GetHook output of %s' % shown
-
-
-def kill_group(pid):
-    """SIGKILL a process group; it may be gone already."""
-    import signal  # late import: triggers and hooks only
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def read_signature(site, path):

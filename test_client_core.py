@@ -43,7 +43,7 @@ def test_server_keeps_no_copy_of_a_core_function():
     copies = [name for name in ('is_digits', 'fsync_folder', 'replace_file',
                                 'spawn', 'wait_with_deadline', 'one_line',
                                 'parse_url', 'read_override_file',
-                                'hash_stream_all')
+                                'hash_stream_all', 'kill_group')
               if name in vars(nph_webjob)]
     assert copies == []
 

@@ -2711,7 +2711,8 @@ def supervise(argv, seconds, signal_number, started=None, **options):
     return proc, wait_with_deadline(proc, seconds, signal_number, held=True)
 
 
-def wait_with_deadline(proc, seconds, signal_number, held=False):
+def wait_with_deadline(proc, seconds, signal_number, held=False,
+                       leave_group=False):
     """Wait for a process; at the deadline signal its whole group.
 
     TimeoutSignal goes to the group first; after a short grace, SIGKILL
@@ -2719,7 +2720,8 @@ def wait_with_deadline(proc, seconds, signal_number, held=False):
     exits first, what it left in its group (background children) is killed
     at once: nothing may go on writing to outputs already hashed.  A stop
     signal is passed on to the group, then SIGKILL follows after the grace.
-    Returns True when the deadline expired.
+    leave_group: what a program that exits in time leaves running is left
+    alone (the server's triggers).  Returns True when the deadline expired.
     """
     import signal  # late import: start-up time
     try:
@@ -2733,7 +2735,8 @@ def wait_with_deadline(proc, seconds, signal_number, held=False):
         end_group(proc, signal.SIGKILL)
         raise
     if exited:
-        kill_group(proc.pid, signal.SIGKILL)
+        if not leave_group:
+            kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
         return False
     end_group(proc, signal_number)
