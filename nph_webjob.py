@@ -2269,6 +2269,16 @@ def read_upload_fields(environ):
     return key, stream, offset, complete == '?1'
 
 
+def sync_held(fd, size):
+    """Bytes appended to fd since it held size, once fsynced as it is (a
+    later SIGTERM is ignored: catch_termination)."""
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size - size
+    except OSError:
+        return 0
+
+
 class Partial(object):
     """One upload in progress: its folder and what each stream holds."""
 
@@ -2345,10 +2355,18 @@ class Partial(object):
             try:
                 done, why = copy_stream(ArrivingBody(stdin), fd, count,
                                         digests)
+                os.fsync(fd)
+            except Terminated as exc:
+                # the web server ended the CGI mid-append (a write, the
+                # fsync): what reached the file is held all the same, and
+                # its running digests are dropped (the commit reads it back)
+                if digests is not None:
+                    digests.end()
+                digests = None
+                done, why = sync_held(fd, size), exc.message
             finally:
                 if digests is not None:
                     digests.end()
-            os.fsync(fd)
             if digests is not None:
                 keep_running(self.folder, ext, size + done, digests)
         finally:
