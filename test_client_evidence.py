@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+import webjob
+
 from test_client import (PROGRAM_BODY, assert_clean_error, basic_cfg,
                          job_dir, output_files, run_webjob, scripted)
 
@@ -156,3 +158,50 @@ def test_without_overwrite_a_stale_target_is_refused_and_kept(tmp_path, scripted
     assert (job_dir / 'job.sh').read_bytes() == b'#!/bin/sh\necho stale\n'
     assert [r.method for r in scripted.requests] == []
     assert output_files(job_dir, 'env') == []
+
+
+def test_the_output_hash_has_the_bytes_written_as_the_follow_ends(
+        tmp_path, monkeypatch):
+    """The hasher thread's read finds nothing, then the program writes its
+    last bytes and exits, and finish() is called, all before the thread
+    looks again: those bytes are hashed all the same (a loaded machine made
+    this interleaving, and the server flagged the upload as a mismatch)."""
+    import hashlib
+    import threading
+    path = tmp_path / 'job.out'
+    path.write_bytes(b'')
+    data = b'job 7 of the fleet\n'
+    first_read = threading.Event()
+    written = threading.Event()
+    real_open = open
+
+    class RacingFile(object):
+        """The hasher's file; its first empty read lets the program write
+        and the job finish before the read returns."""
+        def __init__(self, *args, **kwargs):
+            self.raw = real_open(*args, **kwargs)
+            self.raced = False
+
+        def readinto(self, buf):
+            count = self.raw.readinto(buf)
+            if not count and not self.raced:
+                self.raced = True
+                first_read.set()
+                assert written.wait(60)
+            return count
+
+        def close(self):
+            self.raw.close()
+
+    monkeypatch.setattr(webjob, 'open', RacingFile, raising=False)
+    hasher = webjob.FileHasher(str(path), 'sha256')
+    assert first_read.wait(60)
+    with real_open(str(path), 'ab') as handle:    # the program's last write
+        handle.write(data)
+    finisher = threading.Thread(target=lambda: setattr(
+        finisher, 'result', hasher.finish()))
+    hasher.done.set()               # finish() has begun: done is set first
+    written.set()
+    finisher.start()
+    finisher.join(60)
+    assert finisher.result == (len(data), hashlib.sha256(data).hexdigest())

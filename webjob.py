@@ -2813,11 +2813,15 @@ class FileHasher(object):
         view = memoryview(buf)
         try:
             while True:
+                # INFO: done is read before the read: a read that found
+                # nothing, then done set, could otherwise end the follow
+                # before the writer's last bytes (a false hash mismatch)
+                finished = self.done.is_set()
                 count = self.handle.readinto(buf)
                 if count:
                     self.digest.update(view[:count])
                     self.size += count
-                elif self.done.is_set():
+                elif finished:
                     return
                 else:
                     self.done.wait(0.01)
@@ -2828,7 +2832,7 @@ class FileHasher(object):
         """Stop following; return (size, hex digest) of what was hashed.
 
         When the file is no longer the byte sequence that was hashed (it was
-        truncated or replaced), hash it again from the start.
+        truncated, replaced or grew), hash it again from the start.
         """
         self.done.set()
         self.thread.join()
@@ -2839,7 +2843,7 @@ class FileHasher(object):
             current = os.stat(self.path).st_size
         except OSError:
             current = self.size
-        if current < self.size:
+        if current != self.size:
             return hash_file(self.path, self.digest.name)
         return self.size, self.digest.hexdigest()
 
