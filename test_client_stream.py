@@ -125,6 +125,23 @@ class Relay(object):
         self.listener.close()
 
 
+def run_held(relay, argv, while_held):
+    """Run argv until the armed relay holds its upload, call while_held(),
+    release the relay, and return the finished CompletedProcess."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert relay.held.wait(120), 'the hold point was never reached'
+        while_held()
+        relay.release()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 # The server ##################################################################
 
 class Server(object):
@@ -303,20 +320,11 @@ def test_server_killed_and_restarted_mid_upload(server, relay, tmp_path,
     total = measure(server, relay, tmp_path, mode)
     relay.arm(hold_at=total // 2)
     folder = str(tmp_path / ('restart-' + mode))
-    proc = subprocess.Popen(job_command(server, folder, relay.url, mode),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
-        assert relay.held.wait(120), 'the upload never reached half way'
+    def restart():
         server.kill()
         server.start()
-        relay.release()
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result = run_held(relay, job_command(server, folder, relay.url, mode),
+                      restart)
     assert_stored_once(server, result, folder)
     assert_verify_clean(server)
 

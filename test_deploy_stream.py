@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import NPH_WEBJOB, WEBJOB, write_file
-from test_client_stream import ERR, OUT, PROGRAM, SEGMENT, Relay
+from test_client_stream import ERR, OUT, PROGRAM, SEGMENT, Relay, run_held
 from test_deploy_end_to_end import deployed_cfg
 
 SEED = 2016
@@ -99,11 +99,6 @@ def run(cfg):
     return subprocess.run(job_argv(cfg), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           timeout=300)
-
-
-def start(cfg):
-    return subprocess.Popen(job_argv(cfg), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def assert_one_group(site, result):
@@ -194,19 +189,14 @@ def test_apache_resumes_after_cuts_at_random_offsets(tmp_path, apache, mode):
             work = tmp_path / str(trial)
             work.mkdir()
             cfg, folder = apache_cfg(work, apache, relay.url, mode)
-            proc = start(cfg)
-            try:
-                assert relay.held.wait(120), 'the hold point was never reached'
-                held = wait_for_held_bytes(apache)
-                assert held, 'the server never held any of the upload'
-                relay.release()
-                out, err = proc.communicate(timeout=300)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            assert_one_group(apache, subprocess.CompletedProcess(
-                proc.args, proc.returncode, out, err))
+            holding = []
+
+            def wait_until_held():
+                holding.append(wait_for_held_bytes(apache))
+                assert holding[0], 'the server never held any of the upload'
+            assert_one_group(apache, run_held(relay, job_argv(cfg),
+                                              wait_until_held))
+            held = holding[0]
             if mode == 'resumable':
                 # the cut PATCH declared the whole upload and was logged by
                 # the CGI Apache ended: 456 (its body ended), or 500 when
