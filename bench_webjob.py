@@ -519,7 +519,7 @@ def measure_tiny_job(bench, key, python):
 #: (test_client_sections.py pins the same list) and the standard modules it
 #: imports (-X importtime of one job).
 JOB_SECTIONS = ('Transport', 'Stages', 'Modes')
-JOB_IMPORTS = ('signal', 'socket', 'hashlib', 'threading', 'subprocess')
+JOB_IMPORTS = ('_signal', '_socket', 'hashlib', '_thread', 'select', 'fcntl')
 
 
 def measure_tiny_job_split(bench, key, python):

@@ -1173,21 +1173,22 @@ def start_trigger(site, fields, command):
     pipes to the web server close as soon as the answer is out.
     """
     import json  # late import: triggers only
-    import subprocess  # late import: triggers only
+    import signal  # late import: triggers only
+    import tempfile  # late import: triggers only
     order = json.dumps({
         'command': command, 'fields': list(fields), 'incoming': site.incoming,
         'log': site.trigger_log_path,
         'values': dict((name, site.values[name]) for name in TRIGGER_VALUES)})
-    proc = webjob.spawn(
-        [sys.executable, '-I', '-S', os.path.realpath(__file__),
-         SUPERVISE_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, cwd=site.incoming,
-        env=supervisor_environment())
-    try:
-        proc.communicate(order.encode('utf-8'), timeout=SUPERVISOR_START_LIMIT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with tempfile.TemporaryFile() as order_file:   # no pipe to keep fed
+        order_file.write(order.encode('utf-8'))
+        order_file.seek(0)
+        proc = webjob.spawn(
+            [sys.executable, '-I', '-S', os.path.realpath(__file__),
+             SUPERVISE_COMMAND], stdin=order_file, stdout=webjob.DEVNULL,
+            stderr=webjob.DEVNULL, cwd=site.incoming,
+            env=supervisor_environment())
+    if webjob.wait_with_deadline(proc, SUPERVISOR_START_LIMIT, signal.SIGKILL,
+                                 leave_group=True):
         raise OSError('the supervisor did not detach within %d s'
                       % SUPERVISOR_START_LIMIT)
     if proc.returncode != 0:
@@ -1865,7 +1866,6 @@ def run_get_hook(site, exchange, path, shown):
     :raises HTTPStatusError: 457 when the hook fails or runs out of time.
     """
     import signal  # late import: GetHook only
-    import subprocess  # late import: GetHook only
     import tempfile  # late import: GetHook only
     values = site.values
     command = expand_tokens(values['GetHookCommandLine'], dict(
@@ -1875,7 +1875,7 @@ def run_get_hook(site, exchange, path, shown):
     errors = tempfile.TemporaryFile()
     try:
         proc = webjob.spawn(
-            ['/bin/sh', '-c', command], stdin=subprocess.DEVNULL,
+            ['/bin/sh', '-c', command], stdin=webjob.DEVNULL,
             stdout=output, stderr=errors, cwd=os.path.dirname(path),
             env=command_environment())
         if webjob.wait_with_deadline(proc, limit, signal.SIGKILL):

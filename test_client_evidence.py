@@ -200,7 +200,7 @@ def test_the_output_hash_has_the_bytes_written_as_the_follow_ends(
         handle.write(data)
     finisher = threading.Thread(target=lambda: setattr(
         finisher, 'result', hasher.finish()))
-    hasher.done.set()               # finish() has begun: done is set first
+    hasher.done = True              # finish() has begun: done is set first
     written.set()
     finisher.start()
     finisher.join(60)

@@ -39,7 +39,7 @@ __all__ = [
     'BLOCK_SIZE', 'write_all', 'create_exclusive', 'replace_file',
     'fsync_folder',
     # block hashing and process-group supervision
-    'hash_stream_all', 'hash_file', 'spawn', 'wait_with_deadline',
+    'hash_stream_all', 'hash_file', 'spawn', 'DEVNULL', 'wait_with_deadline',
     'kill_group',
     # DSV: DER/PEM reading and verification (the signing tool builds on it)
     'DsvError', 'DERError', 'PEMError', 'SignatureError', 'DER_NULL',
@@ -58,6 +58,10 @@ __all__ = [
 # INFO: only os and sys are imported at module level.  Every other module is
 # imported inside the function that needs it, because start-up time is paid
 # on every run from cron or across a fleet, and -v must stay near the floor.
+# A job uses the C modules _signal, _socket and _thread, not signal, socket,
+# threading and subprocess: those wrappers add enums and helpers a job does
+# not use, and their imports (enum, functools, collections, re, locale) cost
+# 20-40 ms of a 100 ms job.  spawn() starts programs with os.posix_spawn.
 
 
 ###############################################################################
@@ -187,11 +191,10 @@ class Interrupted(WebJobError):
 
 def signal_name(number):
     """'SIGTERM' for 15; 'signal 99' for a number the host does not name."""
-    import signal  # late import: start-up time
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return 'signal %d' % number
+    import _signal as signal  # late import; C module (INFO above)
+    names = sorted(name for name in dir(signal) if name.startswith('SIG')
+                   and '_' not in name and getattr(signal, name) == number)
+    return names[0] if names else 'signal %d' % number
 
 
 #: Secrets of this run (passwords, pass phrases), hidden from every line
@@ -586,7 +589,7 @@ def check_value(kind, value):
 
 def valid_signals():
     """Signal numbers this host accepts, on every supported Python."""
-    import signal  # late import: start-up time
+    import _signal as signal  # late import; C module (INFO above)
     if hasattr(signal, 'valid_signals'):
         return set(int(s) for s in signal.valid_signals())
     return set(range(1, signal.NSIG))  # COMPAT(3.6, 3.7)
@@ -881,9 +884,9 @@ def replace_file(path, data, mode=0o644):
 defer_section('Transport', (
     'http_escape', 'build_query', 'Target', 'choose_proxy',
     'substitute_tokens', 'redact_url', 'Deadline', 'Response',
-    'open_connection', 'build_request', 'request_target',
-    'add_proxy_authorization', 'send_all', 'send_file', 'read_response_head',
-    'find_head_end', 'parse_status_line', 'parse_fields', 'is_job_id',
+    'open_connection', 'connect_tcp', 'build_request', 'request_target',
+    'add_proxy_authorization', 'send_all', 'send_file', 'send_file_range',
+    'read_response_head', 'find_head_end', 'parse_status_line', 'parse_fields', 'is_job_id',
     'read_body_to_file', 'http_exchange'), r'''
 def http_escape(text):
     """Escape a query value as the original's HttpEscape does.
@@ -1036,7 +1039,7 @@ def open_connection(target, deadline, tls_context=None, raw=False):
 
     raw=True stops at TCP, for the TLS probes that drive their own handshake.
     """
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     if target.scheme == 'https' and not raw:
         tls_context.prepare(target, deadline)
     proxy = target.proxy
@@ -1044,8 +1047,7 @@ def open_connection(target, deadline, tls_context=None, raw=False):
     try:
         # bytes, not str: a str host makes getaddrinfo import the idna codec
         host = peer.host.strip('[]').encode('ascii')
-        sock = socket.create_connection((host, peer.port),
-                                        timeout=deadline.remaining())
+        sock = connect_tcp(host, peer.port, deadline.remaining())
     except socket.timeout:
         raise TransportError('%s: connect: %s expired'
                              % (peer.display, deadline.what))
@@ -1063,6 +1065,24 @@ def open_connection(target, deadline, tls_context=None, raw=False):
         sock.close()
         raise
     return sock
+
+
+def connect_tcp(host, port, timeout):
+    """socket.create_connection's loop: each address getaddrinfo gives, in
+    its order, until one connects; the last failure when none does."""
+    import _socket as socket  # late import; C module (INFO above)
+    failure = OSError('%s: no address' % host)
+    for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            failure = exc
+            sock.close()
+    raise failure
 
 
 def build_request(method, target, query, content_length, job_id=None,
@@ -1100,7 +1120,7 @@ def add_proxy_authorization(lines, target):
 
 def send_all(sock, data, deadline):
     """Send bytes with the stage's remaining time as the socket timeout."""
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     view = memoryview(data)
     try:
         while view:
@@ -1123,7 +1143,7 @@ def send_file(sock, path, size, deadline, offset=0):
     large upload, so there each 1 MiB block is read into one buffer and
     handed to OpenSSL whole (it cuts the 16 KiB records itself).
     """
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     sent = 0
     with open(path, 'rb') as handle:
         try:
@@ -1133,8 +1153,8 @@ def send_file(sock, path, size, deadline, offset=0):
                 return
             while sent < size:
                 sock.settimeout(deadline.remaining())
-                count = sock.sendfile(handle, offset + sent,
-                                      min(BLOCK_SIZE, size - sent))
+                count = send_file_range(sock, handle, offset + sent,
+                                        min(BLOCK_SIZE, size - sent))
                 if not count:
                     raise TransportError('%s: file shrank during upload' % path)
                 sent += count
@@ -1145,6 +1165,22 @@ def send_file(sock, path, size, deadline, offset=0):
             raise TransportError('send: %s' % (exc.strerror or exc))
 
 
+def send_file_range(sock, handle, offset, count):
+    """os.sendfile under the socket's timeout (the socket is non-blocking
+    while it has one); bytes sent, 0 at the file's end."""
+    import _socket as socket  # late import; C module (INFO above)
+    import select  # late import: start-up time
+    while True:
+        try:
+            return os.sendfile(sock.fileno(), handle.fileno(), offset, count)
+        except BlockingIOError:
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLOUT)
+            timeout = sock.gettimeout()
+            if not poller.poll(None if timeout is None else timeout * 1e3):
+                raise socket.timeout('timed out')
+
+
 def read_response_head(sock, deadline):
     """Read and parse the status line and header block (the original's rules).
 
@@ -1152,7 +1188,7 @@ def read_response_head(sock, deadline):
     it.  Content-Length must be all digits, Job-Id and
     WebJob-Payload-Signature 1-255 characters, none of them twice.
     """
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     data = b''
     while True:
         end, skip = find_head_end(data)
@@ -1262,7 +1298,7 @@ def read_body_to_file(response, fd, limit, deadline):
     Returns the byte count.  Refuses a missing Content-Length, a body over
     URLDownloadLimit (when non-zero) and a short body.
     """
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     length = response.fields.get('content-length')
     if length is None:
         raise TransportError("the server's response did not include a "
@@ -1416,7 +1452,7 @@ def read_error_text(response, deadline):
 
     Only a body with a Content-Length is read, at most 2 KiB of it, and at
     most 5 s: what a hostile server says is shown folded and cut short."""
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     length = min(response.fields.get('content-length') or 0, MAX_ERROR_BODY)
     data = response.body_start[:length]
     try:
@@ -2347,7 +2383,7 @@ def x509_time(value):
 
 def socket_timeout():
     """socket.timeout: not yet TimeoutError before Python 3.10."""
-    import socket  # late import: start-up time
+    import _socket as socket  # late import; C module (INFO above)
     return socket.timeout
 
 
@@ -2613,25 +2649,168 @@ def chain_depth(sent, anchors):
 # Processes ###################################################################
 ###############################################################################
 
+#: spawn()'s stream values for a new pipe and for /dev/null (subprocess's).
+PIPE = -1
+DEVNULL = -3
+
+
+class Process(object):
+    """A program spawn() started: its pid, its exit status once reaped (a
+    signal as its negative number), this side of each stream made a pipe."""
+
+    def __init__(self, pid, pipes):
+        self.pid = pid
+        self.returncode = None
+        self.stdin, self.stdout, self.stderr = pipes
+
+    def poll(self):
+        """The exit status if the program has ended (reaping it), or None."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = decode_wait_status(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = decode_wait_status(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def decode_wait_status(status):
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 def spawn(argv, stdout=None, stderr=None, cwd=None, shell=False, stdin=None,
           env=None):
     """Start a program in its own session, so its whole group can be killed.
 
-    A script without a #! line is run by /bin/sh, as execvp(3) does.
+    Each stream is None (this process's own), PIPE, DEVNULL, a descriptor
+    or a file.  Nothing else this process holds reaches the program.  A
+    script without a #! line is run by /bin/sh, as execvp(3) does; cwd is
+    entered by /bin/sh (posix_spawn cannot change folders).
     """
-    import subprocess  # late import: start-up time
+    argv = ['/bin/sh', '-c', argv] if shell else list(argv)
+    if cwd is not None:
+        argv = ['/bin/sh', '-c', 'cd -- "$1" && shift && exec "$@"', 'sh',
+                cwd] + argv
+    close_inherited_on_exec()
+    ends, opened, pipes = [], [], [None, None, None]
     try:
-        return subprocess.Popen(argv, stdin=stdin, stdout=stdout,
-                                stderr=stderr, cwd=cwd, env=env, shell=shell,
-                                start_new_session=True, close_fds=True)
-    except OSError as exc:
-        import errno  # late import: error path only
-        if exc.errno != errno.ENOEXEC or shell:
-            raise
-        return subprocess.Popen(['/bin/sh'] + list(argv), stdin=stdin,
-                                stdout=stdout, stderr=stderr, cwd=cwd,
-                                env=env, start_new_session=True,
-                                close_fds=True)
+        for target, value in enumerate((stdin, stdout, stderr)):
+            source = open_stream_end(target, value, opened, pipes)
+            if source is not None:
+                ends.append((source, target))
+        env = os.environ if env is None else env
+        try:
+            pid = start_program(argv, env, ends)
+        except OSError as exc:
+            import errno  # late import: error path only
+            if exc.errno != errno.ENOEXEC or shell or cwd is not None:
+                raise
+            pid = start_program(['/bin/sh'] + argv, env, ends)
+    except BaseException:
+        for pipe in pipes:
+            if pipe is not None:
+                pipe.close()
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return Process(pid, pipes)
+
+
+def open_stream_end(target, value, opened, pipes):
+    """The descriptor the program gets as target (0, 1, 2), or None to
+    inherit ours; what spawn must close after the start goes in opened,
+    this side of a new pipe in pipes."""
+    if value is None:
+        return None
+    if value == PIPE:
+        read_end, write_end = os.pipe()
+        ours, theirs = (write_end, read_end) if target == 0 else (
+            read_end, write_end)
+        pipes[target] = open(ours, 'wb' if target == 0 else 'rb', buffering=0)
+        opened.append(theirs)
+        return theirs
+    if value == DEVNULL:
+        fd = os.open(os.devnull, os.O_RDONLY if target == 0 else os.O_WRONLY)
+        opened.append(fd)
+        return fd
+    fd = value if isinstance(value, int) else value.fileno()
+    if fd < 3 and fd != target:     # dup2 in order must not clobber it
+        fd = os.dup(fd)
+        opened.append(fd)
+    return fd
+
+
+def close_inherited_on_exec():
+    """Mark every descriptor above 2 close-on-exec, as subprocess's
+    close_fds: what this process inherited (a caller's fd 3, a web
+    server's pipes) never reaches the program.  Python opens its own so."""
+    try:
+        names = os.listdir('/proc/self/fd')
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+            except OSError:         # the listing's own, closed since
+                pass
+
+
+def start_program(argv, env, ends):
+    """Start argv in a new session with ends [(fd, target)] in place and
+    SIGPIPE and SIGXFSZ at their defaults (Python ignores them); its pid."""
+    import _signal  # late import: see INFO in Processes
+    defaults = [getattr(_signal, name) for name in ('SIGPIPE', 'SIGXFSZ')
+                if hasattr(_signal, name)]
+    if not hasattr(os, 'posix_spawn'):  # COMPAT(3.6, 3.7)
+        return fork_program(argv, env, ends, defaults)
+    start = os.posix_spawn if '/' in argv[0] else os.posix_spawnp
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for fd, target in ends
+               if fd != target]
+    return start(argv[0], argv, env, file_actions=actions, setsid=True,
+                 setsigdef=defaults)
+
+
+def fork_program(argv, env, ends, defaults):
+    """start_program without os.posix_spawn: the child only calls setsid,
+    dup2, signal and exec, and reports a failed exec's errno through a pipe
+    that closes on exec."""
+    import _signal  # late import: see INFO in Processes
+    report, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report)
+            os.setsid()
+            for fd, target in ends:
+                os.dup2(fd, target)
+            for number in defaults:
+                _signal.signal(number, _signal.SIG_DFL)
+            if '/' in argv[0]:
+                os.execve(argv[0], argv, env)
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            os.write(tell, b'%d' % (exc.errno or 0))
+        finally:
+            os._exit(127)
+    os.close(tell)
+    try:
+        told = os.read(report, 64)
+    finally:
+        os.close(report)
+    if told:
+        os.waitpid(pid, 0)
+        number = int(told)
+        raise OSError(number, os.strerror(number), argv[0])
+    return pid
 
 
 #: Signals whose default is to end a process: during execute mode each one
@@ -2657,7 +2836,7 @@ class SignalGuard(object):
         self.previous = {}
 
     def install(self):
-        import signal  # late import: start-up time
+        import _signal as signal  # late import; C module (INFO above)
         self.pending = None
         for name in STOP_SIGNALS:
             number = getattr(signal, name, None)
@@ -2669,7 +2848,7 @@ class SignalGuard(object):
                 return
 
     def restore(self):
-        import signal  # late import: start-up time
+        import _signal as signal  # late import; C module (INFO above)
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}
@@ -2723,7 +2902,7 @@ def wait_with_deadline(proc, seconds, signal_number, held=False,
     leave_group: what a program that exits in time leaves running is left
     alone (the server's triggers).  Returns True when the deadline expired.
     """
-    import signal  # late import: start-up time
+    import _signal as signal  # late import; C module (INFO above)
     try:
         if held:
             SIGNALS.release()
@@ -2747,21 +2926,16 @@ def wait_for_exit(proc, seconds):
     """Wait (at most seconds, 0 for ever) until proc has exited, without
     reaping it: while its zombie stays, its group id cannot be reused, so
     signalling the group cannot hit a stranger.  False at the deadline."""
-    if not hasattr(os, 'waitid'):  # COMPAT: no waitid; the reuse race stays
-        import subprocess  # late import: start-up time
-        try:
-            proc.wait(timeout=seconds or None)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    flags = os.WEXITED | os.WNOWAIT
     if not seconds:
-        os.waitid(os.P_PID, proc.pid, flags)
+        if hasattr(os, 'waitid'):
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        else:                   # COMPAT: no waitid; the reuse race stays
+            proc.wait()
         return True
     import time  # late import: start-up time
     end = time.monotonic() + seconds
     delay = 0.0005
-    while os.waitid(os.P_PID, proc.pid, flags | os.WNOHANG) is None:
+    while not has_exited(proc):
         left = end - time.monotonic()
         if left <= 0:
             return False
@@ -2770,9 +2944,17 @@ def wait_for_exit(proc, seconds):
     return True
 
 
+def has_exited(proc):
+    """Whether proc has exited; its zombie is left where waitid can."""
+    if not hasattr(os, 'waitid'):  # COMPAT: no waitid; the reuse race stays
+        return proc.poll() is not None
+    return os.waitid(os.P_PID, proc.pid,
+                     os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
+
+
 def end_group(proc, first_signal):
     """Signal the program's group, give it KILL_GRACE, then SIGKILL it."""
-    import signal  # late import: start-up time
+    import _signal as signal  # late import; C module (INFO above)
     kill_group(proc.pid, first_signal)
     if first_signal != signal.SIGKILL:
         wait_for_exit(proc, KILL_GRACE)
@@ -2797,16 +2979,18 @@ class FileHasher(object):
 
     def __init__(self, path, hash_name):
         import hashlib  # late import: start-up time
-        import threading  # late import: start-up time
+        import _thread  # late import; C module (INFO above)
         self.digest = hashlib.new(hash_name)
         self.size = 0
         self.path = path
         self.handle = open(path, 'rb', buffering=0)
-        self.done = threading.Event()
+        self.done = False
         self.error = None
-        self.thread = threading.Thread(target=self.follow)
-        self.thread.daemon = True
-        self.thread.start()
+        self.wakeup = _thread.allocate_lock()     # released by finish()
+        self.ended = _thread.allocate_lock()      # released by follow()
+        self.wakeup.acquire()
+        self.ended.acquire()
+        _thread.start_new_thread(self.follow, ())
 
     def follow(self):
         buf = bytearray(BLOCK_SIZE)
@@ -2816,7 +3000,7 @@ class FileHasher(object):
                 # INFO: done is read before the read: a read that found
                 # nothing, then done set, could otherwise end the follow
                 # before the writer's last bytes (a false hash mismatch)
-                finished = self.done.is_set()
+                finished = self.done
                 count = self.handle.readinto(buf)
                 if count:
                     self.digest.update(view[:count])
@@ -2824,9 +3008,11 @@ class FileHasher(object):
                 elif finished:
                     return
                 else:
-                    self.done.wait(0.01)
+                    self.wakeup.acquire(True, 0.01)
         except (OSError, ValueError) as exc:
             self.error = exc
+        finally:
+            self.ended.release()
 
     def finish(self):
         """Stop following; return (size, hex digest) of what was hashed.
@@ -2834,8 +3020,9 @@ class FileHasher(object):
         When the file is no longer the byte sequence that was hashed (it was
         truncated, replaced or grew), hash it again from the start.
         """
-        self.done.set()
-        self.thread.join()
+        self.done = True
+        self.wakeup.release()
+        self.ended.acquire()
         self.handle.close()
         if self.error is not None:
             raise self.error
@@ -3303,14 +3490,13 @@ def run_streamed(job, argv, upload):
     needs to complete the upload.
     """
     import select  # late import: streamed uploads only
-    import signal  # late import: start-up time
-    import subprocess  # late import: start-up time
+    import _signal as signal  # late import; C module (INFO above)
     import time  # late import: start-up time
     values = job.values
     segment = upload.segment
     SIGNALS.hold()      # no stop signal between spawn and kid_proc
     try:
-        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = spawn(argv, stdout=PIPE, stderr=PIPE)
     except BaseException:
         SIGNALS.release()
         raise
