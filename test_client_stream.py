@@ -52,9 +52,9 @@ class Relay(object):
         self.listener.listen(64)
         self.url = 'http://%s:%d/cgi-client/nph-webjob.cgi' % (
             LOOPBACK, self.listener.getsockname()[1])
-        thread = threading.Thread(target=self.accept)
-        thread.daemon = True
-        thread.start()
+        self.thread = threading.Thread(target=self.accept)
+        self.thread.daemon = True
+        self.thread.start()
 
     def arm(self, cut=None, hold_at=None):
         with self.lock:
@@ -122,7 +122,15 @@ class Relay(object):
             sock.close()
 
     def close(self):
+        """Close the port and end the accepting thread (see
+        test_client.ScriptedServer.close)."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), 'the relay did not end'
 
 
 def run_held(relay, argv, while_held):
