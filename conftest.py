@@ -1348,14 +1348,21 @@ class FaultProxy(object):
 
     def close(self):
         self.closed = True
-        _close_quietly(self.listener)
-        self.thread.join(10)
+        close_listener(self.listener, self.thread)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def close_listener(listener, thread):
+    """Close a listening socket and end the thread accepting on it: closing
+    alone leaves a thread blocked in accept() on it, still listening."""
+    _close_quietly(listener)        # the shutdown wakes accept() on Linux
+    thread.join(30)
+    assert not thread.is_alive(), 'the accepting thread did not end'
 
 
 def _close_quietly(sock, reset=False):

@@ -22,6 +22,7 @@ import types
 import pytest
 
 import webjob
+from conftest import close_listener
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEBJOB = os.path.join(HERE, 'webjob.py')
@@ -153,15 +154,7 @@ class ScriptedServer(object):
             conn.sendall(reply)
 
     def close(self):
-        """Close the port and end the thread: a thread left blocked in
-        accept() on a closed socket would keep it listening."""
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)    # wakes accept() on Linux
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), 'the scripted server did not end'
+        close_listener(self.sock, self.thread)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from conftest import (LOOPBACK, NEWEST_PY, NPH_WEBJOB, OLDEST_PY, WEBJOB,
-                      free_port, make_server_root, read_log_lines,
+                      close_listener, free_port, make_server_root, read_log_lines,
                       stop_process, wait_for_port, write_file)
 
 SEED = 1016                     # fixed: the same cut points on every run
@@ -122,15 +122,7 @@ class Relay(object):
             sock.close()
 
     def close(self):
-        """Close the port and end the accepting thread (see
-        test_client.ScriptedServer.close)."""
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), 'the relay did not end'
+        close_listener(self.listener, self.thread)
 
 
 def run_held(relay, argv, while_held):

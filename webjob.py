@@ -886,8 +886,8 @@ defer_section('Transport', (
     'substitute_tokens', 'redact_url', 'Deadline', 'Response',
     'open_connection', 'connect_tcp', 'build_request', 'request_target',
     'add_proxy_authorization', 'send_all', 'send_file', 'send_file_range',
-    'read_response_head', 'find_head_end', 'parse_status_line', 'parse_fields', 'is_job_id',
-    'read_body_to_file', 'http_exchange'), r'''
+    'read_response_head', 'find_head_end', 'parse_status_line',
+    'parse_fields', 'is_job_id', 'read_body_to_file', 'http_exchange'), r'''
 def http_escape(text):
     """Escape a query value as the original's HttpEscape does.
 
@@ -2767,7 +2767,7 @@ def close_inherited_on_exec():
 def start_program(argv, env, ends):
     """Start argv in a new session with ends [(fd, target)] in place and
     SIGPIPE and SIGXFSZ at their defaults (Python ignores them); its pid."""
-    import _signal  # late import: see INFO in Processes
+    import _signal  # late import; C module (INFO above)
     defaults = [getattr(_signal, name) for name in ('SIGPIPE', 'SIGXFSZ')
                 if hasattr(_signal, name)]
     if not hasattr(os, 'posix_spawn'):  # COMPAT(3.6, 3.7)
@@ -2783,7 +2783,7 @@ def fork_program(argv, env, ends, defaults):
     """start_program without os.posix_spawn: the child only calls setsid,
     dup2, signal and exec, and reports a failed exec's errno through a pipe
     that closes on exec."""
-    import _signal  # late import: see INFO in Processes
+    import _signal  # late import; C module (INFO above)
     report, tell = os.pipe()
     pid = os.fork()
     if pid == 0:
